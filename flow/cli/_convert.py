@@ -1,0 +1,60 @@
+"""``flow convert`` and ``flow info``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .. import pipeline
+from ._common import TextProgress, storage_options
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the sub-commands of this module."""
+    p = sub.add_parser(
+        "convert",
+        parents=[common],
+        help="convert count matrices (h5ad, 10x h5/MTX, loom, AnnData zarr) into a count store",
+        description="Convert one or more count matrices into one AnnData-compatible Zarr count store.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="h5ad, 10x .h5, 10x MTX directory, .loom or AnnData .zarr")
+    p.add_argument("-o", "--output", required=True, metavar="STORE.zarr")
+    p.add_argument("--format", choices=["h5ad", "10x-h5", "10x-mtx", "loom", "anndata-zarr"], help="input format (default: from the path)")
+    p.add_argument("--layer", help="h5ad/zarr: read this layer instead of X")
+    p.add_argument("--use-raw", action="store_true", help="h5ad/zarr: read raw.X")
+    p.add_argument("--gene-id-column", metavar="COL", help="var (row attribute) column holding Ensembl IDs")
+    p.add_argument("--obs-columns", metavar="A,B", help="cell metadata columns to carry (default: all simple ones)")
+    p.add_argument("--genome", help="10x h5 v2 files with several genomes: which one")
+    p.add_argument("--block-size", type=int, default=4096, metavar="N", help="cells per block (default 4096)")
+    p.add_argument("--allow-non-integer", action="store_true", help="admit non-integer counts (stored as float32)")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("info", parents=[common], help="summarise a count store")
+    p.add_argument("store", metavar="STORE.zarr")
+    p.set_defaults(func=_info)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    store = pipeline.convert(
+        args.inputs,
+        args.output,
+        format=args.format,
+        layer=args.layer,
+        use_raw=args.use_raw,
+        gene_id_column=args.gene_id_column,
+        obs_columns=args.obs_columns.split(",") if args.obs_columns else None,
+        genome=args.genome,
+        block_size=args.block_size,
+        allow_non_integer=args.allow_non_integer,
+        storage_options=storage_options(args),
+        progress=TextProgress("convert", quiet=args.quiet),
+    )
+    print(pipeline.describe_counts(store))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from ..store import open_counts
+
+    print(pipeline.describe_counts(open_counts(args.store, storage_options=storage_options(args))))
+    return 0

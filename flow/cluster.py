@@ -1,0 +1,107 @@
+"""Where flow's graphs run: an existing ``distributed`` scheduler, or a local cluster.
+
+Nothing here schedules work itself. :func:`flow_client` connects to a scheduler address or
+starts a :class:`distributed.LocalCluster` sized to the machine, and prints the dashboard link;
+:func:`compute` runs Dask collections on the current client with a progress bar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+from distributed import Client, LocalCluster, get_client, progress
+
+__all__ = ["compute", "current_client", "flow_client"]
+
+
+def current_client() -> Client | None:
+    """The ``distributed.Client`` in use (the current one), or None."""
+    try:
+        return get_client()
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def flow_client(
+    scheduler: str | Client | None = None,
+    *,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | int | None = "auto",
+    processes: bool = True,
+    quiet: bool = False,
+    dashboard_address: str | None = ":0",
+) -> Iterator[Client]:
+    """Use a Dask cluster for the duration of a ``with`` block.
+
+    Parameters
+    ----------
+    scheduler
+        A scheduler address (``tcp://host:8786``) or an existing ``Client`` to use as is.
+        None: the current client if there is one, else a new local cluster.
+    n_workers, threads_per_worker, memory_limit, processes
+        Local cluster sizing (defaults: distributed's, sized to the machine).
+    quiet
+        Do not print the dashboard link.
+    """
+    if isinstance(scheduler, Client):
+        yield scheduler
+        return
+    existing = current_client() if scheduler is None else None
+    if existing is not None:
+        yield existing
+        return
+    if scheduler is not None:
+        with Client(scheduler, set_as_default=True) as client:
+            _announce(client, quiet, f"Connected to scheduler {scheduler}")
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            memory_limit=memory_limit,
+            processes=processes,
+            dashboard_address=dashboard_address,
+        ) as cluster,
+        Client(cluster, set_as_default=True) as client,
+    ):
+        n = len(cluster.workers)
+        _announce(client, quiet, f"Started a local Dask cluster ({n} workers)")
+        yield client
+
+
+def _announce(client: Client, quiet: bool, what: str) -> None:
+    if not quiet:
+        link = client.dashboard_link if client.dashboard_link else "(no dashboard)"
+        print(f"{what}; dashboard: {link}", file=sys.stderr)
+
+
+def compute(*collections: Any, quiet: bool = True, label: str = "") -> tuple[Any, ...]:
+    """Compute Dask collections on the current client (or dask's default scheduler).
+
+    With ``quiet=False`` a progress bar is drawn on standard error while they run.
+    """
+    client = current_client()
+    if client is None:
+        if quiet:
+            return tuple(dask.compute(*collections))
+        from dask.diagnostics import ProgressBar
+
+        if label:
+            print(label, file=sys.stderr)
+        with ProgressBar(out=sys.stderr):
+            return tuple(dask.compute(*collections))
+    futures = client.compute(list(collections))
+    if not quiet:
+        if label:
+            print(label, file=sys.stderr)
+        with contextlib.redirect_stdout(sys.stderr):
+            progress(futures, notebook=False)
+        print(file=sys.stderr)
+    return tuple(client.gather(futures))

@@ -1,0 +1,395 @@
+"""Numpy kernels of the rank-value encoding (no Dask here; ``rank.py`` wires them into Dask).
+
+Fixed value arithmetic
+----------------------
+The value of a gene in a cell is computed in float64, in exactly this order::
+
+    value = ((count / n_counts) * 10_000) / median
+
+(each operation rounded to float64 in turn), which is upstream Geneformer's
+``X / n_counts * target_sum / norm_factor_vector`` evaluated element-wise on dense arrays.
+``count`` is converted to float64 first (exact for integer counts below 2**53). Rankings depend
+on the last bit of these values (e.g. all count-1 genes of a cell are ordered by their medians
+alone), so this is the only place that computes them; everything else calls
+:func:`normalized_values` or :func:`rank_block`.
+
+Order
+-----
+Genes with ``count > 0`` (explicitly stored zeros are never tokens) ordered by value
+descending, ties (exactly equal float64 values) broken by token ID ascending. Different values
+never tie, equal values always do: the result does not depend on column order, block size,
+platform or sort algorithm.
+
+How the sort is exact and fast
+------------------------------
+One ``np.sort`` of packed uint64 keys per slice of about 2**19 stored values::
+
+    key = (row in slice) | (max_bits - value_bits) >> shift | (offset of the entry in its row)
+
+Positive float64 values order like their bit patterns, so the middle field orders by value
+descending. The offset orders by token ascending, because within a row the entries are put in
+token order first. When the value field has to be truncated to fit (``shift > 0``), two
+different values can share a key field; such runs are found after the sort (equal truncated
+field, different exact values; rare) and only those runs are re-sorted exactly with
+``np.lexsort``. Measured on 2 cores: see ``tests/test_rank_kernel.py`` and the report of the
+kernel benchmark.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+
+from flow.errors import InputError
+
+__all__ = ["TARGET_SUM", "normalized_values", "rank_block"]
+
+TARGET_SUM: Final = 10_000.0
+"""Counts are scaled to this total per cell before dividing by the gene's median."""
+
+_SLICE_NNZ: Final = 1 << 19  # stored values sorted at once (keeps the sort in cache)
+_SLICE_MAX_ROWS: Final = 1 << 12
+
+Sparse = sp.csr_array | sp.csr_matrix
+FloatArray = npt.NDArray[np.float64]
+
+
+# --------------------------------------------------------------------------------------------
+# input handling
+
+
+def _as_csr(block: Any) -> sp.csr_array:
+    if isinstance(block, sp.csr_array | sp.csr_matrix):
+        return sp.csr_array(block, copy=False) if isinstance(block, sp.csr_matrix) else block
+    if sp.issparse(block):
+        return sp.csr_array(block)
+    arr = np.asarray(block)
+    if arr.ndim != 2:
+        msg = f"Expected a 2-D cells x genes block, got {arr.ndim}-D."
+        raise InputError(msg)
+    return sp.csr_array(arr)
+
+
+def _where(row: int, row_offset: int) -> str:
+    if row_offset:
+        return f"cell {row + row_offset} (row {row} of this block)"
+    return f"cell {row}"
+
+
+def _check_counts(data: npt.NDArray[Any], indptr: npt.NDArray[Any], row_offset: int) -> None:
+    """Negative or NaN counts -> InputError naming the first offending cell."""
+    if data.dtype.kind == "u" or data.dtype.kind == "b":
+        return
+    if data.dtype.kind not in "if":
+        msg = f"Counts must be integers or floats, got dtype {data.dtype}."
+        raise InputError(msg)
+    ok = data >= 0  # False for NaN too
+    if not ok.all():
+        k = int(np.argmin(ok))
+        row = int(np.searchsorted(indptr, k, side="right")) - 1
+        bad = data[k].item()
+        what = "NaN" if bad != bad else f"negative ({bad})"  # noqa: PLR0124 - NaN test
+        msg = (
+            f"Counts must be >= 0 and not NaN, got a {what} count in {_where(row, row_offset)}. "
+            "Fix the input matrix (raw UMI/read counts are expected)."
+        )
+        raise InputError(msg)
+
+
+def _prepare(
+    block: Any,
+    n_counts: npt.ArrayLike,
+    medians: npt.ArrayLike,
+    tokens: npt.ArrayLike,
+    row_offset: int,
+) -> tuple[sp.csr_array, FloatArray, FloatArray, npt.NDArray[np.integer[Any]]]:
+    """Validate and canonicalise: CSR in token order, sorted, no duplicates, no zeros."""
+    x = _as_csr(block)
+    n_cells, n_cols = x.shape
+    n_c = np.asarray(n_counts, dtype=np.float64).reshape(-1)
+    med = np.asarray(medians, dtype=np.float64).reshape(-1)
+    tok = np.asarray(tokens).reshape(-1)
+    if n_c.size != n_cells:
+        msg = f"n_counts must have one entry per cell ({n_cells}), got {n_c.size}."
+        raise InputError(msg)
+    if med.size != n_cols or tok.size != n_cols:
+        msg = (
+            f"medians and tokens must have one entry per column ({n_cols}), got "
+            f"{med.size} and {tok.size}."
+        )
+        raise InputError(msg)
+    if tok.size and not np.issubdtype(tok.dtype, np.integer):
+        msg = f"tokens must be integers, got dtype {tok.dtype}."
+        raise InputError(msg)
+
+    _check_counts(x.data, x.indptr, row_offset)
+    if not x.has_canonical_format:  # unsorted or duplicate column indices: sort and sum
+        x = x.copy()
+        x.sum_duplicates()
+    if tok.size > 1 and not bool(np.all(tok[1:] > tok[:-1])):  # put columns in token order
+        order = np.argsort(tok, kind="stable")
+        tok = tok[order]
+        if bool(np.any(tok[1:] == tok[:-1])):
+            msg = "tokens must be unique per column (collapse duplicate genes first)."
+            raise InputError(msg)
+        med = med[order]
+        rank_of_col = np.empty(n_cols, dtype=np.int64)
+        rank_of_col[order] = np.arange(n_cols)
+        x = sp.csr_array((x.data, rank_of_col[x.indices], x.indptr), shape=x.shape)
+        x.sort_indices()
+
+    positive = x.data > 0
+    if not positive.all():  # explicitly stored zeros are never tokens
+        row_nnz = np.add.reduceat(positive.astype(np.int64), x.indptr[:-1]) if x.nnz else None
+        lengths = np.zeros(n_cells, np.int64)
+        if row_nnz is not None:
+            lengths = np.where(np.diff(x.indptr) > 0, row_nnz, 0)
+        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        x = sp.csr_array((x.data[positive], x.indices[positive], indptr), shape=x.shape)
+
+    lengths = np.diff(x.indptr)
+    bad_n = (lengths > 0) & ~(np.isfinite(n_c) & (n_c > 0))
+    if bad_n.any():
+        row = int(np.argmax(bad_n))
+        msg = (
+            f"n_counts must be a positive finite total for every cell with counts, got "
+            f"{n_c[row]!r} for {_where(row, row_offset)}, which has {int(lengths[row])} "
+            "detected genes. Compute n_counts as the total count over all genes of the input."
+        )
+        raise InputError(msg)
+    bad_m = ~(np.isfinite(med) & (med > 0))
+    if bad_m.any():
+        used = np.zeros(n_cols, dtype=bool)
+        used[x.indices] = True
+        bad_m &= used
+        if bad_m.any():
+            col = int(np.argmax(bad_m))
+            msg = (
+                f"Every detected gene needs a positive finite median, got {med[col]!r} for the "
+                f"gene with token {tok[col].item()}. Use a median set computed for this "
+                "vocabulary (or drop the gene from the vocabulary)."
+            )
+            raise InputError(msg)
+    return x, n_c, med, tok
+
+
+# --------------------------------------------------------------------------------------------
+# values
+
+
+def _values(
+    data: npt.NDArray[Any],
+    n_counts_per_entry: FloatArray,
+    medians_per_entry: FloatArray,
+) -> FloatArray:
+    """The fixed value arithmetic (see module docstring), element-wise."""
+    out = np.divide(data, n_counts_per_entry, dtype=np.float64)
+    out *= TARGET_SUM
+    out /= medians_per_entry
+    return out
+
+
+def normalized_values(
+    block_csr: Any, n_counts: npt.ArrayLike, medians_of_columns: npt.ArrayLike
+) -> sp.csr_array:
+    """Normalised values ``((count / n_counts) * 10_000) / median`` of a block, in float64.
+
+    Parameters
+    ----------
+    block_csr
+        Cells x genes counts (scipy sparse, CSR preferred, or a dense 2-D array).
+    n_counts
+        ``(n_cells,)`` total count of each cell over all genes of the input.
+    medians_of_columns
+        ``(n_genes,)`` nonzero median of each column's gene.
+
+    Returns
+    -------
+    scipy.sparse.csr_array
+        Same sparsity pattern as the input (stored zeros stay stored, with value 0); float64.
+        Eager (a numpy kernel).
+
+    Notes
+    -----
+    No validation: zero ``n_counts`` or medians give ``inf``/``nan``. :func:`rank_block`
+    validates.
+    """
+    x = _as_csr(block_csr)
+    n_c = np.asarray(n_counts, dtype=np.float64).reshape(-1)
+    med = np.asarray(medians_of_columns, dtype=np.float64).reshape(-1)
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vals = _values(x.data, n_c[rows], med[x.indices])
+    return sp.csr_array((vals, x.indices.copy(), x.indptr.copy()), shape=x.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# ranking
+
+
+def _bits(n: int) -> int:
+    """Bits needed to store 0 .. n - 1."""
+    return max(int(n - 1).bit_length(), 0)
+
+
+def _sorted_order(
+    values: FloatArray, rows: npt.NDArray[np.int64], offsets: npt.NDArray[np.int64], n_rows: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Exact order of a row-grouped slice: row asc, value desc, offset asc.
+
+    Returns the permutation (indices into the slice) and the row of each sorted entry.
+    """
+    ob = _bits(int(offsets.max()) + 1)
+    rb = _bits(n_rows)
+    vb = 64 - ob - rb
+    bits = values.view(np.uint64)
+    hi = bits.max()
+    span = int(hi - bits.min())
+    shift = max(span.bit_length() - vb, 0)
+    key = hi - bits
+    if shift:
+        key >>= np.uint64(shift)
+    key <<= np.uint64(ob)
+    key |= offsets.view(np.uint64)
+    if rb:
+        key |= rows.view(np.uint64) << np.uint64(vb + ob)
+    key.sort()
+    sorted_rows = (key >> np.uint64(vb + ob)).view(np.int64) if rb else np.zeros_like(rows)
+    offset_mask = np.uint64((1 << ob) - 1)
+    starts = rows_start = np.searchsorted(rows, np.arange(n_rows))  # rows are grouped
+    del starts
+    perm = (key & offset_mask).view(np.int64)
+    perm += rows_start[sorted_rows]
+    if shift:
+        _refine(key >> np.uint64(ob), values, perm)
+    return perm, sorted_rows
+
+
+def _refine(
+    trunc_key: npt.NDArray[np.uint64], values: FloatArray, perm: npt.NDArray[np.int64]
+) -> None:
+    """Re-sort, exactly and in place, the runs whose truncated keys tie but values differ.
+
+    Within a run (same row, same truncated value) entries are in offset (= token) order; the
+    exact order is value descending, then offset ascending.
+    """
+    same = trunc_key[1:] == trunc_key[:-1]
+    if not same.any():
+        return
+    sv = values[perm]
+    ambiguous = same & (sv[1:] != sv[:-1])
+    if not ambiguous.any():
+        return
+    run_id = np.cumsum(np.concatenate([[True], ~same]))
+    bad_runs = np.unique(run_id[1:][ambiguous])
+    pos = np.flatnonzero(np.isin(run_id, bad_runs))  # ascending, runs contiguous
+    sub = perm[pos]
+    order = np.lexsort((sub, -values[sub], run_id[pos]))
+    perm[pos] = sub[order]
+
+
+def rank_block(
+    block_csr: Any,
+    n_counts: npt.ArrayLike,
+    medians: npt.ArrayLike,
+    tokens: npt.ArrayLike,
+    width: int,
+    pad: int,
+    *,
+    row_offset: int = 0,
+) -> tuple[npt.NDArray[np.integer[Any]], npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+    """Rank-value encode a block of cells (exact; see the module docstring for the order).
+
+    Parameters
+    ----------
+    block_csr
+        Cells x kept-genes counts, already collapsed to one column per vocabulary gene
+        (:meth:`flow.vocab.GeneMap.apply`); scipy sparse (CSR preferred) or dense. Integer or
+        float counts. Column order is free; unsorted or duplicate CSR indices are handled
+        (duplicates summed).
+    n_counts
+        ``(n_cells,)`` total count per cell over all genes of the input (before vocabulary
+        filtering).
+    medians
+        ``(n_genes,)`` nonzero median of each column's gene (float64).
+    tokens
+        ``(n_genes,)`` unique token ID of each column; its integer dtype is the output dtype
+        (pass ``vocab.token_dtype``).
+    width
+        Ranks kept per cell: longer rankings are truncated, shorter ones padded. The full
+        ranking needs ``width >= lengths.max()``.
+    pad
+        Token written after the last gene of a row; must fit the token dtype.
+    row_offset
+        Global index of the block's first cell, used only in error messages.
+
+    Returns
+    -------
+    ranked_tokens : numpy.ndarray
+        ``(n_cells, width)``, ``tokens.dtype``: token IDs by value descending, token ID
+        ascending among equal values, then ``pad``.
+    ranked_values : numpy.ndarray
+        ``(n_cells, width)`` float32: the value at each rank (the float64 value rounded), 0 in
+        padding.
+    lengths : numpy.ndarray
+        ``(n_cells,)`` int32: number of detected genes (count > 0) per cell, before truncation.
+
+    Raises
+    ------
+    InputError
+        Negative or NaN counts (naming the cell), a cell with counts whose ``n_counts`` is not
+        positive, a detected gene whose median is not positive and finite, shape mismatches,
+        or a ``pad`` that does not fit the token dtype.
+
+    Notes
+    -----
+    Eager numpy; memory is a few times 8 bytes per stored count of the block. Values are
+    computed and sorted in slices of about ``2**19`` stored counts.
+    """
+    tok_in = np.asarray(tokens)
+    out_dtype = tok_in.dtype if tok_in.size else np.dtype(np.uint16)
+    if isinstance(width, bool) or int(width) != width or width < 0:
+        msg = f"width must be a non-negative integer, got {width!r}."
+        raise InputError(msg)
+    width = int(width)
+    if np.issubdtype(out_dtype, np.integer) and not (
+        np.iinfo(out_dtype).min <= pad <= np.iinfo(out_dtype).max
+    ):
+        msg = f"pad token {pad} does not fit the token dtype {out_dtype}."
+        raise InputError(msg)
+    x, n_c, med, tok = _prepare(block_csr, n_counts, medians, tokens, row_offset)
+    n_cells = x.shape[0]
+    indptr = x.indptr.astype(np.int64, copy=False)
+    lengths = np.diff(indptr)
+
+    ranked_tokens = np.full((n_cells, width), pad, dtype=out_dtype)
+    ranked_values = np.zeros((n_cells, width), dtype=np.float32)
+    flat_tokens = ranked_tokens.reshape(-1)
+    flat_values = ranked_values.reshape(-1)
+
+    r0 = 0
+    while r0 < n_cells and width > 0:
+        # a slice of whole rows holding about _SLICE_NNZ stored counts (at least one row)
+        r1 = int(np.searchsorted(indptr, indptr[r0] + _SLICE_NNZ, side="right")) - 1
+        r1 = min(max(r1, r0 + 1), r0 + _SLICE_MAX_ROWS, n_cells)
+        a, b = int(indptr[r0]), int(indptr[r1])
+        if b > a:
+            n_rows = r1 - r0
+            rows = np.repeat(np.arange(n_rows, dtype=np.int64), lengths[r0:r1])
+            local_starts = indptr[r0:r1] - a
+            offsets = np.arange(b - a, dtype=np.int64) - local_starts[rows]
+            cols = x.indices[a:b]
+            vals = _values(x.data[a:b], n_c[r0:r1][rows], med[cols])
+            perm, srows = _sorted_order(vals, rows, offsets, n_rows)
+            rank = np.arange(b - a, dtype=np.int64) - local_starts[srows]
+            dest = (srows + r0) * width + rank
+            if int(lengths[r0:r1].max()) > width:
+                keep = rank < width
+                dest, perm = dest[keep], perm[keep]
+            flat_tokens[dest] = tok[cols[perm]]
+            flat_values[dest] = vals[perm]
+        r0 = r1
+    return ranked_tokens, ranked_values, lengths.astype(np.int32)

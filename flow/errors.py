@@ -1,0 +1,50 @@
+"""Errors and warnings raised by flow.
+
+Every error is both a :class:`FlowError` and the builtin it specialises, so callers can
+catch either (``except ValueError`` keeps working).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChunkingError",
+    "FlowError",
+    "FlowWarning",
+    "IncompleteStoreError",
+    "InputError",
+    "SchemaError",
+    "StoreNotFoundError",
+    "VocabularyError",
+]
+
+
+class FlowError(Exception):
+    """Base class for flow errors."""
+
+
+class InputError(FlowError, ValueError):
+    """The input data is unusable: bad counts, missing IDs, corrupt or unknown file."""
+
+
+class SchemaError(FlowError, ValueError):
+    """A Zarr store's layout or attributes are not what this flow store type needs."""
+
+
+class StoreNotFoundError(FlowError, FileNotFoundError):
+    """No flow store at the given path."""
+
+
+class IncompleteStoreError(FlowError, RuntimeError):
+    """A store was not finished (its writer was stopped); rerun the same command to finish it."""
+
+
+class VocabularyError(FlowError, ValueError):
+    """Gene identifiers and the vocabulary or median set do not fit together."""
+
+
+class ChunkingError(FlowError, ValueError):
+    """Array chunking violates a stage's contract."""
+
+
+class FlowWarning(UserWarning):
+    """Something a user should know about, but not an error (e.g. barcodes made unique)."""

@@ -1,0 +1,72 @@
+"""The contract between input readers and the count-store writer.
+
+A reader turns one input (file, directory or store) into a :class:`Source`: cheap metadata read
+up front (shape, gene IDs, barcodes, cell metadata) and an iterator over consecutive blocks of
+cells as CSR matrices, so the writer never holds more than one block of counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+__all__ = ["Source", "SourceInfo"]
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Metadata of one input, read without reading its counts.
+
+    Attributes
+    ----------
+    path : str
+        The input as the user gave it (used in every message about it).
+    format : str
+        ``"h5ad"``, ``"10x-h5"``, ``"10x-mtx"``, ``"loom"`` or ``"anndata-zarr"``.
+    n_cells, n_genes : int
+        Shape of the matrix, cells in rows.
+    gene_ids : numpy.ndarray
+        One identifier per gene column (str), as found in the input.
+    gene_symbols : numpy.ndarray or None
+        Gene symbols (str) when the input has them.
+    barcodes : numpy.ndarray
+        One identifier per cell (str), as found in the input.
+    obs : pandas.DataFrame
+        Cell metadata to carry (one row per cell, index ignored), e.g. ``filter_pass``.
+    fingerprint : str
+        :func:`flow._io.file_fingerprint` of the input.
+    notes : list of str
+        Things the user should be told (e.g. "CSC input: transposed through temporary files").
+    """
+
+    path: str
+    format: str
+    n_cells: int
+    n_genes: int
+    gene_ids: np.ndarray
+    gene_symbols: np.ndarray | None
+    barcodes: np.ndarray
+    obs: pd.DataFrame
+    fingerprint: str
+    notes: list[str] = field(default_factory=list)
+
+
+class Source(Protocol):
+    """One input matrix, readable block by block."""
+
+    info: SourceInfo
+
+    def iter_blocks(self, n_cells: int) -> Iterator[sp.csr_matrix]:
+        """Yield consecutive CSR blocks of at most ``n_cells`` cells (all genes), in cell order.
+
+        Counts are returned as stored (any numeric dtype); the writer validates them. Each call
+        starts again from the first cell, so a source can be read more than once.
+        """
+        ...

@@ -1,0 +1,219 @@
+"""Dask wiring of the per-gene sketches: a fixed reduction tree over a count store's blocks.
+
+The tree is fixed by the block grid and ``split_every`` alone (block ``i`` is always merged
+with its neighbours in the same order), so the same store gives bit-identical digests on the
+synchronous, threaded or distributed scheduler, with any number of workers.
+
+All functions build graphs and compute nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+from dask.base import tokenize
+from dask.delayed import Delayed, delayed
+
+from . import _tdigest
+
+if TYPE_CHECKING:
+    import dask.array as da
+
+__all__ = ["bracket_values", "nonzero_digests", "tree_merge"]
+
+TARGET_SUM = 10_000.0
+
+
+def _block_values(
+    block: sp.csr_matrix, n_counts: np.ndarray, keep: np.ndarray | None, collapse: sp.csr_matrix | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(gene, value) pairs of a block's nonzero counts: value = (count / n_counts) * 10,000."""
+    block = sp.csr_matrix(block)
+    if keep is not None and not keep.all():
+        block, n_counts = block[keep], n_counts[keep]
+    if collapse is not None:
+        block = sp.csr_matrix(block @ collapse)
+    block.eliminate_zeros()
+    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    values = (block.data.astype(np.float64) / n_counts[rows].astype(np.float64)) * TARGET_SUM
+    return block.indices.astype(np.int64), values
+
+
+def _digest_chunk(
+    block: sp.csr_matrix,
+    n_counts: np.ndarray,
+    keep: np.ndarray | None,
+    collapse: sp.csr_matrix | None,
+    n_genes: int,
+    compression: float,
+) -> _tdigest.Digests:
+    genes, values = _block_values(block, n_counts, keep, collapse)
+    return _tdigest.from_values(genes, values, n_genes, compression)
+
+
+def _merge(*parts: _tdigest.Digests) -> _tdigest.Digests:
+    return _tdigest.merge(list(parts))
+
+
+def tree_merge(parts: list[Delayed], *, split_every: int, name: str, merge: Any = _merge) -> Delayed:
+    """Merge delayed parts in a fixed tree: groups of ``split_every`` neighbours, level by level."""
+    if split_every < 2:
+        msg = f"split_every must be at least 2; got {split_every}."
+        raise ValueError(msg)
+    level = 0
+    while len(parts) > 1:
+        parts = [
+            delayed(merge, pure=True)(
+                *parts[i : i + split_every], dask_key_name=(f"{name}-L{level}", i // split_every)
+            )
+            for i in range(0, len(parts), split_every)
+        ]
+        level += 1
+    return parts[0]
+
+
+def _per_block(values: np.ndarray | None, counts: da.Array) -> list[np.ndarray | None]:
+    if values is None:
+        return [None] * counts.numblocks[0]
+    edges = np.cumsum((0, *counts.chunks[0]))
+    return [values[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def nonzero_digests(
+    counts: da.Array,
+    n_counts: np.ndarray,
+    *,
+    keep: np.ndarray | None = None,
+    collapse: sp.csr_matrix | None = None,
+    compression: float = _tdigest.DEFAULT_COMPRESSION,
+    split_every: int = 8,
+) -> Delayed:
+    """Per-gene t-digests of nonzero normalized values, as one lazy object (nothing computed).
+
+    Parameters
+    ----------
+    counts
+        ``(cell, gene)`` Dask array of CSR blocks, one chunk along genes (a count store's
+        ``counts``). Its cell blocks are the leaves of the reduction tree.
+    n_counts
+        Total counts per cell (numpy, one per cell).
+    keep
+        Cells to use (``filter_pass``); None uses all.
+    collapse
+        Optional ``(n_genes, n_out)`` 0/1 matrix summing store genes into output genes.
+    compression, split_every
+        Digest compression and the fan-in of the fixed merge tree.
+
+    Returns
+    -------
+    dask.delayed.Delayed
+        Computes to a :class:`flow.sketch._tdigest.Digests`.
+    """
+    if counts.numblocks[1] != 1:
+        msg = f"counts must be one chunk along genes; got {counts.numblocks[1]}. Rechunk: counts.rechunk({{1: -1}})."
+        raise ValueError(msg)
+    n_out = collapse.shape[1] if collapse is not None else counts.shape[1]
+    tok = tokenize(counts, n_counts, keep, collapse, compression, split_every)
+    leaves = [
+        delayed(_digest_chunk, pure=True)(
+            blk, nc, kp, collapse, n_out, compression, dask_key_name=(f"flow-medians-digest-{tok}", i)
+        )
+        for i, (blk, nc, kp) in enumerate(
+            zip(counts.to_delayed().ravel(), _per_block(n_counts, counts), _per_block(keep, counts), strict=True)
+        )
+    ]
+    return tree_merge(leaves, split_every=split_every, name=f"flow-medians-merge-{tok}")
+
+
+# ----------------------------------------------------------------- exact mode, pass 2
+
+
+def _bracket_chunk(
+    block: sp.csr_matrix,
+    n_counts: np.ndarray,
+    keep: np.ndarray | None,
+    collapse: sp.csr_matrix | None,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    range_edges: np.ndarray,
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """Count values below each gene's bracket; keep (gene, value) inside it, split by gene range."""
+    genes, values = _block_values(block, n_counts, keep, collapse)
+    below = np.bincount(genes[values < lo[genes]], minlength=lo.size).astype(np.int64)
+    inside = (values >= lo[genes]) & (values <= hi[genes])
+    g_in, v_in = genes[inside], values[inside]
+    order = np.argsort(g_in, kind="stable")
+    g_in, v_in = g_in[order], v_in[order]
+    cuts = np.searchsorted(g_in, range_edges)
+    pieces = [(g_in[a:b], v_in[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    return below, pieces
+
+
+def _sum_below(*parts: tuple[np.ndarray, Any]) -> tuple[np.ndarray, None]:
+    return np.sum([p[0] for p in parts], axis=0), None
+
+
+def _range_medians(
+    r: int, g0: int, g1: int, n_nonzero: np.ndarray, below: tuple[np.ndarray, None], *chunks: Any
+) -> np.ndarray:
+    """Exact medians of genes [g0, g1) from the values inside their brackets."""
+    genes = np.concatenate([c[1][r][0] for c in chunks]) if chunks else np.zeros(0, np.int64)
+    values = np.concatenate([c[1][r][1] for c in chunks]) if chunks else np.zeros(0)
+    order = np.lexsort((values, genes))
+    genes, values = genes[order], values[order]
+    starts = np.searchsorted(genes, np.arange(g0, g1))
+    n = n_nonzero[g0:g1]
+    b = below[0][g0:g1]
+    out = np.full(g1 - g0, np.nan)
+    has = n > 0
+    lo_idx = starts + (n - 1) // 2 - b
+    hi_idx = starts + n // 2 - b
+    # both middle order statistics are inside the bracket by construction of the bracket
+    a = values[lo_idx[has]]
+    c = values[hi_idx[has]]
+    out[has] = (a + c) / 2.0  # numpy's median: mean of the middle pair (a == c for odd n)
+    return out
+
+
+def bracket_values(
+    counts: da.Array,
+    n_counts: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    n_nonzero: np.ndarray,
+    *,
+    keep: np.ndarray | None = None,
+    collapse: sp.csr_matrix | None = None,
+    genes_per_range: int = 2048,
+    split_every: int = 8,
+) -> Delayed:
+    """Exact medians from a second pass that keeps only values inside per-gene brackets (lazy).
+
+    ``lo``/``hi`` must contain both middle order statistics of each gene's nonzero values
+    (see :func:`flow.sketch._tdigest.median_bracket`). The pass counts values below ``lo`` with
+    a fixed tree of sums and gathers bracketed values by gene range, one task per range (never
+    all genes in one task). Computes to a float64 array of medians, NaN for genes with none.
+    """
+    n_out = lo.size
+    edges = np.unique(np.r_[np.arange(0, n_out, genes_per_range), n_out]).astype(np.int64)
+    tok = tokenize(counts, n_counts, keep, collapse, lo, hi, genes_per_range)
+    chunks = [
+        delayed(_bracket_chunk, pure=True)(
+            blk, nc, kp, collapse, lo, hi, edges, dask_key_name=(f"flow-medians-bracket-{tok}", i)
+        )
+        for i, (blk, nc, kp) in enumerate(
+            zip(counts.to_delayed().ravel(), _per_block(n_counts, counts), _per_block(keep, counts), strict=True)
+        )
+    ]
+    below = tree_merge(chunks, split_every=split_every, name=f"flow-medians-below-{tok}", merge=_sum_below)
+    if len(chunks) == 1:
+        below = delayed(_sum_below, pure=True)(chunks[0])
+    ranges = [
+        delayed(_range_medians, pure=True)(
+            r, int(g0), int(g1), n_nonzero, below, *chunks, dask_key_name=(f"flow-medians-exact-{tok}", r)
+        )
+        for r, (g0, g1) in enumerate(zip(edges[:-1], edges[1:], strict=True))
+    ]
+    return delayed(np.concatenate, pure=True)(ranges, dask_key_name=f"flow-medians-exact-all-{tok}")

@@ -1,0 +1,918 @@
+"""Vocabularies, model presets, gene-ID normalisation and mapping onto a vocabulary.
+
+Everything here is small and eager (a vocabulary has tens of thousands of genes): nothing is
+lazy and nothing touches Dask. The semantics are those of ``DESIGN.md`` section 3:
+
+- **Gene identifiers** are compared after :func:`normalize_gene_ids`: surrounding whitespace
+  removed, upper-cased, and a trailing Ensembl version suffix (``ENSG00000123.12`` ->
+  ``ENSG00000123``) removed from Ensembl-looking IDs.
+- An optional **gene mapping** (Geneformer's ``ensembl_mapping_dict``, or any symbol/ID -> ID
+  table) is applied after normalisation; IDs the mapping does not know are kept as they are.
+- Store genes that land on the same vocabulary gene (exact duplicates included) are **summed**:
+  :class:`GeneMap` carries a 0/1 sparse matrix ``collapse`` such that ``counts @ collapse`` is the
+  cells x kept-genes count matrix, with kept genes sorted by token ID.
+- **Presets**: ``V1`` = 2,048 tokens, no special tokens; ``V2`` = 4,096 tokens with ``<cls>``
+  first and ``<eos>`` last (at most 4,094 genes). :func:`model_input` cuts a full ranking into the
+  model's input.
+
+Dictionary pickles are read with :func:`flow._pickle.load_dict`, which refuses pickles that
+would run code.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+
+from flow._pickle import load_dict
+from flow.errors import InputError, VocabularyError
+
+__all__ = [
+    "DEFAULT_SPECIAL_TOKENS",
+    "PRESETS",
+    "GeneMap",
+    "Preset",
+    "Vocabulary",
+    "build_gene_map",
+    "model_input",
+    "normalize_gene_ids",
+    "read_gene_mapping",
+    "read_vocabulary",
+    "resolve_preset",
+    "vocabulary_from_genes",
+]
+
+DEFAULT_SPECIAL_TOKENS: Final = ("<pad>", "<mask>", "<cls>", "<eos>")
+"""Special tokens of a new vocabulary, in token order (Geneformer V2's layout)."""
+
+PAD: Final = "<pad>"
+CLS: Final = "<cls>"
+EOS: Final = "<eos>"
+
+# Ensembl stable IDs: ENS + optional species code + feature letter(s) + digits, e.g.
+# ENSG00000139618, ENSMUSG00000064370, ENSDARG00000000001. Only a trailing ".digits" is a version.
+_ENSEMBL_VERSIONED: Final = re.compile(r"^(ENS[A-Z]*\d+)\.\d+$")
+_SPECIAL_TOKEN: Final = re.compile(r"^<[^<>]+>$")
+
+IntArray = npt.NDArray[np.integer[Any]]
+StrArray = npt.NDArray[np.str_]
+
+
+# --------------------------------------------------------------------------------------------
+# gene identifiers
+
+
+def _normalize_one(gene_id: str) -> str:
+    s = gene_id.strip().upper()
+    m = _ENSEMBL_VERSIONED.match(s)
+    return m.group(1) if m is not None else s
+
+
+def normalize_gene_ids(ids: Iterable[str]) -> StrArray:
+    """Normalise gene identifiers for matching against a vocabulary.
+
+    Parameters
+    ----------
+    ids
+        Gene identifiers (Ensembl IDs, symbols, ...). Must be strings.
+
+    Returns
+    -------
+    numpy.ndarray of str
+        One normalised ID per input, in input order: surrounding whitespace stripped,
+        upper-cased, and on Ensembl-looking IDs (``ENS`` + letters + digits) a trailing version
+        suffix ``.<digits>`` removed: ``ensg00000123.12`` -> ``ENSG00000123``. Other IDs keep
+        their dots (``RP11-34P13.3`` stays as it is), and suffixes such as GENCODE's
+        ``_PAR_Y`` are kept, so ``ENSG00000002586.20_PAR_Y`` is not merged with its X copy.
+
+    Raises
+    ------
+    InputError
+        If an identifier is not a string (e.g. a missing value).
+
+    Examples
+    --------
+    >>> normalize_gene_ids([" ENSG00000139618.15", "tp53", "ENSG00000141510"]).tolist()
+    ['ENSG00000139618', 'TP53', 'ENSG00000141510']
+    """
+    out: list[str] = []
+    for i, gene_id in enumerate(ids):
+        if not isinstance(gene_id, str):
+            msg = (
+                f"Gene identifier {i} is {gene_id!r} ({type(gene_id).__name__}), expected a "
+                "string. Fill or drop genes with missing IDs before encoding."
+            )
+            raise InputError(msg)
+        out.append(_normalize_one(gene_id))
+    return np.array(out, dtype=np.str_) if out else np.empty(0, dtype="<U1")
+
+
+# --------------------------------------------------------------------------------------------
+# vocabulary
+
+
+def _smallest_uint(max_value: int) -> np.dtype[np.unsignedinteger[Any]]:
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if max_value <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    msg = f"token {max_value} does not fit in 64 bits"
+    raise VocabularyError(msg)
+
+
+def _frozen(a: npt.ArrayLike, dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+    arr = np.array(a, dtype=dtype, copy=True)
+    arr.setflags(write=False)
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """A token dictionary: gene IDs and special tokens -> token IDs.
+
+    Build one with :func:`read_vocabulary` or :func:`vocabulary_from_genes`.
+
+    Parameters
+    ----------
+    gene_ids
+        Normalised gene IDs (see :func:`normalize_gene_ids`); a gene's index in the vocabulary
+        is its position here. Unique. Stored as a read-only copy.
+    token_ids
+        The token ID of each gene (same length as ``gene_ids``). Unique, non-negative, and
+        disjoint from the special tokens.
+    special
+        Special tokens, e.g. ``{"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}``.
+    pad_token
+        The token used to pad rankings; by default ``special["<pad>"]``.
+
+    Notes
+    -----
+    Equality and hashing use :attr:`fingerprint`, so two vocabularies with the same
+    gene -> token and special -> token pairs are equal whatever the gene order.
+    """
+
+    gene_ids: StrArray
+    token_ids: IntArray
+    special: Mapping[str, int] = field(default_factory=dict)
+    pad_token: int | None = None
+
+    def __post_init__(self) -> None:
+        gene_ids = _frozen(self.gene_ids, np.str_) if len(self.gene_ids) else _frozen([], "<U1")
+        token_ids = np.asarray(self.token_ids)
+        if token_ids.size and not np.issubdtype(token_ids.dtype, np.integer):
+            msg = f"token_ids must be integers, got dtype {token_ids.dtype}."
+            raise VocabularyError(msg)
+        token_ids = _frozen(token_ids, np.int64)
+        special = MappingProxyType({str(k): int(v) for k, v in dict(self.special).items()})
+        if gene_ids.ndim != 1 or token_ids.shape != gene_ids.shape:
+            msg = (
+                f"gene_ids and token_ids must be 1-D and of equal length, got shapes "
+                f"{gene_ids.shape} and {token_ids.shape}."
+            )
+            raise VocabularyError(msg)
+        _check_unique(gene_ids, "gene ID")
+        _check_unique(token_ids, "token ID")
+        if token_ids.size and token_ids.min() < 0:
+            msg = f"token IDs must be >= 0, got {int(token_ids.min())}."
+            raise VocabularyError(msg)
+        if any(v < 0 for v in special.values()):
+            msg = f"special token IDs must be >= 0, got {dict(special)}."
+            raise VocabularyError(msg)
+        clash = np.intersect1d(token_ids, np.fromiter(special.values(), np.int64))
+        if len(set(special.values())) != len(special) or clash.size:
+            msg = (
+                f"special tokens {dict(special)} must have distinct IDs that no gene uses; "
+                f"IDs used twice: {sorted(set(clash.tolist()))}."
+            )
+            raise VocabularyError(msg)
+        pad = self.pad_token if self.pad_token is not None else special.get(PAD)
+        if pad is None:
+            msg = (
+                f"The vocabulary has no {PAD!r} token (special tokens: {sorted(special)}) and no "
+                "pad_token was given. Add a '<pad>' entry or pass pad_token=..."
+            )
+            raise VocabularyError(msg)
+        pad = int(pad)
+        if pad < 0 or pad in set(token_ids.tolist()):
+            msg = f"pad_token {pad} must be >= 0 and not the token of a gene."
+            raise VocabularyError(msg)
+        object.__setattr__(self, "gene_ids", gene_ids)
+        object.__setattr__(self, "token_ids", token_ids)
+        object.__setattr__(self, "special", special)
+        object.__setattr__(self, "pad_token", pad)
+
+    # -- properties -------------------------------------------------------------------------
+    @property
+    def n_genes(self) -> int:
+        """Number of genes (special tokens excluded)."""
+        return int(self.gene_ids.size)
+
+    @property
+    def n_tokens(self) -> int:
+        """``max token ID + 1`` over genes, special tokens and the pad token."""
+        values = [*self.special.values(), int(self.pad_token or 0)]
+        if self.token_ids.size:
+            values.append(int(self.token_ids.max()))
+        return max(values) + 1
+
+    @property
+    def token_dtype(self) -> np.dtype[np.unsignedinteger[Any]]:
+        """Smallest unsigned integer dtype that holds every token (``n_tokens - 1``)."""
+        return _smallest_uint(self.n_tokens - 1)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the gene -> token pairs (in token order), specials and pad token."""
+        order = np.argsort(self.token_ids, kind="stable")
+        payload = {
+            "genes": [
+                [g, int(t)]
+                for g, t in zip(
+                    self.gene_ids[order].tolist(), self.token_ids[order].tolist(), strict=True
+                )
+            ],
+            "special": sorted([k, v] for k, v in self.special.items()),
+            "pad_token": self.pad_token,
+        }
+        blob = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+    @cached_property
+    def _sorted_lookup(self) -> tuple[StrArray, npt.NDArray[np.intp]]:
+        order = np.argsort(self.gene_ids, kind="stable")
+        return self.gene_ids[order], order
+
+    # -- lookups ----------------------------------------------------------------------------
+    def index_of(self, ids: Iterable[str]) -> npt.NDArray[np.int64]:
+        """Vocabulary index (position in :attr:`gene_ids`) of each ID, ``-1`` where absent.
+
+        IDs are normalised with :func:`normalize_gene_ids` first.
+        """
+        query = normalize_gene_ids(ids)
+        out = np.full(query.size, -1, dtype=np.int64)
+        if query.size == 0 or self.gene_ids.size == 0:
+            return out
+        sorted_ids, order = self._sorted_lookup
+        pos = np.searchsorted(sorted_ids, query)
+        pos_clipped = np.minimum(pos, sorted_ids.size - 1)
+        hit = sorted_ids[pos_clipped] == query
+        out[hit] = order[pos_clipped[hit]]
+        return out
+
+    def token_of(self, ids: Iterable[str]) -> npt.NDArray[np.int64]:
+        """Token ID of each gene ID (normalised first), ``-1`` where absent (int64)."""
+        idx = self.index_of(ids)
+        out = np.full(idx.size, -1, dtype=np.int64)
+        hit = idx >= 0
+        out[hit] = self.token_ids[idx[hit]]
+        return out
+
+    def special_token(self, name: str) -> int:
+        """ID of special token ``name`` (e.g. ``"<cls>"``); VocabularyError if absent."""
+        try:
+            return self.special[name]
+        except KeyError:
+            msg = (
+                f"The vocabulary has no {name!r} token (special tokens: {sorted(self.special)}). "
+                "Use a vocabulary that defines it (V2 dictionaries define <cls> and <eos>) or a "
+                "preset without it (V1)."
+            )
+            raise VocabularyError(msg) from None
+
+    def as_dict(self) -> dict[str, int]:
+        """``{token string: token ID}`` in token order, specials included (Geneformer layout)."""
+        pairs = [*self.special.items(), *zip(self.gene_ids.tolist(), self.token_ids.tolist())]
+        return {k: int(v) for k, v in sorted(pairs, key=lambda kv: kv[1])}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Vocabulary):
+            return NotImplemented
+        return self.fingerprint == other.fingerprint
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    def __repr__(self) -> str:
+        return (
+            f"Vocabulary(n_genes={self.n_genes}, n_tokens={self.n_tokens}, "
+            f"special={dict(self.special)}, pad_token={self.pad_token}, "
+            f"fingerprint={self.fingerprint[:12]}...)"
+        )
+
+
+def _check_unique(values: npt.NDArray[Any], what: str) -> None:
+    uniq, counts = np.unique(values, return_counts=True)
+    if uniq.size != values.size:
+        dup = uniq[counts > 1][:3].tolist()
+        msg = (
+            f"Each {what} must occur once in a vocabulary, but {int((counts > 1).sum())} occur "
+            f"more than once (e.g. {dup}). IDs are compared after normalisation (version "
+            "suffix stripped, upper-cased)."
+        )
+        raise VocabularyError(msg)
+
+
+def _vocabulary_from_dict(entries: Mapping[str, Any], source: str) -> Vocabulary:
+    special: dict[str, int] = {}
+    genes: list[str] = []
+    tokens: list[int] = []
+    for key, value in entries.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            msg = f"{source}: the token of {key!r} is {value!r}, expected an integer token ID."
+            raise VocabularyError(msg)
+        if _SPECIAL_TOKEN.match(key.strip()):
+            special[key.strip()] = value
+        else:
+            genes.append(key)
+            tokens.append(value)
+    try:
+        return Vocabulary(normalize_gene_ids(genes), np.array(tokens, dtype=np.int64), special)
+    except VocabularyError as err:
+        msg = f"{source}: {err}"
+        raise VocabularyError(msg) from None
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")  # noqa: SIM115 - returned to a with-block
+
+
+def _read_pairs(path: Path) -> list[tuple[str, str]]:
+    """Two tab-separated columns; '#' comment lines and blank lines are skipped."""
+    pairs: list[tuple[str, str]] = []
+    with _open_text(path) as fh:
+        for lineno, row in enumerate(csv.reader(fh, delimiter="\t"), start=1):
+            if not row or not "".join(row).strip() or row[0].startswith("#"):
+                continue
+            if len(row) < 2:
+                msg = (
+                    f"{os.fspath(path)!r} line {lineno}: expected two tab-separated columns "
+                    f"(ID<TAB>value), got {row!r}."
+                )
+                raise InputError(msg)
+            pairs.append((row[0], row[1]))
+    return pairs
+
+
+def _kind(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
+
+
+def read_vocabulary(path: str | os.PathLike[str]) -> Vocabulary:
+    """Read a token dictionary.
+
+    Parameters
+    ----------
+    path
+        One of
+
+        - ``.pkl``: a Geneformer ``token_dictionary_*.pkl`` (read with a restricted
+          unpickler that refuses code),
+        - ``.json``: an object ``{"<pad>": 0, "ENSG...": 2, ...}``,
+        - ``.tsv`` / ``.txt`` (optionally ``.gz``): lines ``ID<TAB>token``; ``#`` comments and a
+          header line whose second field is not an integer are skipped.
+
+        Keys of the form ``<name>`` are special tokens; all others are gene IDs, normalised
+        with :func:`normalize_gene_ids`.
+
+    Returns
+    -------
+    Vocabulary
+        Eager (the file is read now).
+
+    Raises
+    ------
+    VocabularyError
+        Duplicate gene IDs (after normalisation) or token IDs, non-integer tokens, no
+        ``<pad>`` token.
+    InputError
+        Unreadable file, unsupported extension, or a pickle that would run code.
+    """
+    p = Path(path)
+    kind = _kind(p)
+    if kind == ".pkl":
+        entries: dict[str, Any] = load_dict(p)
+    elif kind == ".json":
+        with _open_text(p) as fh:
+            try:
+                entries = json.load(fh)
+            except json.JSONDecodeError as err:
+                msg = f"{os.fspath(p)!r} is not valid JSON: {err}."
+                raise InputError(msg) from err
+        if not isinstance(entries, dict):
+            msg = f"{os.fspath(p)!r}: expected a JSON object of ID -> token, got {type(entries)}."
+            raise InputError(msg)
+    elif kind in {".tsv", ".txt"}:
+        pairs = _read_pairs(p)
+        if pairs and not _is_int(pairs[0][1]):
+            pairs = pairs[1:]  # header
+        entries = {}
+        for key, value in pairs:
+            if not _is_int(value):
+                msg = f"{os.fspath(p)!r}: token of {key!r} is {value!r}, expected an integer."
+                raise VocabularyError(msg)
+            if key in entries:
+                msg = f"{os.fspath(p)!r}: {key!r} is listed twice; each ID must occur once."
+                raise VocabularyError(msg)
+            entries[key] = int(value)
+    else:
+        msg = (
+            f"Cannot read a vocabulary from {os.fspath(p)!r}: expected a .pkl (Geneformer "
+            "token_dictionary), .json or .tsv file (ID<TAB>token)."
+        )
+        raise InputError(msg)
+    return _vocabulary_from_dict(entries, os.fspath(p))
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+    except ValueError:
+        return False
+    return True
+
+
+def vocabulary_from_genes(
+    gene_ids: Iterable[str], special: Sequence[str] = DEFAULT_SPECIAL_TOKENS
+) -> Vocabulary:
+    """A new vocabulary for a new model: special tokens first, then genes in sorted ID order.
+
+    Parameters
+    ----------
+    gene_ids
+        Gene IDs; normalised with :func:`normalize_gene_ids`. Duplicates (after
+        normalisation) are merged.
+    special
+        Special tokens, given IDs ``0 .. len(special) - 1`` in this order. Must include
+        ``"<pad>"``.
+
+    Returns
+    -------
+    Vocabulary
+        Genes sorted by normalised ID get tokens ``len(special), len(special) + 1, ...``.
+
+    Examples
+    --------
+    >>> v = vocabulary_from_genes(["ENSG2", "ENSG1.3"])
+    >>> v.as_dict()
+    {'<pad>': 0, '<mask>': 1, '<cls>': 2, '<eos>': 3, 'ENSG1': 4, 'ENSG2': 5}
+    """
+    genes = np.unique(normalize_gene_ids(gene_ids))
+    specials = list(special)
+    if len(set(specials)) != len(specials) or not all(_SPECIAL_TOKEN.match(s) for s in specials):
+        msg = f"special tokens must be distinct and look like '<name>', got {specials}."
+        raise VocabularyError(msg)
+    tokens = np.arange(len(specials), len(specials) + genes.size, dtype=np.int64)
+    return Vocabulary(genes, tokens, {s: i for i, s in enumerate(specials)})
+
+
+# --------------------------------------------------------------------------------------------
+# presets and model input
+
+
+@dataclass(frozen=True)
+class Preset:
+    """How a full ranking becomes a model's input.
+
+    Parameters
+    ----------
+    name
+        ``"V1"``, ``"V2"`` or ``"custom"``.
+    input_size
+        Total model input length, special tokens included.
+    prepend, append
+        Special tokens placed before the first gene and right after the last gene.
+    dictionaries
+        Suffix of the Geneformer dictionaries the preset goes with (``"gc30M"``, ``"gc104M"``),
+        or ``None``.
+    """
+
+    name: str
+    input_size: int
+    prepend: tuple[str, ...] = ()
+    append: tuple[str, ...] = ()
+    dictionaries: str | None = None
+
+    def __post_init__(self) -> None:
+        n_special = len(self.prepend) + len(self.append)
+        if isinstance(self.input_size, bool) or not isinstance(self.input_size, int | np.integer):
+            msg = f"input_size must be an integer, got {self.input_size!r}."
+            raise InputError(msg)
+        if self.input_size <= n_special:
+            msg = (
+                f"input_size must leave room for at least one gene next to the "
+                f"{n_special} special tokens of preset {self.name!r}, got {self.input_size}."
+            )
+            raise InputError(msg)
+        object.__setattr__(self, "input_size", int(self.input_size))
+
+    @property
+    def max_genes(self) -> int:
+        """Most genes that fit: ``input_size`` minus the special tokens."""
+        return self.input_size - len(self.prepend) - len(self.append)
+
+
+PRESETS: Final[Mapping[str, Preset]] = MappingProxyType(
+    {
+        "V1": Preset("V1", 2048, dictionaries="gc30M"),
+        "V2": Preset("V2", 4096, prepend=(CLS,), append=(EOS,), dictionaries="gc104M"),
+    }
+)
+"""Geneformer model presets: V1 (2,048 genes) and V2 (``<cls>`` + 4,094 genes + ``<eos>``)."""
+
+
+def resolve_preset(name: str | Preset | None, input_size: int | None = None) -> Preset:
+    """Choose the preset for a run.
+
+    Parameters
+    ----------
+    name
+        ``"V1"``/``"V2"`` (case-insensitive), a :class:`Preset`, or ``None``.
+    input_size
+        Overrides the preset's input size (same special tokens). With ``name=None`` it defines
+        a ``"custom"`` preset without special tokens.
+
+    Returns
+    -------
+    Preset
+
+    Raises
+    ------
+    InputError
+        Unknown name, both arguments ``None``, or an input size too small for the special
+        tokens.
+
+    Examples
+    --------
+    >>> resolve_preset("v2").max_genes
+    4094
+    >>> resolve_preset("V2", 2048).max_genes
+    2046
+    >>> resolve_preset(None, 1024)
+    Preset(name='custom', input_size=1024, prepend=(), append=(), dictionaries=None)
+    """
+    if name is None:
+        if input_size is None:
+            msg = (
+                f"Give a preset ({', '.join(PRESETS)}) or an input size; got neither. "
+                "Example: preset='V2'."
+            )
+            raise InputError(msg)
+        return Preset("custom", input_size)
+    if isinstance(name, Preset):
+        preset = name
+    else:
+        key = str(name).strip().upper()
+        if key not in PRESETS:
+            msg = f"Unknown preset {name!r}; expected one of {list(PRESETS)} or None."
+            raise InputError(msg)
+        preset = PRESETS[key]
+    if input_size is not None and input_size != preset.input_size:
+        preset = dataclasses.replace(preset, input_size=input_size)
+    return preset
+
+
+def model_input(
+    ranked_tokens: npt.NDArray[np.integer[Any]], preset: Preset, vocab: Vocabulary
+) -> npt.NDArray[Any]:
+    """Cut full rankings into model input (token IDs), as Geneformer feeds its model.
+
+    Parameters
+    ----------
+    ranked_tokens
+        A full ranking (1-D) or a ``(cell, rank)`` block of them (2-D), highest value first,
+        padded on the right with ``vocab.pad_token`` (an encoding store row).
+    preset
+        ``V1``: the first ``input_size`` (2,048) genes. ``V2``: ``<cls>``, the first
+        ``input_size - 2`` (4,094) genes, ``<eos>`` right after the last gene (upstream
+        Geneformer's ``add_cls_eos``).
+    vocab
+        Supplies the pad and special token IDs.
+
+    Returns
+    -------
+    numpy.ndarray
+        1-D input: the variable-length input IDs (no padding), exactly upstream's
+        ``input_ids``. 2-D input: shape ``(n_cells, preset.input_size)``, each row the input IDs
+        followed by ``pad_token``; a row's length is ``(row != pad_token).sum()``. Same dtype as
+        ``ranked_tokens``. Eager numpy (the Dask wrapper maps this over blocks).
+
+    Raises
+    ------
+    VocabularyError
+        If the preset needs a special token the vocabulary lacks (``V2`` with a V1 dictionary).
+    InputError
+        If ``ranked_tokens`` is not 1-D or 2-D.
+    """
+    arr = np.asarray(ranked_tokens)
+    if arr.ndim not in (1, 2):
+        msg = f"ranked_tokens must be 1-D or 2-D, got {arr.ndim}-D."
+        raise InputError(msg)
+    pad = vocab.pad_token
+    head = np.array([vocab.special_token(s) for s in preset.prepend], dtype=arr.dtype)
+    tail = np.array([vocab.special_token(s) for s in preset.append], dtype=arr.dtype)
+    rows = arr[None, :] if arr.ndim == 1 else arr
+    genes = rows[:, : preset.max_genes]
+    lengths = (genes != pad).sum(axis=1)
+    n = rows.shape[0]
+    out = np.full((n, preset.input_size), pad, dtype=arr.dtype)
+    out[:, : head.size] = head
+    out[:, head.size : head.size + genes.shape[1]] = genes
+    if tail.size:
+        cols = head.size + lengths[:, None] + np.arange(tail.size)
+        out[np.arange(n)[:, None], cols] = tail
+    if arr.ndim == 1:
+        return out[0, : head.size + int(lengths[0]) + tail.size]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# gene mapping
+
+
+def _normalized_mapping(mapping: Mapping[str, str], source: str) -> dict[str, str]:
+    keys = normalize_gene_ids(list(mapping.keys()))
+    raw_values = list(mapping.values())
+    if not all(isinstance(v, str) for v in raw_values):
+        bad = next(v for v in raw_values if not isinstance(v, str))
+        msg = f"{source}: mapping values must be gene ID strings, got {bad!r}."
+        raise InputError(msg)
+    values = normalize_gene_ids(raw_values)
+    out: dict[str, str] = {}
+    for k, v in zip(keys.tolist(), values.tolist(), strict=True):
+        prev = out.setdefault(k, v)
+        if prev != v:
+            msg = (
+                f"{source}: {k!r} maps to both {prev!r} and {v!r} after normalisation "
+                "(version suffix stripped, upper-cased). Each key must map to one gene ID."
+            )
+            raise VocabularyError(msg)
+    return out
+
+
+def read_gene_mapping(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read a gene-ID mapping (ID or symbol -> Ensembl ID).
+
+    Parameters
+    ----------
+    path
+        Geneformer's ``ensembl_mapping_dict_*.pkl`` (keys: Ensembl IDs and upper-cased symbols;
+        read with a restricted unpickler), a ``.json`` object, or a two-column ``.tsv``/``.txt``
+        (optionally ``.gz``) ``key<TAB>gene ID`` (``#`` comments skipped; a header line is
+        harmless: it maps one more key).
+
+    Returns
+    -------
+    dict
+        Keys and values normalised with :func:`normalize_gene_ids`. Eager.
+
+    Raises
+    ------
+    VocabularyError
+        If two keys become equal after normalisation but map to different IDs.
+    InputError
+        Unreadable or unsafe file, unsupported extension, non-string values.
+    """
+    p = Path(path)
+    kind = _kind(p)
+    source = os.fspath(p)
+    raw: dict[str, Any]
+    if kind == ".pkl":
+        raw = load_dict(p)
+    elif kind == ".json":
+        with _open_text(p) as fh:
+            try:
+                raw = json.load(fh)
+            except json.JSONDecodeError as err:
+                msg = f"{source!r} is not valid JSON: {err}."
+                raise InputError(msg) from err
+        if not isinstance(raw, dict):
+            msg = f"{source!r}: expected a JSON object of key -> gene ID."
+            raise InputError(msg)
+    elif kind in {".tsv", ".txt"}:
+        raw = {}
+        for k, v in _read_pairs(p):
+            if raw.setdefault(k, v) != v:
+                msg = f"{source!r}: {k!r} maps to both {raw[k]!r} and {v!r}."
+                raise VocabularyError(msg)
+    else:
+        msg = (
+            f"Cannot read a gene mapping from {source!r}: expected a .pkl (Geneformer "
+            "ensembl_mapping_dict), .json or a two-column .tsv."
+        )
+        raise InputError(msg)
+    return _normalized_mapping(raw, repr(source))
+
+
+@dataclass(frozen=True, eq=False)
+class GeneMap:
+    """How the genes (columns) of a count store map onto a vocabulary.
+
+    Built by :func:`build_gene_map`; all arrays are read-only numpy arrays.
+
+    Attributes
+    ----------
+    vocab_index
+        ``(n_store_genes,)`` int64: vocabulary index of each store gene after normalisation
+        and mapping, ``-1`` if the gene is not in the vocabulary.
+    column
+        ``(n_store_genes,)`` int64: the kept column each store gene is summed into, or ``-1``.
+    collapse
+        ``scipy.sparse.csr_array`` of shape ``(n_store_genes, n_kept)``, int8 0/1 with one 1
+        per matched store gene: ``counts @ collapse`` gives cells x kept genes with the counts
+        of store genes that land on the same vocabulary gene summed.
+    kept_tokens
+        ``(n_kept,)`` token ID of each kept column, strictly ascending, in ``vocab.token_dtype``.
+    kept_gene_ids
+        ``(n_kept,)`` vocabulary gene ID of each kept column.
+    kept_vocab_index
+        ``(n_kept,)`` vocabulary index of each kept column.
+    n_matched
+        Store genes that map to a vocabulary gene.
+    n_duplicates_summed
+        Store genes summed into a column that another store gene also maps to
+        (``n_matched - n_kept``).
+    vocab_fingerprint
+        :attr:`Vocabulary.fingerprint` of the vocabulary used.
+    """
+
+    vocab_index: npt.NDArray[np.int64]
+    column: npt.NDArray[np.int64]
+    collapse: sp.csr_array
+    kept_tokens: npt.NDArray[np.unsignedinteger[Any]]
+    kept_gene_ids: StrArray
+    kept_vocab_index: npt.NDArray[np.int64]
+    n_matched: int
+    n_duplicates_summed: int
+    vocab_fingerprint: str
+
+    @property
+    def n_store_genes(self) -> int:
+        """Number of genes (columns) of the count store."""
+        return int(self.vocab_index.size)
+
+    @property
+    def n_kept(self) -> int:
+        """Number of distinct vocabulary genes hit (columns after collapsing)."""
+        return int(self.kept_tokens.size)
+
+    @property
+    def has_duplicates(self) -> bool:
+        """Whether some kept column sums more than one store gene."""
+        return self.n_duplicates_summed > 0
+
+    def apply(self, counts: sp.csr_array | sp.csr_matrix) -> sp.csr_array:
+        """Collapse a cells x store-genes CSR block to cells x kept genes (summing duplicates).
+
+        Without duplicates this is a column selection (cheaper than the product with
+        :attr:`collapse`, same result). Explicit zeros may remain; the rank kernel ignores them.
+        """
+        block = sp.csr_array(counts)
+        if block.shape[1] != self.n_store_genes:
+            msg = (
+                f"The block has {block.shape[1]} genes (columns), the gene map was built for "
+                f"{self.n_store_genes}. Build the gene map from the same store."
+            )
+            raise InputError(msg)
+        if not self.has_duplicates:
+            src = np.empty(self.n_kept, dtype=np.int64)
+            matched = np.flatnonzero(self.column >= 0)
+            src[self.column[matched]] = matched
+            return sp.csr_array(block[:, src])
+        return sp.csr_array(block @ self.collapse)
+
+
+def build_gene_map(
+    store_gene_ids: Iterable[str],
+    vocab: Vocabulary,
+    mapping: Mapping[str, str] | None = None,
+    *,
+    min_fraction: float = 0.5,
+    min_genes: int = 1000,
+) -> GeneMap:
+    """Map the genes (columns) of a count store onto a vocabulary.
+
+    Parameters
+    ----------
+    store_gene_ids
+        The store's gene IDs, in column order.
+    vocab
+        The vocabulary.
+    mapping
+        Optional ID/symbol -> gene ID mapping (e.g. :func:`read_gene_mapping` of Geneformer's
+        ``ensembl_mapping_dict``); keys and values are normalised here too. A store ID that is
+        not a key keeps its own ID. With Geneformer's mapping dictionaries this equals upstream
+        (which drops IDs missing from the mapping), because every vocabulary gene maps to
+        itself there, so an ID the mapping lacks is not in the vocabulary either.
+    min_fraction, min_genes
+        The match check: it passes when at least ``min_fraction`` of the store genes **or** at
+        least ``min_genes`` store genes match (and at least one does). So the error fires when
+        fewer than 50% of the store genes and fewer than 1,000 genes match: a human dataset
+        with Ensembl IDs matches ~60-75% (PBMC 3k: 20,331 of 32,738 in V1), symbols or another
+        species match almost none.
+
+    Returns
+    -------
+    GeneMap
+        Eager (small: one entry per store gene).
+
+    Raises
+    ------
+    VocabularyError
+        If too few genes match: the message gives the counts, three example IDs from the
+        store and from the vocabulary, and the fixes.
+    """
+    raw_ids = list(store_gene_ids)
+    ids = normalize_gene_ids(raw_ids)
+    if mapping is not None:
+        norm_map = _normalized_mapping(mapping, "gene mapping")
+        ids = np.array([norm_map.get(g, g) for g in ids.tolist()], dtype=np.str_)
+    vocab_index = vocab.index_of(ids) if ids.size else np.empty(0, dtype=np.int64)
+    matched = vocab_index >= 0
+    n_store = int(ids.size)
+    n_matched = int(matched.sum())
+    if n_matched == 0 or (n_matched < min_fraction * n_store and n_matched < min_genes):
+        raise VocabularyError(
+            _mismatch_message(raw_ids, ids, matched, vocab, mapping, min_fraction, min_genes)
+        )
+
+    hit = np.unique(vocab_index[matched])
+    kept_vocab_index = hit[np.argsort(vocab.token_ids[hit], kind="stable")]
+    n_kept = int(kept_vocab_index.size)
+    col_of_vocab = np.full(vocab.n_genes, -1, dtype=np.int64)
+    col_of_vocab[kept_vocab_index] = np.arange(n_kept)
+    column = np.where(matched, col_of_vocab[np.maximum(vocab_index, 0)], -1)
+    rows = np.flatnonzero(matched)
+    collapse = sp.csr_array(
+        (np.ones(rows.size, dtype=np.int8), (rows, column[rows])), shape=(n_store, n_kept)
+    )
+    return GeneMap(
+        vocab_index=_frozen(vocab_index, np.int64),
+        column=_frozen(column, np.int64),
+        collapse=collapse,
+        kept_tokens=_frozen(vocab.token_ids[kept_vocab_index], vocab.token_dtype),
+        kept_gene_ids=_frozen(vocab.gene_ids[kept_vocab_index], vocab.gene_ids.dtype),
+        kept_vocab_index=_frozen(kept_vocab_index, np.int64),
+        n_matched=n_matched,
+        n_duplicates_summed=n_matched - n_kept,
+        vocab_fingerprint=vocab.fingerprint,
+    )
+
+
+def _mismatch_message(
+    raw_ids: list[str],
+    ids: StrArray,
+    matched: npt.NDArray[np.bool_],
+    vocab: Vocabulary,
+    mapping: Mapping[str, str] | None,
+    min_fraction: float,
+    min_genes: int,
+) -> str:
+    n_store, n_matched = int(ids.size), int(matched.sum())
+    pct = 100.0 * n_matched / n_store if n_store else 0.0
+    unmatched = [raw_ids[i] for i in np.flatnonzero(~matched)[:3].tolist()]
+    store_examples = unmatched or raw_ids[:3]
+    vocab_examples = vocab.gene_ids[:3].tolist()
+    ens = np.char.startswith(ids, "ENS") if ids.size else np.zeros(0, dtype=bool)
+    hints: list[str] = []
+    if ids.size and ens.mean() < 0.5:
+        hints.append(
+            "The store's IDs do not look like Ensembl IDs (gene symbols?): use the Ensembl ID "
+            "column (e.g. 10x 'gene_ids' / the first column of genes.tsv), or pass a gene "
+            "mapping such as Geneformer's ensembl_mapping_dict (read_gene_mapping)."
+        )
+    else:
+        species = sorted({g[:7] for g in ids[ens][:1000].tolist()} - {"ENSG000"})
+        hints.append(
+            "The store's IDs look like Ensembl IDs but are not in the vocabulary: check the "
+            "species (Geneformer's dictionaries are human, ENSG...)"
+            + (f"; store ID prefixes seen: {species[:3]}" if species else "")
+            + ", or pass a gene mapping such as Geneformer's ensembl_mapping_dict."
+        )
+    mapped = " after applying the gene mapping" if mapping is not None else ""
+    return (
+        f"Only {n_matched:,} of {n_store:,} store gene IDs ({pct:.1f}%) match the vocabulary "
+        f"({vocab.n_genes:,} genes){mapped}; expected at least {min_fraction:.0%} of them or "
+        f"{min_genes:,} genes. "
+        f"Store IDs (unmatched): {store_examples}; vocabulary IDs: {vocab_examples}. "
+        + " ".join(hints)
+    )

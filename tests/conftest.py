@@ -1,0 +1,56 @@
+"""Shared fixtures: data location, hypothesis profiles, a session distributed cluster."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") == "true" else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """The real-data folder: $FLOW_SHARED_DATA, default ../shared/data beside the repository."""
+    return Path(os.environ.get("FLOW_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real-data folder; skips (or fails in CI) when it is absent."""
+    path = shared_data_dir()
+    if not (path / "pbmc3k").is_dir():
+        msg = f"{path} not found: set FLOW_SHARED_DATA to the folder with pbmc3k/, pbmc1k_v2/, geneformer/"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A seeded random generator."""
+    return np.random.default_rng(20261124)
+
+
+@pytest.fixture(autouse=True)
+def _sync_scheduler():
+    """Tests run on the synchronous scheduler unless they start a cluster themselves."""
+    with dask.config.set(scheduler="sync"):
+        yield
+
+
+@pytest.fixture(scope="session")
+def local_cluster_address():
+    """Address of a session-wide LocalCluster with 2 worker processes (catches pickling bugs)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="2GiB") as cluster:
+        yield cluster.scheduler_address

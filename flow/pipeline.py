@@ -179,3 +179,169 @@ def demo(
     say(f"      {n_cells / (t2 - t1):,.0f} cells/s")
     say(f"Done in {t2 - t0:.1f} s. Results are in {os.path.abspath(outdir)}/")
     return paths
+
+
+def _load_medians(medians_path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> Any:
+    from .medians import open_medians
+
+    return open_medians(medians_path, storage_options=storage_options)
+
+
+def _load_vocabulary(
+    vocabulary: str | os.PathLike[str] | None, median_set: Any, storage_options: Mapping[str, Any] | None
+) -> Any:
+    """A vocabulary from a file, or built from a median set's genes (a new model's vocabulary)."""
+    from .vocab import read_vocabulary, vocabulary_from_genes
+
+    if vocabulary is None:
+        ok = ~np.isnan(median_set.medians)
+        return vocabulary_from_genes(median_set.gene_ids[ok])
+    text = os.fspath(vocabulary)
+    if text.rstrip("/").endswith(".zarr"):
+        built = _load_medians(text, storage_options)
+        return vocabulary_from_genes(built.gene_ids[~np.isnan(built.medians)])
+    return read_vocabulary(text)
+
+
+def tokenize(
+    store_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    medians: str | os.PathLike[str],
+    vocabulary: str | os.PathLike[str] | None = None,
+    gene_mapping: str | os.PathLike[str] | None = None,
+    n_counts_column: str = "n_counts",
+    storage_options: Mapping[str, Any] | None = None,
+    quiet: bool = True,
+) -> Any:
+    """Rank every cell of a count store into an encoding store (computes and writes; resumes).
+
+    ``medians`` is a median set store or a Geneformer median pickle; ``vocabulary`` a token
+    dictionary (.pkl/.json/.tsv) or a median set to build one from (default: ``medians``).
+    """
+    from functools import partial
+
+    from .cluster import compute
+    from .encode.store import plan_encoding, write_encoding
+    from .store import open_counts
+    from .vocab import read_gene_mapping
+
+    store = open_counts(store_path, storage_options=storage_options)
+    median_set = _load_medians(medians, storage_options)
+    vocab = _load_vocabulary(vocabulary, median_set, storage_options)
+    mapping = read_gene_mapping(gene_mapping) if gene_mapping else None
+    plan = plan_encoding(store, median_set, vocab, gene_mapping=mapping, n_counts_column=n_counts_column)
+    return write_encoding(
+        plan, output, storage_options=storage_options,
+        compute=partial(compute, quiet=quiet, label="tokenize"),
+    )
+
+
+def export(
+    encoding_path: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    format: str = "hf",
+    preset: str | None = "V1",
+    input_size: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    quiet: bool = True,
+) -> str:
+    """Write the model input of an encoding store as a Hugging Face dataset or Parquet (computes)."""
+    from .cluster import compute
+    from .encode.store import open_encoding
+    from .export import write_model_dataset
+    from .vocab import resolve_preset
+
+    enc = open_encoding(encoding_path, storage_options=storage_options)
+    chosen = resolve_preset(preset, input_size)
+    special = enc.attrs["special"]
+    specials = {s: special.get(s) for s in (*chosen.prepend, *chosen.append)}
+    missing = [s for s, v in specials.items() if v is None]
+    if missing:
+        from .errors import VocabularyError
+
+        msg = f"Preset {chosen.name} needs special tokens {missing}, which the encoding's vocabulary lacks."
+        raise VocabularyError(msg)
+    cls = special.get(chosen.prepend[0]) if chosen.prepend else None
+    eos = special.get(chosen.append[0]) if chosen.append else None
+    lengths = _lengths_array(enc)
+    columns = {name: enc.cell_column(name) for name in enc.obs_columns}
+    graph = write_model_dataset(
+        enc.tokens, lengths, output, input_size=chosen.input_size, cls=cls, eos=eos,
+        keep=enc.cell_column("filter_pass").astype(bool), columns=columns, format=format,  # type: ignore[arg-type]
+        compute=False,
+    )
+    compute(graph, quiet=quiet, label=f"export ({format}, {chosen.name}, {chosen.input_size} tokens)")
+    return os.fspath(output)
+
+
+def _lengths_array(enc: Any) -> Any:
+    import dask.array as da
+
+    return da.from_array(enc.lengths, chunks=(enc.tokens.chunks[0],))
+
+
+def run(
+    inputs: Sequence[str | os.PathLike[str]],
+    outdir: str | os.PathLike[str],
+    *,
+    medians_path: str | os.PathLike[str] | None = None,
+    vocabulary: str | os.PathLike[str] | None = None,
+    preset: str | None = "V1",
+    input_size: int | None = None,
+    gene_mapping: str | os.PathLike[str] | None = None,
+    format: str = "hf",
+    convert_options: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    quiet: bool = True,
+    say: Any = None,
+) -> dict[str, str]:
+    """Convert, compute medians (unless given), tokenize and export in one go (computes).
+
+    Writes ``counts.zarr``, ``medians.zarr`` (when computed), ``encoding.zarr`` and
+    ``dataset`` (or ``parquet``) under ``outdir``; returns their paths.
+    """
+    from .cli._common import TextProgress
+
+    tell = say or (lambda text: None)
+    join = (lambda name: f"{os.fspath(outdir).rstrip('/')}/{name}") if "://" in os.fspath(outdir) else (
+        lambda name: os.path.join(outdir, name))
+    if "://" not in os.fspath(outdir):
+        os.makedirs(outdir, exist_ok=True)
+    paths = {"counts": join("counts.zarr"), "encoding": join("encoding.zarr"),
+             "dataset": join("dataset" if format == "hf" else "parquet")}
+    tell(f"convert {len(inputs)} input(s) -> {paths['counts']}")
+    store = convert(inputs, paths["counts"], storage_options=storage_options,
+                    progress=TextProgress("convert", quiet=quiet), **dict(convert_options or {}))
+    tell(describe_counts(store))
+    if medians_path is None:
+        paths["medians"] = join("medians.zarr")
+        tell(f"medians -> {paths['medians']}")
+        result = medians([paths["counts"]], paths["medians"], gene_mapping=gene_mapping,
+                         storage_options=storage_options, quiet=quiet)
+        tell(describe_medians(result, paths["medians"]))
+    else:
+        paths["medians"] = os.fspath(medians_path)
+    tell(f"tokenize -> {paths['encoding']}")
+    enc = tokenize(paths["counts"], paths["encoding"], medians=paths["medians"], vocabulary=vocabulary,
+                   gene_mapping=gene_mapping, storage_options=storage_options, quiet=quiet)
+    tell(describe_encoding(enc))
+    tell(f"export ({format}) -> {paths['dataset']}")
+    export(paths["encoding"], paths["dataset"], format=format, preset=preset, input_size=input_size,
+           storage_options=storage_options, quiet=quiet)
+    return paths
+
+
+def describe_encoding(enc: Any) -> str:
+    """A short summary of an encoding store."""
+    a = enc.attrs
+    lengths = enc.lengths
+    keep = enc.cell_column("filter_pass").astype(bool)
+    empty = int(np.sum(keep & (lengths == 0)))
+    return (
+        f"encoding store {enc.url}: {a['n_cells']:,} cells ({int(keep.sum()):,} passing filter), "
+        f"full rankings up to {a['width']:,} genes; {a['n_genes_kept']:,} vocabulary genes matched "
+        f"({a['n_duplicates_summed']:,} duplicate IDs summed); {empty:,} passing cells with no "
+        f"vocabulary gene (kept with length 0)"
+    )

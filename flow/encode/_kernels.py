@@ -30,8 +30,8 @@ Positive float64 values order like their bit patterns, so the middle field order
 descending. The offset orders by token ascending, because within a row the entries are put in
 token order first. When the value field has to be truncated to fit (``shift > 0``), two
 different values can share a key field; such runs are found after the sort (equal truncated
-field, different exact values; rare) and only those runs are re-sorted exactly with
-``np.lexsort``. Measured on 2 cores: see ``tests/test_rank_kernel.py`` and the report of the
+field, different exact values; rare): after the sort, a row whose values increase anywhere is
+re-sorted exactly with ``np.lexsort`` (only those rows). Measured on 2 cores: see ``tests/test_rank_kernel.py`` and the report of the
 kernel benchmark.
 """
 
@@ -52,6 +52,7 @@ TARGET_SUM: Final = 10_000.0
 
 _SLICE_NNZ: Final = 1 << 19  # stored values sorted at once (keeps the sort in cache)
 _SLICE_MAX_ROWS: Final = 1 << 12
+_KEY_BITS = 64  # tests lower this to force truncated value fields (and the exact re-sort)
 
 Sparse = sp.csr_array | sp.csr_matrix
 FloatArray = npt.NDArray[np.float64]
@@ -90,8 +91,8 @@ def _check_counts(data: npt.NDArray[Any], indptr: npt.NDArray[Any], row_offset: 
     if not ok.all():
         k = int(np.argmin(ok))
         row = int(np.searchsorted(indptr, k, side="right")) - 1
-        bad = data[k].item()
-        what = "NaN" if bad != bad else f"negative ({bad})"  # noqa: PLR0124 - NaN test
+        bad = data[k]
+        what = "NaN" if np.isnan(bad) else f"negative ({bad.item()})"
         msg = (
             f"Counts must be >= 0 and not NaN, got a {what} count in {_where(row, row_offset)}. "
             "Fix the input matrix (raw UMI/read counts are expected)."
@@ -143,11 +144,7 @@ def _prepare(
 
     positive = x.data > 0
     if not positive.all():  # explicitly stored zeros are never tokens
-        row_nnz = np.add.reduceat(positive.astype(np.int64), x.indptr[:-1]) if x.nnz else None
-        lengths = np.zeros(n_cells, np.int64)
-        if row_nnz is not None:
-            lengths = np.where(np.diff(x.indptr) > 0, row_nnz, 0)
-        indptr = np.concatenate([[0], np.cumsum(lengths)])
+        indptr = np.concatenate([[0], np.cumsum(positive, dtype=np.int64)])[x.indptr]
         x = sp.csr_array((x.data[positive], x.indices[positive], indptr), shape=x.shape)
 
     lengths = np.diff(x.indptr)
@@ -235,60 +232,68 @@ def _bits(n: int) -> int:
     return max(int(n - 1).bit_length(), 0)
 
 
-def _sorted_order(
-    values: FloatArray, rows: npt.NDArray[np.int64], offsets: npt.NDArray[np.int64], n_rows: int
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Exact order of a row-grouped slice: row asc, value desc, offset asc.
+def _sort_slice(
+    values: FloatArray,
+    offsets: npt.NDArray[np.int64],
+    row_starts: npt.NDArray[np.int64],
+    entry_rows: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.int64], int]:
+    """Exact order of a slice of whole rows: row asc, value desc, offset (= token) asc.
 
-    Returns the permutation (indices into the slice) and the row of each sorted entry.
+    Parameters
+    ----------
+    values
+        Positive finite float64 values of the slice's entries, grouped by row.
+    offsets
+        Position of each entry within its row (``0 .. length - 1``).
+    row_starts
+        Index of the first entry of each entry's row (``arange - offsets``).
+    entry_rows
+        Row (within the slice) of each entry.
+    lengths
+        Entries per row.
+
+    Returns
+    -------
+    perm
+        Indices into the slice in ranked order. Rows keep their places: entry ``p`` of the
+        result belongs to row ``entry_rows[p]`` and has rank ``offsets[p]``.
+    n_resorted
+        Rows whose truncated keys were ambiguous and were re-sorted exactly (diagnostics).
     """
-    ob = _bits(int(offsets.max()) + 1)
-    rb = _bits(n_rows)
-    vb = 64 - ob - rb
+    ob = _bits(int(lengths.max()))
+    rb = _bits(lengths.size)
+    vb = _KEY_BITS - ob - rb
     bits = values.view(np.uint64)
     hi = bits.max()
-    span = int(hi - bits.min())
-    shift = max(span.bit_length() - vb, 0)
-    key = hi - bits
+    shift = max(int(hi - bits.min()).bit_length() - vb, 0)
+    key = hi - bits  # value descending -> key ascending
     if shift:
         key >>= np.uint64(shift)
     key <<= np.uint64(ob)
     key |= offsets.view(np.uint64)
     if rb:
-        key |= rows.view(np.uint64) << np.uint64(vb + ob)
+        key |= entry_rows.view(np.uint64) << np.uint64(vb + ob)
     key.sort()
-    sorted_rows = (key >> np.uint64(vb + ob)).view(np.int64) if rb else np.zeros_like(rows)
-    offset_mask = np.uint64((1 << ob) - 1)
-    starts = rows_start = np.searchsorted(rows, np.arange(n_rows))  # rows are grouped
-    del starts
-    perm = (key & offset_mask).view(np.int64)
-    perm += rows_start[sorted_rows]
-    if shift:
-        _refine(key >> np.uint64(ob), values, perm)
-    return perm, sorted_rows
-
-
-def _refine(
-    trunc_key: npt.NDArray[np.uint64], values: FloatArray, perm: npt.NDArray[np.int64]
-) -> None:
-    """Re-sort, exactly and in place, the runs whose truncated keys tie but values differ.
-
-    Within a run (same row, same truncated value) entries are in offset (= token) order; the
-    exact order is value descending, then offset ascending.
-    """
-    same = trunc_key[1:] == trunc_key[:-1]
-    if not same.any():
-        return
-    sv = values[perm]
-    ambiguous = same & (sv[1:] != sv[:-1])
-    if not ambiguous.any():
-        return
-    run_id = np.cumsum(np.concatenate([[True], ~same]))
-    bad_runs = np.unique(run_id[1:][ambiguous])
-    pos = np.flatnonzero(np.isin(run_id, bad_runs))  # ascending, runs contiguous
+    key &= np.uint64((1 << ob) - 1)
+    perm = key.view(np.int64)
+    perm += row_starts  # rows keep their places, so the row start of position p is known
+    if not shift:
+        return perm, 0
+    # Truncated value fields can tie for different values; such a run is in offset order, so it
+    # is exact iff its values do not increase. Find increases inside rows, re-sort those rows.
+    ranked = values[perm]
+    rising = ranked[1:] > ranked[:-1]
+    rising &= offsets[1:] != 0  # a new row may start higher
+    if not rising.any():
+        return perm, 0
+    bad_rows = np.unique(entry_rows[1:][rising])
+    pos = np.flatnonzero(np.isin(entry_rows, bad_rows))
     sub = perm[pos]
-    order = np.lexsort((sub, -values[sub], run_id[pos]))
+    order = np.lexsort((sub, -values[sub], entry_rows[pos]))
     perm[pos] = sub[order]
+    return perm, int(bad_rows.size)
 
 
 def rank_block(
@@ -377,17 +382,18 @@ def rank_block(
         r1 = min(max(r1, r0 + 1), r0 + _SLICE_MAX_ROWS, n_cells)
         a, b = int(indptr[r0]), int(indptr[r1])
         if b > a:
-            n_rows = r1 - r0
-            rows = np.repeat(np.arange(n_rows, dtype=np.int64), lengths[r0:r1])
-            local_starts = indptr[r0:r1] - a
-            offsets = np.arange(b - a, dtype=np.int64) - local_starts[rows]
+            lens = lengths[r0:r1]
+            row_starts = np.repeat(indptr[r0:r1] - a, lens)
+            offsets = np.arange(b - a, dtype=np.int64)
+            offsets -= row_starts
+            entry_rows = np.repeat(np.arange(r1 - r0, dtype=np.int64), lens)
             cols = x.indices[a:b]
-            vals = _values(x.data[a:b], n_c[r0:r1][rows], med[cols])
-            perm, srows = _sorted_order(vals, rows, offsets, n_rows)
-            rank = np.arange(b - a, dtype=np.int64) - local_starts[srows]
-            dest = (srows + r0) * width + rank
-            if int(lengths[r0:r1].max()) > width:
-                keep = rank < width
+            vals = _values(x.data[a:b], np.repeat(n_c[r0:r1], lens), med[cols])
+            perm, _ = _sort_slice(vals, offsets, row_starts, entry_rows, lens)
+            dest = np.repeat(np.arange(r0, r1, dtype=np.int64) * width, lens)
+            dest += offsets
+            if int(lens.max()) > width:
+                keep = offsets < width
                 dest, perm = dest[keep], perm[keep]
             flat_tokens[dest] = tok[cols[perm]]
             flat_values[dest] = vals[perm]

@@ -1,0 +1,126 @@
+"""Dask wiring of the rank kernel: ``map_blocks`` over a count store's cell blocks.
+
+:func:`rank_cells` builds the lazy graph; nothing is computed. The shared inputs (gene map,
+medians, tokens) enter the graph once, as one key every block task depends on, not embedded
+per task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.delayed import Delayed, delayed
+
+from . import _kernels
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+    from ..vocab import GeneMap
+
+__all__ = ["RankContext", "RankedCells", "rank_cells"]
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """What every block needs: the gene map, and per kept column its median and token."""
+
+    gene_map: GeneMap
+    medians: np.ndarray
+    tokens: np.ndarray
+    width: int
+    pad: int
+
+
+@dataclass(frozen=True)
+class RankedCells:
+    """Lazy ranking of every cell: see :func:`rank_cells`."""
+
+    tokens: da.Array
+    values: da.Array
+    lengths: da.Array
+    blocks: da.Array  # the per-block result tuples the three arrays are taken from
+
+
+def _rank_block(
+    block: sp.csr_matrix, n_counts: np.ndarray, ctx: RankContext, block_info: dict[Any, Any] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    row0 = block_info[0]["array-location"][0][0] if block_info else 0
+    kept = ctx.gene_map.apply(block)
+    return _kernels.rank_block(
+        kept, np.ravel(n_counts), ctx.medians, ctx.tokens, ctx.width, ctx.pad, row_offset=row0
+    )
+
+
+def _take(part: tuple[np.ndarray, ...], i: int) -> np.ndarray:
+    return part[i]
+
+
+def rank_cells(
+    counts: da.Array,
+    n_counts: np.ndarray,
+    gene_map: GeneMap,
+    medians: np.ndarray,
+    *,
+    width: int,
+    pad: int,
+) -> RankedCells:
+    """Rank-value encode every cell, lazily.
+
+    Parameters
+    ----------
+    counts
+        ``(cell, gene)`` CSR blocks of a count store; must be one chunk along genes.
+    n_counts
+        Total counts per cell (numpy), the normalisation denominator.
+    gene_map
+        Store genes -> vocabulary columns (:func:`flow.vocab.build_gene_map`).
+    medians
+        Nonzero median of each kept column's gene (``gene_map.kept_gene_ids`` order).
+    width
+        Ranks per cell to produce (the full ranking needs the maximum genes per cell).
+    pad
+        Pad token.
+
+    Returns
+    -------
+    RankedCells
+        ``tokens`` (cell, rank) in the vocabulary's token dtype, ``values`` (cell, rank) float32
+        normalized values (count / n_counts x 10,000 / median), ``lengths`` (cell,) int32.
+        Cell chunks are the store's blocks; the rank axis is one chunk of ``width``.
+    """
+    if counts.numblocks[1] != 1:
+        msg = f"counts must be one chunk along genes; got {counts.numblocks[1]}. Rechunk: counts.rechunk({{1: -1}})."
+        raise ValueError(msg)
+    if medians.shape != (gene_map.n_kept,):
+        msg = f"Need one median per kept gene ({gene_map.n_kept}); got shape {medians.shape}."
+        raise ValueError(msg)
+    tok = tokenize(counts.name, n_counts, gene_map.vocab_fingerprint, gene_map.column, medians, width, pad)
+    ctx = RankContext(gene_map, medians, gene_map.kept_tokens, width, pad)
+    shared: Delayed = delayed(ctx, name=f"flow-rank-context-{tok}")
+    nc = da.from_array(n_counts.astype(np.float64), chunks=(counts.chunks[0],), name=f"flow-n-counts-{tok}")
+    cell_chunks = counts.chunks[0]
+    blocks = da.map_blocks(
+        _rank_block,
+        counts,
+        nc[:, None],
+        shared,
+        chunks=(cell_chunks, (width,)),
+        dtype=object,
+        meta=np.empty((0, 0), dtype=object),
+        name=f"flow-rank-{tok}",
+    )
+    dtype = gene_map.kept_tokens.dtype
+    tokens = blocks.map_blocks(_take, 0, dtype=dtype, meta=np.empty((0, 0), dtype), name=f"flow-rank-tokens-{tok}")
+    values = blocks.map_blocks(
+        _take, 1, dtype=np.float32, meta=np.empty((0, 0), np.float32), name=f"flow-rank-values-{tok}"
+    )
+    lengths = blocks.map_blocks(
+        _take, 2, drop_axis=1, chunks=(cell_chunks,), dtype=np.int32, meta=np.empty((0,), np.int32),
+        name=f"flow-rank-lengths-{tok}",
+    )
+    return RankedCells(tokens, values, lengths, blocks)

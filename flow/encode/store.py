@@ -1,0 +1,385 @@
+"""The encoding store: every cell's full ranking, queryable past any cutoff.
+
+Layout (Zarr v3; opens as an :class:`xarray.Dataset` with dimensions ``cell``, ``rank``,
+``token``)::
+
+    tokens (cell, rank)       token IDs, highest value first, pad-filled; chunks
+                              (block_size, rank_chunk) so ranks 0..L-1 never touch the tail
+    values (cell, rank)       float32 normalized value at each rank: count / n_counts x 10,000
+                              / median (the fold change against the corpus); 0 past the end
+    length (cell)             ranked (detected, in-vocabulary) genes per cell
+    cell (cell)               barcodes; n_counts, filter_pass and carried obs columns beside
+    token_gene_id, token_symbol, token_median, token_cells (token)
+                              the vocabulary: gene of each token, its median, and in how many
+                              (passing) cells it is expressed
+    block_done (block)        which cell blocks are written (resume after a kill)
+    block_token_cells (block, token)
+                              per-block expressing-cell counts (summed into token_cells)
+    attrs["flow"]             kind "encoding", complete, fingerprints of counts, medians and
+                              vocabulary, parameters, special tokens
+
+Writers own whole chunks: each task writes the rows of one cell block across all rank chunks,
+then marks the block done. A rerun with the same inputs writes only the blocks not done and
+gives byte-identical arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from dask.base import tokenize
+from dask.delayed import Delayed, delayed
+
+from .. import __version__
+from .._io import create_flow_group, flow_attrs, mark_complete, open_flow_group, store_url
+from ..errors import VocabularyError
+from .rank import rank_cells
+
+if TYPE_CHECKING:
+    import xarray as xr
+
+    from ..medians import MedianSet
+    from ..store import CountStore
+    from ..vocab import GeneMap, Vocabulary
+
+__all__ = ["EncodingStore", "open_encoding", "plan_encoding", "write_encoding"]
+
+KIND = "encoding"
+SCHEMA_VERSION = 1
+DEFAULT_RANK_CHUNK = 512
+_RESERVED = frozenset(
+    {"tokens", "values", "length", "cell", "n_counts", "filter_pass", "block_done", "block_token_cells",
+     "token_gene_id", "token_symbol", "token_median", "token_cells"}
+)
+
+
+@dataclass(frozen=True)
+class EncodingPlan:
+    """Everything decided before any block is ranked (cheap: metadata only)."""
+
+    store: CountStore
+    gene_map: GeneMap
+    vocab: Vocabulary
+    medians: np.ndarray  # per kept column
+    n_counts: np.ndarray
+    keep: np.ndarray
+    width: int
+    rank_chunk: int
+    params: dict[str, Any]
+    n_without_median: int
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the inputs and parameters: a resumed run must match it."""
+        return hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()
+
+
+def _vocab_with_medians(vocab: Vocabulary, medians: MedianSet) -> tuple[Vocabulary, np.ndarray, int]:
+    """The vocabulary restricted to genes that have a median, and those medians."""
+    from ..vocab import Vocabulary, normalize_gene_ids
+
+    table = dict(zip(normalize_gene_ids(medians.gene_ids).tolist(), medians.medians.tolist(), strict=True))
+    med = np.array([table.get(g, np.nan) for g in vocab.gene_ids.tolist()], dtype=np.float64)
+    ok = np.isfinite(med) & (med > 0)
+    if not ok.any():
+        msg = (
+            "No vocabulary gene has a median in the median set: they describe different genes "
+            "(check that both use Ensembl IDs of the same species)."
+        )
+        raise VocabularyError(msg)
+    restricted = Vocabulary(vocab.gene_ids[ok], vocab.token_ids[ok], dict(vocab.special), vocab.pad_token)
+    return restricted, med[ok], int((~ok).sum())
+
+
+def plan_encoding(
+    store: CountStore,
+    medians: MedianSet,
+    vocab: Vocabulary,
+    *,
+    gene_mapping: Mapping[str, str] | None = None,
+    n_counts_column: str = "n_counts",
+    rank_chunk: int = DEFAULT_RANK_CHUNK,
+) -> EncodingPlan:
+    """Decide the gene map, medians per column and the width of an encoding (reads metadata)."""
+    from ..vocab import build_gene_map
+
+    usable, med, n_missing = _vocab_with_medians(vocab, medians)
+    gene_map = build_gene_map(store.var.index.to_numpy(dtype=str), usable, gene_mapping)
+    order = usable.index_of(gene_map.kept_gene_ids)
+    obs = store.obs
+    if n_counts_column not in obs.columns:
+        msg = f"{store.url}: no obs column {n_counts_column!r}; columns are {list(obs.columns)}."
+        raise VocabularyError(msg)
+    keep = obs["filter_pass"].to_numpy().astype(bool) if "filter_pass" in obs.columns else np.ones(len(obs), bool)
+    width = max(1, int(obs["n_genes"].max()) if len(obs) else 1)
+    params = {
+        "counts": store.fingerprint,
+        "medians": medians.fingerprint,
+        "vocabulary": vocab.fingerprint,
+        "gene_mapping": None if gene_mapping is None else hashlib.sha256(
+            json.dumps(sorted(gene_mapping.items())).encode()).hexdigest(),
+        "n_counts_column": n_counts_column,
+        "width": width,
+        "rank_chunk": rank_chunk,
+        "schema_version": SCHEMA_VERSION,
+    }
+    return EncodingPlan(
+        store, gene_map, usable, med[order], obs[n_counts_column].to_numpy(dtype=np.float64), keep,
+        width, rank_chunk, params, n_missing,
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _open_or_create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+    """Reopen an unfinished store of the same plan (resume), else create a fresh one."""
+    try:
+        group = open_flow_group(url, KIND, mode="r+", storage_options=storage_options, require_complete=False)
+        meta = flow_attrs(group)
+        if meta.get("plan") == plan.fingerprint and not meta.get("complete"):
+            return group
+    except (FileNotFoundError, ValueError):
+        pass
+    return _create(plan, url, storage_options)
+
+
+def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+    store, vocab = plan.store, plan.vocab
+    n_cells, bs = int(store.attrs["n_cells"]), store.block_size
+    root = create_flow_group(url, KIND, SCHEMA_VERSION, storage_options=storage_options)
+    meta = flow_attrs(root)
+    meta["plan"] = plan.fingerprint
+    root.attrs["flow"] = meta
+    cell_chunk = max(1, min(bs, n_cells))
+    rank_chunk = min(plan.rank_chunk, plan.width)
+    dtype = vocab.token_dtype
+    grid = {"chunks": (cell_chunk, rank_chunk), "dimension_names": ("cell", "rank")}
+    root.create_array("tokens", shape=(n_cells, plan.width), dtype=dtype, fill_value=vocab.pad_token, **grid)
+    root.create_array("values", shape=(n_cells, plan.width), dtype=np.float32, fill_value=0.0, **grid)
+    root.create_array("length", shape=(n_cells,), dtype=np.int32, chunks=(cell_chunk,), dimension_names=("cell",))
+    n_blocks = store.n_blocks
+    root.create_array("block_done", shape=(n_blocks,), dtype=bool, chunks=(1,), fill_value=False,
+                      dimension_names=("block",))
+    n_tokens = vocab.n_tokens
+    root.create_array("block_token_cells", shape=(n_blocks, n_tokens), dtype=np.int32, chunks=(1, n_tokens),
+                      fill_value=0, dimension_names=("block", "token"))
+    obs = store.obs
+    cells = {"cell": obs.index.to_numpy(dtype=str), "n_counts": plan.n_counts, "filter_pass": plan.keep}
+    for name in obs.columns:
+        if name in ("n_counts", "filter_pass"):
+            continue
+        col = obs[name]
+        values = col.astype(str).to_numpy(dtype=str) if col.dtype.kind not in "biuf" else col.to_numpy()
+        cells[name if name not in _RESERVED else f"obs_{name}"] = values
+    for name, values in cells.items():
+        _write_1d(root, name, np.asarray(values), "cell", cell_chunk)
+    gene_of_token = np.full(n_tokens, "", dtype=object)
+    for special, tok in vocab.special.items():
+        gene_of_token[tok] = special
+    gene_of_token[vocab.token_ids] = vocab.gene_ids
+    median_of_token = np.full(n_tokens, np.nan)
+    median_of_token[plan.gene_map.kept_tokens] = plan.medians
+    symbol_of_token = np.full(n_tokens, "", dtype=object)
+    var_symbols = store.var["gene_symbol"].to_numpy(dtype=str) if "gene_symbol" in store.var else store.var.index.to_numpy(dtype=str)
+    col = plan.gene_map.column
+    first = np.unique(col[col >= 0], return_index=True)[1]
+    matched = np.flatnonzero(col >= 0)[first]
+    symbol_of_token[plan.gene_map.kept_tokens[col[matched]]] = var_symbols[matched]
+    _write_1d(root, "token_gene_id", gene_of_token.astype(str), "token", n_tokens)
+    _write_1d(root, "token_symbol", symbol_of_token.astype(str), "token", n_tokens)
+    _write_1d(root, "token_median", median_of_token, "token", n_tokens)
+    return root
+
+
+def _write_1d(root: zarr.Group, name: str, values: np.ndarray, dim: str, chunk: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr: the string dtype has no v3 spec yet
+        dtype = str if values.dtype.kind in "OUS" else values.dtype
+        arr = root.create_array(name, shape=values.shape, dtype=dtype, chunks=(max(1, min(chunk, values.size)),),
+                                dimension_names=(dim,))
+        if values.size:
+            arr[:] = values
+
+
+def _write_block(
+    part: tuple[np.ndarray, np.ndarray, np.ndarray],
+    keep: np.ndarray,
+    url: str,
+    storage_options: Mapping[str, Any],
+    b: int,
+    r0: int,
+    n_tokens: int,
+) -> int:
+    """Write one ranked block (whole chunks only), then mark it done."""
+    tokens, values, lengths = part
+    opts = None if "://" not in url or url.startswith("file://") else dict(storage_options)
+    root = zarr.open_group(url, mode="r+", storage_options=opts)
+    r1 = r0 + tokens.shape[0]
+    root["tokens"][r0:r1, :] = tokens
+    root["values"][r0:r1, :] = values
+    root["length"][r0:r1] = lengths
+    present = tokens[keep]
+    counts = np.bincount(present.ravel().astype(np.int64), minlength=n_tokens)[:n_tokens].astype(np.int32)
+    counts[int(root["tokens"].fill_value)] = 0  # the pad token is not a gene
+    root["block_token_cells"][b, :] = counts
+    root["block_done"][b] = True
+    return b
+
+
+def write_encoding(
+    plan: EncodingPlan,
+    path: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    compute: Any = None,
+) -> EncodingStore:
+    """Rank every cell and write the encoding store (a compute boundary).
+
+    Resumes an unfinished store written from the same inputs and parameters: only the blocks
+    not yet marked done are computed. ``compute`` runs graphs (default
+    :func:`flow.cluster.compute`).
+    """
+    from ..cluster import compute as default_compute
+
+    run = compute or default_compute
+    url = store_url(path)
+    root = _open_or_create(plan, url, storage_options)
+    done = np.asarray(root["block_done"][:], dtype=bool)
+    todo = [b for b in range(plan.store.n_blocks) if not done[b]]
+    graph = encoding_graph(plan, url, todo, storage_options=storage_options)
+    if todo:
+        run(graph)
+    n_tokens = plan.vocab.n_tokens
+    totals = np.zeros(n_tokens, dtype=np.int64)
+    for b in range(plan.store.n_blocks):  # (n_blocks x n_tokens) int32: small
+        totals += np.asarray(root["block_token_cells"][b, :], dtype=np.int64)
+    _write_1d(root, "token_cells", totals, "token", n_tokens)
+    vocab = plan.vocab
+    mark_complete(
+        root,
+        counts=plan.store.fingerprint,
+        counts_url=plan.store.url,
+        medians=plan.params["medians"],
+        vocabulary=plan.params["vocabulary"],
+        params=plan.params,
+        special={k: int(v) for k, v in vocab.special.items()},
+        pad_token=int(vocab.pad_token or 0),
+        n_cells=int(plan.store.attrs["n_cells"]),
+        width=plan.width,
+        block_size=plan.store.block_size,
+        n_genes_matched=plan.gene_map.n_matched,
+        n_genes_kept=plan.gene_map.n_kept,
+        n_duplicates_summed=plan.gene_map.n_duplicates_summed,
+        n_vocab_genes_without_median=plan.n_without_median,
+        flow_version=__version__,
+    )
+    return open_encoding(url, storage_options=storage_options)
+
+
+def encoding_graph(
+    plan: EncodingPlan,
+    url: str,
+    blocks: Sequence[int],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Delayed:
+    """The lazy graph that ranks and writes the given cell blocks into an existing store."""
+    ranked = rank_cells(plan.store.counts, plan.n_counts, plan.gene_map, plan.medians, width=plan.width,
+                        pad=int(plan.vocab.pad_token or 0))
+    parts = ranked.blocks.to_delayed().ravel()
+    edges = np.cumsum((0, *plan.store.counts.chunks[0]))
+    tok = tokenize(plan.fingerprint, url)
+    writes = [
+        delayed(_write_block, pure=True)(
+            parts[b], plan.keep[edges[b] : edges[b + 1]], url, dict(storage_options or {}), b, int(edges[b]),
+            plan.vocab.n_tokens, dask_key_name=(f"flow-tokenize-write-{tok}", b),
+        )
+        for b in blocks
+    ]
+    return delayed(list, pure=True)(writes, dask_key_name=f"flow-tokenize-{tok}")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class EncodingStore:
+    """An opened encoding store (lazy: arrays are read by Dask tasks on demand)."""
+
+    url: str
+    attrs: dict[str, Any]
+    storage_options: Mapping[str, Any] | None = None
+
+    def _group(self) -> zarr.Group:
+        return open_flow_group(self.url, KIND, storage_options=self.storage_options)
+
+    @cached_property
+    def tokens(self) -> da.Array:
+        """``(cell, rank)`` token IDs as a lazy Dask array on the store's chunks."""
+        return da.from_zarr(self._group()["tokens"])
+
+    @cached_property
+    def values(self) -> da.Array:
+        """``(cell, rank)`` normalized values (float32) as a lazy Dask array."""
+        return da.from_zarr(self._group()["values"])
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """Ranked genes per cell (int32, one per cell; small)."""
+        return np.asarray(self._group()["length"][:])
+
+    def cell_column(self, name: str) -> np.ndarray:
+        """One per-cell array (``cell``, ``n_counts``, ``filter_pass`` or a carried column)."""
+        return np.asarray(self._group()[name][:])
+
+    @cached_property
+    def obs_columns(self) -> list[str]:
+        """Names of the carried per-cell columns."""
+        group = self._group()
+        names = []
+        for name, arr in group.arrays():
+            dims = getattr(arr.metadata, "dimension_names", None)
+            if dims == ("cell",) and name not in ("length", "cell", "n_counts", "filter_pass"):
+                names.append(name)
+        return sorted(names)
+
+    def token_table(self) -> dict[str, np.ndarray]:
+        """Per token: gene ID, symbol, median and expressing cells (small)."""
+        group = self._group()
+        return {k: np.asarray(group[f"token_{k}"][:]) for k in ("gene_id", "symbol", "median", "cells")}
+
+    @property
+    def pad_token(self) -> int:
+        """The pad token."""
+        return int(self.attrs["pad_token"])
+
+    def dataset(self) -> xr.Dataset:
+        """The store as a lazy :class:`xarray.Dataset` (dimensions cell, rank, token, block)."""
+        import xarray as xr
+
+        return xr.open_zarr(self.url, consolidated=False, storage_options=self.storage_options)
+
+
+def open_encoding(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> EncodingStore:
+    """Open an encoding store (reads attributes only).
+
+    Raises
+    ------
+    IncompleteStoreError
+        The writer was stopped: rerun ``flow tokenize`` with the same arguments to finish it.
+    """
+    url = store_url(path)
+    group = open_flow_group(url, KIND, storage_options=storage_options,
+                            finish_hint="rerun the same `flow tokenize` command to finish it")
+    return EncodingStore(url, flow_attrs(group), storage_options)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
+from .errors import (
     ChunkingError,
     FlowError,
     FlowWarning,
@@ -18,21 +18,19 @@ from .errors import (  # noqa: E402
     StoreNotFoundError,
     VocabularyError,
 )
-from .store import CountStore, open_counts, write_counts  # noqa: E402
+from .store import CountStore, open_counts, write_counts
 
-__all__ = sorted(
-    [
-        "ChunkingError",
-        "CountStore",
-        "FlowError",
-        "FlowWarning",
-        "IncompleteStoreError",
-        "InputError",
-        "SchemaError",
-        "StoreNotFoundError",
-        "VocabularyError",
-        "__version__",
-        "open_counts",
-        "write_counts",
-    ]
-)
+__all__ = [
+    "ChunkingError",
+    "CountStore",
+    "FlowError",
+    "FlowWarning",
+    "IncompleteStoreError",
+    "InputError",
+    "SchemaError",
+    "StoreNotFoundError",
+    "VocabularyError",
+    "__version__",
+    "open_counts",
+    "write_counts",
+]

@@ -66,7 +66,10 @@ def create_flow_group(
     """Create (or replace) a flow store group, marked incomplete until :func:`mark_complete`."""
     url = store_url(path)
     group = zarr.open_group(
-        url, mode="w" if overwrite else "w-", zarr_format=3, storage_options=_opts(url, storage_options)
+        url,
+        mode="w" if overwrite else "w-",
+        zarr_format=3,
+        storage_options=_opts(url, storage_options),
     )
     attrs: dict[str, Any] = dict(extra_attrs or {})
     attrs["flow"] = {"kind": kind, "schema_version": schema_version, "complete": False}

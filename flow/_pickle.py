@@ -153,8 +153,7 @@ def load_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
             out[key] = _plain(value)
         except TypeError as err:
             msg = (
-                f"{fspath!r}: key {key!r} holds {err}, expected str, int, float or a list of "
-                "those."
+                f"{fspath!r}: key {key!r} holds {err}, expected str, int, float or a list of those."
             )
             raise InputError(msg) from None
     return out

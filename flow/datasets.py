@@ -30,7 +30,16 @@ if TYPE_CHECKING:
 __all__ = ["SyntheticCounts", "synthetic_counts", "write_synthetic"]
 
 RNG_CHUNK = 512
-_CELL_TYPES = ("T cell", "B cell", "NK cell", "monocyte", "dendritic", "platelet", "erythroid", "stem")
+_CELL_TYPES = (
+    "T cell",
+    "B cell",
+    "NK cell",
+    "monocyte",
+    "dendritic",
+    "platelet",
+    "erythroid",
+    "stem",
+)
 
 
 @dataclass
@@ -157,7 +166,9 @@ class SyntheticCounts:
         return np.asarray(sp.vstack(blocks).toarray()) if blocks else np.zeros((0, self.n_genes))
 
 
-def synthetic_counts(n_cells: int, n_genes: int = 20_000, *, seed: int = 0, **kwargs: Any) -> SyntheticCounts:
+def synthetic_counts(
+    n_cells: int, n_genes: int = 20_000, *, seed: int = 0, **kwargs: Any
+) -> SyntheticCounts:
     """A seeded synthetic count matrix (lazy: nothing is generated until blocks are read).
 
     See :class:`SyntheticCounts` for the model and its parameters.

@@ -54,7 +54,11 @@ __all__ = [
 KIND = "medians"
 SCHEMA_VERSION = 1
 Method = Literal["tdigest", "exact"]
-NORMALIZATION = {"target_sum": TARGET_SUM, "n_counts": "total counts over all genes of the input", "zeros": "excluded"}
+NORMALIZATION = {
+    "target_sum": TARGET_SUM,
+    "n_counts": "total counts over all genes of the input",
+    "zeros": "excluded",
+}
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,9 @@ class MedianSet:
 # --------------------------------------------------------------------------- computing
 
 
-def _store_genes(store: CountStore, mapping: Mapping[str, str] | None) -> tuple[np.ndarray, sp.csr_matrix | None]:
+def _store_genes(
+    store: CountStore, mapping: Mapping[str, str] | None
+) -> tuple[np.ndarray, sp.csr_matrix | None]:
     """Normalized gene IDs of a store, and the matrix that sums columns sharing one ID."""
     import scipy.sparse as sp
 
@@ -97,11 +103,13 @@ def _store_genes(store: CountStore, mapping: Mapping[str, str] | None) -> tuple[
     ids = normalize_gene_ids(store.var.index.to_numpy(dtype=str))
     if mapping:
         ids = np.asarray([mapping.get(g, g) for g in ids], dtype=object)
-    unique, inverse = np.unique(ids, return_inverse=True)
-    if unique.size == ids.size and np.array_equal(unique, ids):
+    inverse, unique = pd.factorize(pd.Index(ids))  # first-seen order: store order if no repeats
+    unique = np.asarray(unique, dtype=object)
+    if unique.size == ids.size:
         return ids, None
     collapse = sp.csr_matrix(
-        (np.ones(ids.size, dtype=np.float64), (np.arange(ids.size), inverse)), shape=(ids.size, unique.size)
+        (np.ones(ids.size, dtype=np.float64), (np.arange(ids.size), inverse)),
+        shape=(ids.size, unique.size),
     )
     return unique, collapse
 
@@ -142,7 +150,12 @@ def compute_medians(
     gene_ids, collapse = _store_genes(store, gene_mapping)
     n_counts, keep = _cells(store, n_counts_column)
     digests = nonzero_digests(
-        store.counts, n_counts, keep=keep, collapse=collapse, compression=compression, split_every=split_every
+        store.counts,
+        n_counts,
+        keep=keep,
+        collapse=collapse,
+        compression=compression,
+        split_every=split_every,
     )
     return gene_ids, digests
 
@@ -164,12 +177,23 @@ def exact_medians_pass(
     n_counts, keep = _cells(store, n_counts_column)
     lo, hi = _tdigest.median_bracket(digests)
     return bracket_values(
-        store.counts, n_counts, lo, hi, digests.counts, keep=keep, collapse=collapse, split_every=split_every
+        store.counts,
+        n_counts,
+        lo,
+        hi,
+        digests.counts,
+        keep=keep,
+        collapse=collapse,
+        split_every=split_every,
     )
 
 
 def _store_record(store: CountStore) -> dict[str, Any]:
-    return {"url": store.url, "fingerprint": store.fingerprint, "n_cells": int(store.attrs["n_cells"])}
+    return {
+        "url": store.url,
+        "fingerprint": store.fingerprint,
+        "n_cells": int(store.attrs["n_cells"]),
+    }
 
 
 def medians_of(
@@ -196,8 +220,13 @@ def medians_of(
         msg = f"method must be 'tdigest' or 'exact'; got {method!r}."
         raise ValueError(msg)
     graphs = [
-        compute_medians(s, compression=compression, split_every=split_every,
-                        n_counts_column=n_counts_column, gene_mapping=gene_mapping)
+        compute_medians(
+            s,
+            compression=compression,
+            split_every=split_every,
+            n_counts_column=n_counts_column,
+            gene_mapping=gene_mapping,
+        )
         for s in stores
     ]
     digest_list = run(*[g for _, g in graphs])
@@ -213,8 +242,13 @@ def medians_of(
         raise VocabularyError(msg)
     assert merged.digests is not None
     passes = [
-        exact_medians_pass(s, merged.digests, n_counts_column=n_counts_column,
-                           gene_mapping=gene_mapping, split_every=split_every)
+        exact_medians_pass(
+            s,
+            merged.digests,
+            n_counts_column=n_counts_column,
+            gene_mapping=gene_mapping,
+            split_every=split_every,
+        )
         for s in stores
     ]
     if len(stores) > 1:  # the bracket pass needs all cells: concatenate would be wrong, so refuse
@@ -222,7 +256,13 @@ def medians_of(
         raise VocabularyError(msg)
     (exact,) = run(passes[0])
     return MedianSet(
-        merged.gene_ids, np.asarray(exact), merged.n_nonzero, merged.digests, "exact", compression, merged.stores
+        merged.gene_ids,
+        np.asarray(exact),
+        merged.n_nonzero,
+        merged.digests,
+        "exact",
+        compression,
+        merged.stores,
     )
 
 
@@ -253,12 +293,34 @@ def merge_median_sets(sets: Sequence[MedianSet]) -> MedianSet:
     for s in sets:
         assert s.digests is not None
         where = all_ids.get_indexer(pd.Index(s.gene_ids))
-        aligned.append(_tdigest.reindex(s.digests, where, len(all_ids)))
+        aligned.append(_reindex(s.digests, where, len(all_ids)))
     merged = _tdigest.merge(aligned)
     stores = tuple(r for s in sets for r in s.stores)
     return MedianSet(
-        all_ids.to_numpy(dtype=object), _tdigest.median(merged), merged.counts, merged, "tdigest",
-        sets[0].compression, stores,
+        all_ids.to_numpy(dtype=object),
+        _tdigest.median(merged),
+        merged.counts,
+        merged,
+        "tdigest",
+        sets[0].compression,
+        stores,
+    )
+
+
+def _reindex(d: _tdigest.Digests, where: np.ndarray, n_genes: int) -> _tdigest.Digests:
+    """The same digests with gene ``g`` moved to index ``where[g]`` of ``n_genes`` (others empty)."""
+    sizes = np.zeros(n_genes, dtype=np.int64)
+    sizes[where] = np.diff(d.offsets)
+    offsets = np.zeros(n_genes + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    order = np.argsort(where, kind="stable")  # old genes in new-index order
+    take = (
+        np.concatenate([np.arange(d.offsets[g], d.offsets[g + 1]) for g in order])
+        if order.size
+        else np.zeros(0, np.int64)
+    )
+    return _tdigest.Digests(
+        offsets, d.means[take], d.weights[take], d.mins[take], d.maxs[take], d.compression
     )
 
 
@@ -266,11 +328,20 @@ def merge_median_sets(sets: Sequence[MedianSet]) -> MedianSet:
 
 
 def _create_1d(group: zarr.Group, name: str, data: np.ndarray, dim: str) -> None:
-    group.create_array(name, data=data, chunks=(max(1, min(data.size, 1 << 20)),), dimension_names=(dim,))
+    chunks = (max(1, min(data.size, 1 << 20)),)
+    dtype = str if data.dtype.kind in "OUS" else data.dtype  # variable-length strings
+    arr = group.create_array(
+        name, shape=data.shape, dtype=dtype, chunks=chunks, dimension_names=(dim,)
+    )
+    if data.size:
+        arr[:] = data
 
 
 def write_medians(
-    medians: MedianSet, path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+    medians: MedianSet,
+    path: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> str:
     """Write a median set to a Zarr store (replacing it); returns its URL."""
     url = store_url(path)
@@ -296,17 +367,25 @@ def write_medians(
     return url
 
 
-def open_medians(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> MedianSet:
+def open_medians(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> MedianSet:
     """Read a median set store (small: one row per gene), or a Geneformer median pickle."""
     text = os.fspath(path)
     if text.endswith((".pkl", ".pickle")):
         return import_median_dictionary(text)
-    root = open_flow_group(text, KIND, storage_options=storage_options, finish_hint="run `flow medians` again")
+    root = open_flow_group(
+        text, KIND, storage_options=storage_options, finish_hint="run `flow medians` again"
+    )
     meta = flow_attrs(root)
-    arrays = {k: np.asarray(root[f"digest_{k.rstrip('s')}"][:]) for k in ("means", "weights", "mins", "maxs")}
+    arrays = {
+        k: np.asarray(root[f"digest_{k.rstrip('s')}"][:])
+        for k in ("means", "weights", "mins", "maxs")
+    }
     arrays["offsets"] = np.asarray(root["digest_offset"][:])
     compression = meta.get("compression")
-    digests = _tdigest.from_arrays(arrays, compression or _tdigest.DEFAULT_COMPRESSION)
+    arrays["compression"] = np.asarray(compression or _tdigest.DEFAULT_COMPRESSION)
+    digests = _tdigest.from_arrays(arrays)
     return MedianSet(
         np.asarray(root["gene_id"][:], dtype=object),
         np.asarray(root["median"][:], dtype=np.float64),
@@ -345,10 +424,14 @@ def import_median_dictionary(path: str | os.PathLike[str]) -> MedianSet:
         msg = f"{path}: gene IDs repeat after normalization (version suffix / case); cannot import."
         raise VocabularyError(msg)
     record = {"url": store_url(path), "fingerprint": "imported", "n_cells": -1}
-    return MedianSet(ids, values, np.full(ids.size, -1, dtype=np.int64), None, "imported", None, (record,))
+    return MedianSet(
+        ids, values, np.full(ids.size, -1, dtype=np.int64), None, "imported", None, (record,)
+    )
 
 
-def export_medians(medians: MedianSet, path: str | os.PathLike[str], *, format: str | None = None) -> None:
+def export_medians(
+    medians: MedianSet, path: str | os.PathLike[str], *, format: str | None = None
+) -> None:
     """Write ``{gene_id: median}`` as a Geneformer pickle (.pkl), TSV (.tsv) or JSON (.json)."""
     text = os.fspath(path)
     fmt = format or os.path.splitext(text)[1].lstrip(".").lower()
@@ -360,7 +443,9 @@ def export_medians(medians: MedianSet, path: str | os.PathLike[str], *, format: 
         with open(text, "w") as fh:
             json.dump(table, fh, indent=0)
     elif fmt == "tsv":
-        frame = pd.DataFrame({"gene_id": medians.gene_ids, "median": medians.medians, "n_nonzero": medians.n_nonzero})
+        frame = pd.DataFrame(
+            {"gene_id": medians.gene_ids, "median": medians.medians, "n_nonzero": medians.n_nonzero}
+        )
         frame.to_csv(text, sep="\t", index=False, float_format="%.17g")
     else:
         msg = f"Unknown median export format {fmt!r} for {text!r}; use .pkl, .tsv or .json."

@@ -107,8 +107,10 @@ def medians(
     parts = []
     if import_dictionary is not None:
         parts.append(med.import_median_dictionary(import_dictionary))
-    for path in [*([update] if update else []), *merge]:
-        parts.append(med.open_medians(path, storage_options=storage_options))
+    parts.extend(
+        med.open_medians(path, storage_options=storage_options)
+        for path in [*([update] if update else []), *merge]
+    )
     if stores:
         opened = [open_counts(s, storage_options=storage_options) for s in stores]
         parts.append(
@@ -159,36 +161,66 @@ def demo(
     from .datasets import write_synthetic
 
     os.makedirs(outdir, exist_ok=True)
-    paths = {"counts": os.path.join(outdir, "counts.zarr"), "medians": os.path.join(outdir, "medians.zarr")}
+    paths = {
+        "counts": os.path.join(outdir, "counts.zarr"),
+        "medians": os.path.join(outdir, "medians.zarr"),
+    }
 
     def say(text: str) -> None:
         print(text, file=sys.stderr if quiet else sys.stdout)
 
     t0 = time.perf_counter()
-    say(f"[1/2] generating {n_cells:,} synthetic cells x {n_genes:,} genes (seed {seed}) into {paths['counts']}")
+    say(
+        f"[1/2] generating {n_cells:,} synthetic cells x {n_genes:,} genes (seed {seed}) into {paths['counts']}"
+    )
     store = write_synthetic(
-        paths["counts"], n_cells, n_genes, seed=seed, progress=TextProgress("      cells", quiet=quiet)
+        paths["counts"],
+        n_cells,
+        n_genes,
+        seed=seed,
+        progress=TextProgress("      cells", quiet=quiet),
     )
     say(describe_counts(store))
     t1 = time.perf_counter()
     say(f"      {n_cells / (t1 - t0):,.0f} cells/s")
-    say(f"[2/2] per-gene nonzero medians (t-digest) -> {paths['medians']}")
+    say(f"[2/4] per-gene nonzero medians (t-digest) -> {paths['medians']}")
     result = medians([paths["counts"]], paths["medians"], quiet=quiet)
     say(describe_medians(result, paths["medians"]))
     t2 = time.perf_counter()
     say(f"      {n_cells / (t2 - t1):,.0f} cells/s")
-    say(f"Done in {t2 - t0:.1f} s. Results are in {os.path.abspath(outdir)}/")
+    paths["encoding"] = os.path.join(outdir, "encoding.zarr")
+    say(f"[3/4] full rank value encodings -> {paths['encoding']}")
+    enc = tokenize(paths["counts"], paths["encoding"], medians=paths["medians"], quiet=quiet)
+    say(describe_encoding(enc))
+    t3 = time.perf_counter()
+    say(f"      {n_cells / (t3 - t2):,.0f} cells/s")
+    paths["dataset"] = os.path.join(outdir, "dataset")
+    say(f"[4/4] model input (V2: <cls> + up to 4,094 genes + <eos>) -> {paths['dataset']}")
+    export(paths["encoding"], paths["dataset"], preset="V2", quiet=quiet)
+    t4 = time.perf_counter()
+    say(f"      {n_cells / (t4 - t3):,.0f} cells/s; open with datasets.load_from_disk({paths['dataset']!r})")
+    try:
+        from .query import coverage_summary
+    except ImportError:  # pragma: no cover - the query stage is optional in the demo
+        coverage_summary = None
+    if coverage_summary is not None:
+        say(coverage_summary(enc))
+    say(f"Done in {t4 - t0:.1f} s. Results are in {os.path.abspath(outdir)}/")
     return paths
 
 
-def _load_medians(medians_path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None) -> Any:
+def _load_medians(
+    medians_path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
+) -> Any:
     from .medians import open_medians
 
     return open_medians(medians_path, storage_options=storage_options)
 
 
 def _load_vocabulary(
-    vocabulary: str | os.PathLike[str] | None, median_set: Any, storage_options: Mapping[str, Any] | None
+    vocabulary: str | os.PathLike[str] | None,
+    median_set: Any,
+    storage_options: Mapping[str, Any] | None,
 ) -> Any:
     """A vocabulary from a file, or built from a median set's genes (a new model's vocabulary)."""
     from .vocab import read_vocabulary, vocabulary_from_genes
@@ -230,9 +262,13 @@ def tokenize(
     median_set = _load_medians(medians, storage_options)
     vocab = _load_vocabulary(vocabulary, median_set, storage_options)
     mapping = read_gene_mapping(gene_mapping) if gene_mapping else None
-    plan = plan_encoding(store, median_set, vocab, gene_mapping=mapping, n_counts_column=n_counts_column)
+    plan = plan_encoding(
+        store, median_set, vocab, gene_mapping=mapping, n_counts_column=n_counts_column
+    )
     return write_encoding(
-        plan, output, storage_options=storage_options,
+        plan,
+        output,
+        storage_options=storage_options,
         compute=partial(compute, quiet=quiet, label="tokenize"),
     )
 
@@ -268,11 +304,21 @@ def export(
     lengths = _lengths_array(enc)
     columns = {name: enc.cell_column(name) for name in enc.obs_columns}
     graph = write_model_dataset(
-        enc.tokens, lengths, output, input_size=chosen.input_size, cls=cls, eos=eos,
-        keep=enc.cell_column("filter_pass").astype(bool), columns=columns, format=format,  # type: ignore[arg-type]
+        enc.tokens,
+        lengths,
+        output,
+        input_size=chosen.input_size,
+        cls=cls,
+        eos=eos,
+        keep=enc.cell_column("filter_pass").astype(bool),
+        columns=columns,
+        format=format,  # type: ignore[arg-type]
         compute=False,
+        storage_options=storage_options,
     )
-    compute(graph, quiet=quiet, label=f"export ({format}, {chosen.name}, {chosen.input_size} tokens)")
+    compute(
+        graph, quiet=quiet, label=f"export ({format}, {chosen.name}, {chosen.input_size} tokens)"
+    )
     return os.fspath(output)
 
 
@@ -305,31 +351,61 @@ def run(
     from .cli._common import TextProgress
 
     tell = say or (lambda text: None)
-    join = (lambda name: f"{os.fspath(outdir).rstrip('/')}/{name}") if "://" in os.fspath(outdir) else (
-        lambda name: os.path.join(outdir, name))
+    join = (
+        (lambda name: f"{os.fspath(outdir).rstrip('/')}/{name}")
+        if "://" in os.fspath(outdir)
+        else (lambda name: os.path.join(outdir, name))
+    )
     if "://" not in os.fspath(outdir):
         os.makedirs(outdir, exist_ok=True)
-    paths = {"counts": join("counts.zarr"), "encoding": join("encoding.zarr"),
-             "dataset": join("dataset" if format == "hf" else "parquet")}
+    paths = {
+        "counts": join("counts.zarr"),
+        "encoding": join("encoding.zarr"),
+        "dataset": join("dataset" if format == "hf" else "parquet"),
+    }
     tell(f"convert {len(inputs)} input(s) -> {paths['counts']}")
-    store = convert(inputs, paths["counts"], storage_options=storage_options,
-                    progress=TextProgress("convert", quiet=quiet), **dict(convert_options or {}))
+    store = convert(
+        inputs,
+        paths["counts"],
+        storage_options=storage_options,
+        progress=TextProgress("convert", quiet=quiet),
+        **dict(convert_options or {}),
+    )
     tell(describe_counts(store))
     if medians_path is None:
         paths["medians"] = join("medians.zarr")
         tell(f"medians -> {paths['medians']}")
-        result = medians([paths["counts"]], paths["medians"], gene_mapping=gene_mapping,
-                         storage_options=storage_options, quiet=quiet)
+        result = medians(
+            [paths["counts"]],
+            paths["medians"],
+            gene_mapping=gene_mapping,
+            storage_options=storage_options,
+            quiet=quiet,
+        )
         tell(describe_medians(result, paths["medians"]))
     else:
         paths["medians"] = os.fspath(medians_path)
     tell(f"tokenize -> {paths['encoding']}")
-    enc = tokenize(paths["counts"], paths["encoding"], medians=paths["medians"], vocabulary=vocabulary,
-                   gene_mapping=gene_mapping, storage_options=storage_options, quiet=quiet)
+    enc = tokenize(
+        paths["counts"],
+        paths["encoding"],
+        medians=paths["medians"],
+        vocabulary=vocabulary,
+        gene_mapping=gene_mapping,
+        storage_options=storage_options,
+        quiet=quiet,
+    )
     tell(describe_encoding(enc))
     tell(f"export ({format}) -> {paths['dataset']}")
-    export(paths["encoding"], paths["dataset"], format=format, preset=preset, input_size=input_size,
-           storage_options=storage_options, quiet=quiet)
+    export(
+        paths["encoding"],
+        paths["dataset"],
+        format=format,
+        preset=preset,
+        input_size=input_size,
+        storage_options=storage_options,
+        quiet=quiet,
+    )
     return paths
 
 

@@ -275,7 +275,9 @@ def _gene_union(sources: Sequence[Source]) -> tuple[np.ndarray, np.ndarray, list
 
 def _unique_barcodes(sources: Sequence[Source]) -> np.ndarray:
     """All barcodes, made unique (``-1``, ``-2`` ... appended to repeats), with a warning."""
-    barcodes = pd.Index(np.concatenate([np.asarray(s.info.barcodes, dtype=object) for s in sources]))
+    barcodes = pd.Index(
+        np.concatenate([np.asarray(s.info.barcodes, dtype=object) for s in sources])
+    )
     if barcodes.is_unique:
         return barcodes.to_numpy(dtype=object)
     dup = barcodes.duplicated(keep="first")
@@ -325,10 +327,16 @@ def _validate(block: sp.csr_matrix, info_path: str, row0: int, allow_non_integer
         k = int(np.flatnonzero(bad)[0])
         row = int(np.searchsorted(block.indptr, k, side="right") - 1)
         msg = (
-            f"{info_path}: {kind} count {data[k]!r} at cell {row0 + row} (0-based, in this "
+            f"{info_path}: {kind} count {data[k].item()!r} at cell {row0 + row} (0-based, in this "
             f"file), gene column {int(block.indices[k])}. Counts must be raw non-negative "
-            "integers" + ("" if kind != "non-integer" else "; pass --allow-non-integer "
-            "(allow_non_integer=True) to admit normalized or ambient-corrected values") + "."
+            "integers"
+            + (
+                ""
+                if kind != "non-integer"
+                else "; pass --allow-non-integer "
+                "(allow_non_integer=True) to admit normalized or ambient-corrected values"
+            )
+            + "."
         )
         raise InputError(msg)
 
@@ -473,7 +481,9 @@ def _write_counts(
 
     nnz = data_out.close()
     indices_out.close()
-    x.create_array("indptr", data=indptr, chunks=(min(n_cells + 1, 1 << 20),), compressors=COUNT_CODECS)
+    x.create_array(
+        "indptr", data=indptr, chunks=(min(n_cells + 1, 1 << 20),), compressors=COUNT_CODECS
+    )
     x.attrs["shape"] = [n_cells, n_genes]
 
     obs = pd.DataFrame(

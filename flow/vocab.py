@@ -296,7 +296,10 @@ class Vocabulary:
 
     def as_dict(self) -> dict[str, int]:
         """``{token string: token ID}`` in token order, specials included (Geneformer layout)."""
-        pairs = [*self.special.items(), *zip(self.gene_ids.tolist(), self.token_ids.tolist())]
+        pairs = [
+            *self.special.items(),
+            *zip(self.gene_ids.tolist(), self.token_ids.tolist(), strict=True),
+        ]
         return {k: int(v) for k, v in sorted(pairs, key=lambda kv: kv[1])}
 
     def __eq__(self, other: object) -> bool:
@@ -350,7 +353,7 @@ def _vocabulary_from_dict(entries: Mapping[str, Any], source: str) -> Vocabulary
 def _open_text(path: Path) -> io.TextIOBase:
     if path.suffix == ".gz":
         return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")  # noqa: SIM115 - returned to a with-block
+    return open(path, encoding="utf-8")
 
 
 def _read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -780,25 +783,60 @@ class GeneMap:
         """Whether some kept column sums more than one store gene."""
         return self.n_duplicates_summed > 0
 
-    def apply(self, counts: sp.csr_array | sp.csr_matrix) -> sp.csr_array:
-        """Collapse a cells x store-genes CSR block to cells x kept genes (summing duplicates).
+    @cached_property
+    def _source_columns(self) -> npt.NDArray[np.int64]:
+        """Store column of each kept column (only meaningful without duplicates)."""
+        src = np.empty(self.n_kept, dtype=np.int64)
+        matched = np.flatnonzero(self.column >= 0)
+        src[self.column[matched]] = matched
+        return src
 
-        Without duplicates this is a column selection (cheaper than the product with
-        :attr:`collapse`, same result). Explicit zeros may remain; the rank kernel ignores them.
+    @property
+    def keeps_order(self) -> bool:
+        """Whether matched store genes are already in kept-column (token) order, without
+        duplicates: then :meth:`apply` is a plain column remap and needs no sort."""
+        cols = self.column[self.column >= 0]
+        return bool(np.all(cols[1:] > cols[:-1]))
+
+    def apply(self, counts: Any) -> sp.csr_array:
+        """Collapse a cells x store-genes block to cells x kept genes, summing duplicates.
+
+        Parameters
+        ----------
+        counts
+            ``(n_cells, n_store_genes)`` scipy sparse (CSR preferred) or dense counts.
+
+        Returns
+        -------
+        scipy.sparse.csr_array
+            ``(n_cells, n_kept)``, canonical (sorted indices, duplicates summed), same dtype;
+            equal to ``counts @ collapse``. Explicit zeros may remain (the rank kernel ignores
+            them). Eager: a column selection (or, with duplicates, an index remap) plus, unless
+            :attr:`keeps_order`, one packed-key sort per slice of rows
+            (:func:`flow.encode._kernels.canonical_csr`), several times faster than scipy's
+            own index sorting.
         """
-        block = sp.csr_array(counts)
+        from flow.encode._kernels import canonical_csr
+
+        block = counts if isinstance(counts, sp.csr_array) else sp.csr_array(counts)
         if block.shape[1] != self.n_store_genes:
             msg = (
                 f"The block has {block.shape[1]} genes (columns), the gene map was built for "
                 f"{self.n_store_genes}. Build the gene map from the same store."
             )
             raise InputError(msg)
-        if not self.has_duplicates:
-            src = np.empty(self.n_kept, dtype=np.int64)
-            matched = np.flatnonzero(self.column >= 0)
-            src[self.column[matched]] = matched
-            return sp.csr_array(block[:, src])
-        return sp.csr_array(block @ self.collapse)
+        if not self.has_duplicates:  # a column selection (scipy, compiled)
+            out = sp.csr_array(block[:, self._source_columns])
+        else:  # remap indices; canonical_csr below sums the duplicates
+            cols = self.column[block.indices]
+            keep = cols >= 0
+            indptr = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])[block.indptr]
+            out = sp.csr_array(
+                (block.data[keep], cols[keep], indptr), shape=(block.shape[0], self.n_kept)
+            )
+        if self.keeps_order and block.has_canonical_format:
+            return out
+        return canonical_csr(out)
 
 
 def build_gene_map(

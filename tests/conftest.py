@@ -54,3 +54,20 @@ def local_cluster_address():
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", memory_limit="2GiB") as cluster:
         yield cluster.scheduler_address
+
+
+# --- ingest fixtures ---
+# (owned by the ingest work: flow/ingest and tests/test_ingest.py; edit the rest freely)
+
+
+@pytest.fixture(scope="session")
+def pbmc_inputs(shared_data: Path) -> dict[str, Path]:
+    """The real inputs by format: PBMC 3k as 10x MEX and h5ad, PBMC 1k v2 as Cell Ranger 3 h5."""
+    return {
+        "10x-mtx": shared_data / "pbmc3k" / "filtered_gene_bc_matrices" / "hg19",
+        "h5ad": shared_data / "pbmc3k" / "pbmc3k_raw_counts.h5ad",
+        "10x-h5": shared_data / "pbmc1k_v2" / "pbmc_1k_v2_filtered_feature_bc_matrix.h5",
+    }
+
+
+# --- end ingest fixtures ---

@@ -19,13 +19,29 @@ __all__ = ["main"]
 def _common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     grp = common.add_argument_group("cluster and output")
-    grp.add_argument("--scheduler", metavar="ADDRESS", help="use this distributed scheduler (tcp://host:8786)")
+    grp.add_argument(
+        "--scheduler", metavar="ADDRESS", help="use this distributed scheduler (tcp://host:8786)"
+    )
     grp.add_argument("--workers", type=int, metavar="N", help="local cluster: worker processes")
-    grp.add_argument("--threads-per-worker", type=int, metavar="T", help="local cluster: threads per worker")
-    grp.add_argument("--memory-limit", metavar="M", default="auto", help="local cluster: memory per worker (e.g. 2GiB; default auto)")
-    grp.add_argument("-q", "--quiet", action="store_true", help="no progress bars or dashboard link")
-    grp.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                     help="fsspec storage option for s3:// etc. URLs (repeatable)")
+    grp.add_argument(
+        "--threads-per-worker", type=int, metavar="T", help="local cluster: threads per worker"
+    )
+    grp.add_argument(
+        "--memory-limit",
+        metavar="M",
+        default="auto",
+        help="local cluster: memory per worker (e.g. 2GiB; default auto)",
+    )
+    grp.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars or dashboard link"
+    )
+    grp.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec storage option for s3:// etc. URLs (repeatable)",
+    )
     return common
 
 
@@ -55,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flow {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"flow {args.command}: interrupted; rerun the same command to finish.", file=sys.stderr)
+        print(
+            f"flow {args.command}: interrupted; rerun the same command to finish.", file=sys.stderr
+        )
         return 130
     return int(status or 0)
 

@@ -17,16 +17,37 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="convert count matrices (h5ad, 10x h5/MTX, loom, AnnData zarr) into a count store",
         description="Convert one or more count matrices into one AnnData-compatible Zarr count store.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="h5ad, 10x .h5, 10x MTX directory, .loom or AnnData .zarr")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="h5ad, 10x .h5, 10x MTX directory, .loom or AnnData .zarr",
+    )
     p.add_argument("-o", "--output", required=True, metavar="STORE.zarr")
-    p.add_argument("--format", choices=["h5ad", "10x-h5", "10x-mtx", "loom", "anndata-zarr"], help="input format (default: from the path)")
+    p.add_argument(
+        "--format",
+        choices=["h5ad", "10x-h5", "10x-mtx", "loom", "anndata-zarr"],
+        help="input format (default: from the path)",
+    )
     p.add_argument("--layer", help="h5ad/zarr: read this layer instead of X")
     p.add_argument("--use-raw", action="store_true", help="h5ad/zarr: read raw.X")
-    p.add_argument("--gene-id-column", metavar="COL", help="var (row attribute) column holding Ensembl IDs")
-    p.add_argument("--obs-columns", metavar="A,B", help="cell metadata columns to carry (default: all simple ones)")
+    p.add_argument(
+        "--gene-id-column", metavar="COL", help="var (row attribute) column holding Ensembl IDs"
+    )
+    p.add_argument(
+        "--obs-columns",
+        metavar="A,B",
+        help="cell metadata columns to carry (default: all simple ones)",
+    )
     p.add_argument("--genome", help="10x h5 v2 files with several genomes: which one")
-    p.add_argument("--block-size", type=int, default=4096, metavar="N", help="cells per block (default 4096)")
-    p.add_argument("--allow-non-integer", action="store_true", help="admit non-integer counts (stored as float32)")
+    p.add_argument(
+        "--block-size", type=int, default=4096, metavar="N", help="cells per block (default 4096)"
+    )
+    p.add_argument(
+        "--allow-non-integer",
+        action="store_true",
+        help="admit non-integer counts (stored as float32)",
+    )
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("info", parents=[common], help="summarise a count store")

@@ -17,14 +17,26 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="run the whole pipeline on synthetic data (about a minute on 2 cores)",
         description="Generate a seeded synthetic data set and run every stage of flow on it, on a local Dask cluster.",
     )
-    p.add_argument("-o", "--output", default="flow-demo", metavar="DIR", help="where to write (default ./flow-demo)")
-    p.add_argument("--cells", type=int, default=20_000, help="number of synthetic cells (default 20,000)")
-    p.add_argument("--genes", type=int, default=20_000, help="number of synthetic genes (default 20,000)")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="flow-demo",
+        metavar="DIR",
+        help="where to write (default ./flow-demo)",
+    )
+    p.add_argument(
+        "--cells", type=int, default=20_000, help="number of synthetic cells (default 20,000)"
+    )
+    p.add_argument(
+        "--genes", type=int, default=20_000, help="number of synthetic genes (default 20,000)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
     with client_from_args(args):
-        pipeline.demo(args.output, n_cells=args.cells, n_genes=args.genes, seed=args.seed, quiet=args.quiet)
+        pipeline.demo(
+            args.output, n_cells=args.cells, n_genes=args.genes, seed=args.seed, quiet=args.quiet
+        )
     return 0

@@ -24,13 +24,36 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("stores", nargs="*", metavar="STORE.zarr")
     p.add_argument("-o", "--output", metavar="MEDIANS.zarr", help="median set to write")
     p.add_argument("--method", choices=["tdigest", "exact"], default="tdigest")
-    p.add_argument("--compression", type=float, default=None, help="t-digest compression (default: flow's)")
-    p.add_argument("--update", metavar="MEDIANS.zarr", help="merge the stores into this existing median set")
-    p.add_argument("--merge", nargs="+", default=[], metavar="MEDIANS.zarr", help="also merge these median sets")
-    p.add_argument("--import", dest="import_", metavar="DICT.pkl", help="import Geneformer's gene_median_dictionary pickle")
-    p.add_argument("--export", metavar="FILE", help="also write the medians as .pkl (Geneformer), .tsv or .json")
-    p.add_argument("--n-counts-column", default="n_counts", help="obs column with each cell's total counts")
-    p.add_argument("--gene-mapping", metavar="PKL|TSV", help="gene ID mapping applied before medians")
+    p.add_argument(
+        "--compression", type=float, default=None, help="t-digest compression (default: flow's)"
+    )
+    p.add_argument(
+        "--update", metavar="MEDIANS.zarr", help="merge the stores into this existing median set"
+    )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=[],
+        metavar="MEDIANS.zarr",
+        help="also merge these median sets",
+    )
+    p.add_argument(
+        "--import",
+        dest="import_",
+        metavar="DICT.pkl",
+        help="import Geneformer's gene_median_dictionary pickle",
+    )
+    p.add_argument(
+        "--export",
+        metavar="FILE",
+        help="also write the medians as .pkl (Geneformer), .tsv or .json",
+    )
+    p.add_argument(
+        "--n-counts-column", default="n_counts", help="obs column with each cell's total counts"
+    )
+    p.add_argument(
+        "--gene-mapping", metavar="PKL|TSV", help="gene ID mapping applied before medians"
+    )
     p.set_defaults(func=_medians)
 
 

@@ -47,7 +47,10 @@ class RankedCells:
 
 
 def _rank_block(
-    block: sp.csr_matrix, n_counts: np.ndarray, ctx: RankContext, block_info: dict[Any, Any] | None = None
+    block: sp.csr_matrix,
+    n_counts: np.ndarray,
+    ctx: RankContext,
+    block_info: dict[Any, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     row0 = block_info[0]["array-location"][0][0] if block_info else 0
     kept = ctx.gene_map.apply(block)
@@ -99,10 +102,14 @@ def rank_cells(
     if medians.shape != (gene_map.n_kept,):
         msg = f"Need one median per kept gene ({gene_map.n_kept}); got shape {medians.shape}."
         raise ValueError(msg)
-    tok = tokenize(counts.name, n_counts, gene_map.vocab_fingerprint, gene_map.column, medians, width, pad)
+    tok = tokenize(
+        counts.name, n_counts, gene_map.vocab_fingerprint, gene_map.column, medians, width, pad
+    )
     ctx = RankContext(gene_map, medians, gene_map.kept_tokens, width, pad)
     shared: Delayed = delayed(ctx, name=f"flow-rank-context-{tok}")
-    nc = da.from_array(n_counts.astype(np.float64), chunks=(counts.chunks[0],), name=f"flow-n-counts-{tok}")
+    nc = da.from_array(
+        n_counts.astype(np.float64), chunks=(counts.chunks[0],), name=f"flow-n-counts-{tok}"
+    )
     cell_chunks = counts.chunks[0]
     blocks = da.map_blocks(
         _rank_block,
@@ -115,12 +122,23 @@ def rank_cells(
         name=f"flow-rank-{tok}",
     )
     dtype = gene_map.kept_tokens.dtype
-    tokens = blocks.map_blocks(_take, 0, dtype=dtype, meta=np.empty((0, 0), dtype), name=f"flow-rank-tokens-{tok}")
+    tokens = blocks.map_blocks(
+        _take, 0, dtype=dtype, meta=np.empty((0, 0), dtype), name=f"flow-rank-tokens-{tok}"
+    )
     values = blocks.map_blocks(
-        _take, 1, dtype=np.float32, meta=np.empty((0, 0), np.float32), name=f"flow-rank-values-{tok}"
+        _take,
+        1,
+        dtype=np.float32,
+        meta=np.empty((0, 0), np.float32),
+        name=f"flow-rank-values-{tok}",
     )
     lengths = blocks.map_blocks(
-        _take, 2, drop_axis=1, chunks=(cell_chunks,), dtype=np.int32, meta=np.empty((0,), np.int32),
+        _take,
+        2,
+        drop_axis=1,
+        chunks=(cell_chunks,),
+        dtype=np.int32,
+        meta=np.empty((0,), np.int32),
         name=f"flow-rank-lengths-{tok}",
     )
     return RankedCells(tokens, values, lengths, blocks)

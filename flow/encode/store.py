@@ -58,8 +58,20 @@ KIND = "encoding"
 SCHEMA_VERSION = 1
 DEFAULT_RANK_CHUNK = 512
 _RESERVED = frozenset(
-    {"tokens", "values", "length", "cell", "n_counts", "filter_pass", "block_done", "block_token_cells",
-     "token_gene_id", "token_symbol", "token_median", "token_cells"}
+    {
+        "tokens",
+        "values",
+        "length",
+        "cell",
+        "n_counts",
+        "filter_pass",
+        "block_done",
+        "block_token_cells",
+        "token_gene_id",
+        "token_symbol",
+        "token_median",
+        "token_cells",
+    }
 )
 
 
@@ -84,11 +96,15 @@ class EncodingPlan:
         return hashlib.sha256(json.dumps(self.params, sort_keys=True).encode()).hexdigest()
 
 
-def _vocab_with_medians(vocab: Vocabulary, medians: MedianSet) -> tuple[Vocabulary, np.ndarray, int]:
+def _vocab_with_medians(
+    vocab: Vocabulary, medians: MedianSet
+) -> tuple[Vocabulary, np.ndarray, int]:
     """The vocabulary restricted to genes that have a median, and those medians."""
     from ..vocab import Vocabulary, normalize_gene_ids
 
-    table = dict(zip(normalize_gene_ids(medians.gene_ids).tolist(), medians.medians.tolist(), strict=True))
+    table = dict(
+        zip(normalize_gene_ids(medians.gene_ids).tolist(), medians.medians.tolist(), strict=True)
+    )
     med = np.array([table.get(g, np.nan) for g in vocab.gene_ids.tolist()], dtype=np.float64)
     ok = np.isfinite(med) & (med > 0)
     if not ok.any():
@@ -97,7 +113,9 @@ def _vocab_with_medians(vocab: Vocabulary, medians: MedianSet) -> tuple[Vocabula
             "(check that both use Ensembl IDs of the same species)."
         )
         raise VocabularyError(msg)
-    restricted = Vocabulary(vocab.gene_ids[ok], vocab.token_ids[ok], dict(vocab.special), vocab.pad_token)
+    restricted = Vocabulary(
+        vocab.gene_ids[ok], vocab.token_ids[ok], dict(vocab.special), vocab.pad_token
+    )
     return restricted, med[ok], int((~ok).sum())
 
 
@@ -120,32 +138,49 @@ def plan_encoding(
     if n_counts_column not in obs.columns:
         msg = f"{store.url}: no obs column {n_counts_column!r}; columns are {list(obs.columns)}."
         raise VocabularyError(msg)
-    keep = obs["filter_pass"].to_numpy().astype(bool) if "filter_pass" in obs.columns else np.ones(len(obs), bool)
+    keep = (
+        obs["filter_pass"].to_numpy().astype(bool)
+        if "filter_pass" in obs.columns
+        else np.ones(len(obs), bool)
+    )
     width = max(1, int(obs["n_genes"].max()) if len(obs) else 1)
     params = {
         "counts": store.fingerprint,
         "medians": medians.fingerprint,
         "vocabulary": vocab.fingerprint,
-        "gene_mapping": None if gene_mapping is None else hashlib.sha256(
-            json.dumps(sorted(gene_mapping.items())).encode()).hexdigest(),
+        "gene_mapping": None
+        if gene_mapping is None
+        else hashlib.sha256(json.dumps(sorted(gene_mapping.items())).encode()).hexdigest(),
         "n_counts_column": n_counts_column,
         "width": width,
         "rank_chunk": rank_chunk,
         "schema_version": SCHEMA_VERSION,
     }
     return EncodingPlan(
-        store, gene_map, usable, med[order], obs[n_counts_column].to_numpy(dtype=np.float64), keep,
-        width, rank_chunk, params, n_missing,
+        store,
+        gene_map,
+        usable,
+        med[order],
+        obs[n_counts_column].to_numpy(dtype=np.float64),
+        keep,
+        width,
+        rank_chunk,
+        params,
+        n_missing,
     )
 
 
 # --------------------------------------------------------------------------- writing
 
 
-def _open_or_create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+def _open_or_create(
+    plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | None
+) -> zarr.Group:
     """Reopen an unfinished store of the same plan (resume), else create a fresh one."""
     try:
-        group = open_flow_group(url, KIND, mode="r+", storage_options=storage_options, require_complete=False)
+        group = open_flow_group(
+            url, KIND, mode="r+", storage_options=storage_options, require_complete=False
+        )
         meta = flow_attrs(group)
         if meta.get("plan") == plan.fingerprint and not meta.get("complete"):
             return group
@@ -165,22 +200,46 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     rank_chunk = min(plan.rank_chunk, plan.width)
     dtype = vocab.token_dtype
     grid = {"chunks": (cell_chunk, rank_chunk), "dimension_names": ("cell", "rank")}
-    root.create_array("tokens", shape=(n_cells, plan.width), dtype=dtype, fill_value=vocab.pad_token, **grid)
-    root.create_array("values", shape=(n_cells, plan.width), dtype=np.float32, fill_value=0.0, **grid)
-    root.create_array("length", shape=(n_cells,), dtype=np.int32, chunks=(cell_chunk,), dimension_names=("cell",))
+    root.create_array(
+        "tokens", shape=(n_cells, plan.width), dtype=dtype, fill_value=vocab.pad_token, **grid
+    )
+    root.create_array(
+        "values", shape=(n_cells, plan.width), dtype=np.float32, fill_value=0.0, **grid
+    )
+    root.create_array(
+        "length", shape=(n_cells,), dtype=np.int32, chunks=(cell_chunk,), dimension_names=("cell",)
+    )
     n_blocks = store.n_blocks
-    root.create_array("block_done", shape=(n_blocks,), dtype=bool, chunks=(1,), fill_value=False,
-                      dimension_names=("block",))
+    root.create_array(
+        "block_done",
+        shape=(n_blocks,),
+        dtype=bool,
+        chunks=(1,),
+        fill_value=False,
+        dimension_names=("block",),
+    )
     n_tokens = vocab.n_tokens
-    root.create_array("block_token_cells", shape=(n_blocks, n_tokens), dtype=np.int32, chunks=(1, n_tokens),
-                      fill_value=0, dimension_names=("block", "token"))
+    root.create_array(
+        "block_token_cells",
+        shape=(n_blocks, n_tokens),
+        dtype=np.int32,
+        chunks=(1, n_tokens),
+        fill_value=0,
+        dimension_names=("block", "token"),
+    )
     obs = store.obs
-    cells = {"cell": obs.index.to_numpy(dtype=str), "n_counts": plan.n_counts, "filter_pass": plan.keep}
+    cells = {
+        "cell": obs.index.to_numpy(dtype=str),
+        "n_counts": plan.n_counts,
+        "filter_pass": plan.keep,
+    }
     for name in obs.columns:
         if name in ("n_counts", "filter_pass"):
             continue
         col = obs[name]
-        values = col.astype(str).to_numpy(dtype=str) if col.dtype.kind not in "biuf" else col.to_numpy()
+        values = (
+            col.astype(str).to_numpy(dtype=str) if col.dtype.kind not in "biuf" else col.to_numpy()
+        )
         cells[name if name not in _RESERVED else f"obs_{name}"] = values
     for name, values in cells.items():
         _write_1d(root, name, np.asarray(values), "cell", cell_chunk)
@@ -191,7 +250,11 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     median_of_token = np.full(n_tokens, np.nan)
     median_of_token[plan.gene_map.kept_tokens] = plan.medians
     symbol_of_token = np.full(n_tokens, "", dtype=object)
-    var_symbols = store.var["gene_symbol"].to_numpy(dtype=str) if "gene_symbol" in store.var else store.var.index.to_numpy(dtype=str)
+    var_symbols = (
+        store.var["gene_symbol"].to_numpy(dtype=str)
+        if "gene_symbol" in store.var
+        else store.var.index.to_numpy(dtype=str)
+    )
     col = plan.gene_map.column
     first = np.unique(col[col >= 0], return_index=True)[1]
     matched = np.flatnonzero(col >= 0)[first]
@@ -206,8 +269,13 @@ def _write_1d(root: zarr.Group, name: str, values: np.ndarray, dim: str, chunk: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr: the string dtype has no v3 spec yet
         dtype = str if values.dtype.kind in "OUS" else values.dtype
-        arr = root.create_array(name, shape=values.shape, dtype=dtype, chunks=(max(1, min(chunk, values.size)),),
-                                dimension_names=(dim,))
+        arr = root.create_array(
+            name,
+            shape=values.shape,
+            dtype=dtype,
+            chunks=(max(1, min(chunk, values.size)),),
+            dimension_names=(dim,),
+        )
         if values.size:
             arr[:] = values
 
@@ -230,7 +298,9 @@ def _write_block(
     root["values"][r0:r1, :] = values
     root["length"][r0:r1] = lengths
     present = tokens[keep]
-    counts = np.bincount(present.ravel().astype(np.int64), minlength=n_tokens)[:n_tokens].astype(np.int32)
+    counts = np.bincount(present.ravel().astype(np.int64), minlength=n_tokens)[:n_tokens].astype(
+        np.int32
+    )
     counts[int(root["tokens"].fill_value)] = 0  # the pad token is not a gene
     root["block_token_cells"][b, :] = counts
     root["block_done"][b] = True
@@ -295,15 +365,27 @@ def encoding_graph(
     storage_options: Mapping[str, Any] | None = None,
 ) -> Delayed:
     """The lazy graph that ranks and writes the given cell blocks into an existing store."""
-    ranked = rank_cells(plan.store.counts, plan.n_counts, plan.gene_map, plan.medians, width=plan.width,
-                        pad=int(plan.vocab.pad_token or 0))
+    ranked = rank_cells(
+        plan.store.counts,
+        plan.n_counts,
+        plan.gene_map,
+        plan.medians,
+        width=plan.width,
+        pad=int(plan.vocab.pad_token or 0),
+    )
     parts = ranked.blocks.to_delayed().ravel()
     edges = np.cumsum((0, *plan.store.counts.chunks[0]))
     tok = tokenize(plan.fingerprint, url)
     writes = [
         delayed(_write_block, pure=True)(
-            parts[b], plan.keep[edges[b] : edges[b + 1]], url, dict(storage_options or {}), b, int(edges[b]),
-            plan.vocab.n_tokens, dask_key_name=(f"flow-tokenize-write-{tok}", b),
+            parts[b],
+            plan.keep[edges[b] : edges[b + 1]],
+            url,
+            dict(storage_options or {}),
+            b,
+            int(edges[b]),
+            plan.vocab.n_tokens,
+            dask_key_name=(f"flow-tokenize-write-{tok}", b),
         )
         for b in blocks
     ]
@@ -341,7 +423,8 @@ class EncodingStore:
 
     def cell_column(self, name: str) -> np.ndarray:
         """One per-cell array (``cell``, ``n_counts``, ``filter_pass`` or a carried column)."""
-        return np.asarray(self._group()[name][:])
+        values = np.asarray(self._group()[name][:])
+        return values.astype(object) if values.dtype.kind == "T" else values  # numpy StringDType
 
     @cached_property
     def obs_columns(self) -> list[str]:
@@ -357,7 +440,9 @@ class EncodingStore:
     def token_table(self) -> dict[str, np.ndarray]:
         """Per token: gene ID, symbol, median and expressing cells (small)."""
         group = self._group()
-        return {k: np.asarray(group[f"token_{k}"][:]) for k in ("gene_id", "symbol", "median", "cells")}
+        return {
+            k: np.asarray(group[f"token_{k}"][:]) for k in ("gene_id", "symbol", "median", "cells")
+        }
 
     @property
     def pad_token(self) -> int:
@@ -371,7 +456,9 @@ class EncodingStore:
         return xr.open_zarr(self.url, consolidated=False, storage_options=self.storage_options)
 
 
-def open_encoding(path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None) -> EncodingStore:
+def open_encoding(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> EncodingStore:
     """Open an encoding store (reads attributes only).
 
     Raises
@@ -380,6 +467,10 @@ def open_encoding(path: str | os.PathLike[str], *, storage_options: Mapping[str,
         The writer was stopped: rerun ``flow tokenize`` with the same arguments to finish it.
     """
     url = store_url(path)
-    group = open_flow_group(url, KIND, storage_options=storage_options,
-                            finish_hint="rerun the same `flow tokenize` command to finish it")
+    group = open_flow_group(
+        url,
+        KIND,
+        storage_options=storage_options,
+        finish_hint="rerun the same `flow tokenize` command to finish it",
+    )
     return EncodingStore(url, flow_attrs(group), storage_options)

@@ -168,6 +168,7 @@ def _scale_asinh(q: F64, n_bins: int) -> F64:
 
 
 _SCALE: Callable[[F64, int], F64] = _scale_asinh
+_SCALE_MERGE: Callable[[F64, int], F64] | None = None
 
 
 # --------------------------------------------------------------------------- sorting
@@ -255,7 +256,7 @@ def _compress(
         mid += 0.5 * w
     n_of = counts[genes]
     q = mid / n_of
-    k = _SCALE(q, n_bins)
+    k = (_SCALE if (w is None or _SCALE_MERGE is None) else _SCALE_MERGE)(q, n_bins)
     bins = np.floor(k).astype(np.int64)
     np.clip(bins, 0, n_bins - 1, out=bins)
     start = np.ones(n_items, np.bool_)

@@ -9,6 +9,7 @@ All functions build graphs and compute nothing.
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,7 +28,10 @@ TARGET_SUM = 10_000.0
 
 
 def _block_values(
-    block: sp.csr_matrix, n_counts: np.ndarray, keep: np.ndarray | None, collapse: sp.csr_matrix | None
+    block: sp.csr_matrix,
+    n_counts: np.ndarray,
+    keep: np.ndarray | None,
+    collapse: sp.csr_matrix | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(gene, value) pairs of a block's nonzero counts: value = (count / n_counts) * 10,000."""
     block = sp.csr_matrix(block)
@@ -57,7 +61,9 @@ def _merge(*parts: _tdigest.Digests) -> _tdigest.Digests:
     return _tdigest.merge(list(parts))
 
 
-def tree_merge(parts: list[Delayed], *, split_every: int, name: str, merge: Any = _merge) -> Delayed:
+def tree_merge(
+    parts: list[Delayed], *, split_every: int, name: str, merge: Any = _merge
+) -> Delayed:
     """Merge delayed parts in a fixed tree: groups of ``split_every`` neighbours, level by level."""
     if split_every < 2:
         msg = f"split_every must be at least 2; got {split_every}."
@@ -78,7 +84,7 @@ def _per_block(values: np.ndarray | None, counts: da.Array) -> list[np.ndarray |
     if values is None:
         return [None] * counts.numblocks[0]
     edges = np.cumsum((0, *counts.chunks[0]))
-    return [values[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return [values[a:b] for a, b in itertools.pairwise(edges)]
 
 
 def nonzero_digests(
@@ -118,10 +124,21 @@ def nonzero_digests(
     tok = tokenize(counts, n_counts, keep, collapse, compression, split_every)
     leaves = [
         delayed(_digest_chunk, pure=True)(
-            blk, nc, kp, collapse, n_out, compression, dask_key_name=(f"flow-medians-digest-{tok}", i)
+            blk,
+            nc,
+            kp,
+            collapse,
+            n_out,
+            compression,
+            dask_key_name=(f"flow-medians-digest-{tok}", i),
         )
         for i, (blk, nc, kp) in enumerate(
-            zip(counts.to_delayed().ravel(), _per_block(n_counts, counts), _per_block(keep, counts), strict=True)
+            zip(
+                counts.to_delayed().ravel(),
+                _per_block(n_counts, counts),
+                _per_block(keep, counts),
+                strict=True,
+            )
         )
     ]
     return tree_merge(leaves, split_every=split_every, name=f"flow-medians-merge-{tok}")
@@ -147,7 +164,7 @@ def _bracket_chunk(
     order = np.argsort(g_in, kind="stable")
     g_in, v_in = g_in[order], v_in[order]
     cuts = np.searchsorted(g_in, range_edges)
-    pieces = [(g_in[a:b], v_in[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+    pieces = [(g_in[a:b], v_in[a:b]) for a, b in itertools.pairwise(cuts)]
     return below, pieces
 
 
@@ -204,16 +221,29 @@ def bracket_values(
             blk, nc, kp, collapse, lo, hi, edges, dask_key_name=(f"flow-medians-bracket-{tok}", i)
         )
         for i, (blk, nc, kp) in enumerate(
-            zip(counts.to_delayed().ravel(), _per_block(n_counts, counts), _per_block(keep, counts), strict=True)
+            zip(
+                counts.to_delayed().ravel(),
+                _per_block(n_counts, counts),
+                _per_block(keep, counts),
+                strict=True,
+            )
         )
     ]
-    below = tree_merge(chunks, split_every=split_every, name=f"flow-medians-below-{tok}", merge=_sum_below)
+    below = tree_merge(
+        chunks, split_every=split_every, name=f"flow-medians-below-{tok}", merge=_sum_below
+    )
     if len(chunks) == 1:
         below = delayed(_sum_below, pure=True)(chunks[0])
     ranges = [
         delayed(_range_medians, pure=True)(
-            r, int(g0), int(g1), n_nonzero, below, *chunks, dask_key_name=(f"flow-medians-exact-{tok}", r)
+            r,
+            int(g0),
+            int(g1),
+            n_nonzero,
+            below,
+            *chunks,
+            dask_key_name=(f"flow-medians-exact-{tok}", r),
         )
-        for r, (g0, g1) in enumerate(zip(edges[:-1], edges[1:], strict=True))
+        for r, (g0, g1) in enumerate(itertools.pairwise(edges))
     ]
     return delayed(np.concatenate, pure=True)(ranges, dask_key_name=f"flow-medians-exact-all-{tok}")

@@ -1,0 +1,788 @@
+"""What the cutoff drops: queries over an encoding store, for any cutoff ``L`` (DESIGN section 4).
+
+Every query is answered from the encoding store (:func:`flow.encode.store.open_encoding`)
+without recomputing ranks. Ranks are 0-based: rank 0 is the cell's highest-value gene, and a
+model of input size ``L`` sees ranks ``0 .. L-1``; ranks ``L .. length-1`` are *dropped*.
+
+Only cells that pass filtering (``filter_pass``) are part of the corpus: counts, rates,
+coverage and distributions use passing cells only. A cell query by index or barcode answers
+for any cell and says whether it passes.
+
+What each query reads
+---------------------
+- :func:`dropped_genes`: that cell's rows of ``tokens`` and ``values``, ranks ``L .. length-1``
+  (the chunks holding them: one cell block, a few rank chunks).
+- :func:`gene_ranks` / :func:`gene_drop`: all of ``tokens`` (a gene may sit at any rank), one
+  small result per cell; never ``values``.
+- :func:`drop_rates`: only the rank chunks of ``tokens`` that hold ranks ``>= L``; never
+  ``values``. One reduction: a bincount per block, tree-summed.
+- :func:`coverage` / :func:`coverage_summary`: the per-cell lengths only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+from dask.base import tokenize
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .encode.store import EncodingStore
+
+__all__ = [
+    "DEFAULT_CUTOFF",
+    "REFERENCE_INPUT_SIZE",
+    "DropRates",
+    "GeneDrop",
+    "attention_cost",
+    "coverage",
+    "coverage_summary",
+    "drop_rates",
+    "dropped_genes",
+    "gene_drop",
+    "gene_ranks",
+    "parse_sizes",
+    "resolve_cell",
+    "resolve_gene",
+    "write_drop_rates",
+]
+
+DEFAULT_CUTOFF = 2048
+"""The V1 model input size: the cutoff every query uses unless told otherwise."""
+
+REFERENCE_INPUT_SIZE = 2048
+"""Attention cost is relative to this input size: cost(L) = (L / 2048) ** 2."""
+
+MAX_GROUPS = 1000
+"""Most distinct values a ``group_by`` column may have (it is meant for labels like cell_type)."""
+
+QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+Compute = Callable[..., tuple[Any, ...]]
+
+
+# --------------------------------------------------------------------------------------------
+# argument parsing
+
+
+def _parse_cutoff(cutoff: Any) -> int:
+    """A cutoff (model input size) as a positive int."""
+    if isinstance(cutoff, bool) or not isinstance(cutoff, int | np.integer):
+        msg = f"cutoff must be an integer input size (e.g. 2048), got {cutoff!r}."
+        raise TypeError(msg)
+    if cutoff < 1:
+        msg = f"cutoff must be at least 1 (a model input size), got {cutoff}."
+        raise InputError(msg)
+    return int(cutoff)
+
+
+def _default_compute() -> Compute:
+    from .cluster import compute
+
+    return compute
+
+
+def _as_str(values: np.ndarray) -> np.ndarray:
+    """Any array (numpy StringDType included) as an object array of Python str."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "OUT":  # T: numpy's variable-width StringDType
+        return arr.astype(object)
+    return np.array([str(v) for v in arr.tolist()], dtype=object)
+
+
+def _gene_tokens(table: dict[str, np.ndarray]) -> np.ndarray:
+    """Boolean mask of the tokens that are genes (not special tokens, not unassigned)."""
+    ids = _as_str(table["gene_id"])
+    return np.array(
+        [bool(g) and not (g.startswith("<") and g.endswith(">")) for g in ids], dtype=bool
+    )
+
+
+def _close(word: str, candidates: Sequence[str], n: int = 5) -> list[str]:
+    """Up to ``n`` close matches of ``word`` (case-insensitive) among ``candidates``."""
+    lowered = {c.lower(): c for c in candidates if c}
+    return [
+        lowered[m] for m in difflib.get_close_matches(word.lower(), list(lowered), n=n, cutoff=0.6)
+    ]
+
+
+def resolve_cell(enc: EncodingStore, cell: int | str) -> int:
+    """The 0-based index of a cell given by index or barcode (reads barcodes for a barcode).
+
+    A string is looked up as a barcode first; a string of digits that is not a barcode is an
+    index.
+
+    Raises
+    ------
+    InputError
+        Index out of range, or unknown barcode (the message names close matches).
+    """
+    n_cells = int(enc.attrs["n_cells"])
+    if isinstance(cell, bool) or not isinstance(cell, int | np.integer | str):
+        msg = f"cell must be a 0-based index or a barcode, got {cell!r}."
+        raise TypeError(msg)
+    if isinstance(cell, str):
+        barcodes = np.asarray(enc.cell_column("cell"))
+        hits = np.flatnonzero(barcodes == cell)
+        if hits.size:
+            return int(hits[0])
+        if not cell.strip().isdigit():
+            close = _close(cell, _as_str(barcodes).tolist())
+            hint = f" Close matches: {', '.join(close)}." if close else ""
+            msg = f"No cell with barcode {cell!r} in {enc.url} ({n_cells:,} cells).{hint}"
+            raise InputError(msg)
+        cell = int(cell)
+    index = int(cell)
+    if not 0 <= index < n_cells:
+        msg = (
+            f"Cell index {index} is out of range: the encoding has {n_cells:,} cells "
+            f"(0..{n_cells - 1})."
+        )
+        raise InputError(msg)
+    return index
+
+
+def resolve_gene(
+    enc: EncodingStore, gene: str, *, table: dict[str, np.ndarray] | None = None
+) -> int:
+    """The token of a gene given by Ensembl ID (any version suffix) or symbol (any case).
+
+    Raises
+    ------
+    InputError
+        Unknown gene (the message names close matches), or a symbol shared by several genes
+        (the message lists their IDs: ask again by ID).
+    """
+    from .vocab import normalize_gene_ids
+
+    if not isinstance(gene, str) or not gene.strip():
+        msg = f"gene must be an Ensembl ID or a symbol, got {gene!r}."
+        raise TypeError(msg)
+    table = enc.token_table() if table is None else table
+    is_gene = _gene_tokens(table)
+    ids = _as_str(table["gene_id"])
+    symbols = _as_str(table["symbol"])
+    wanted = str(normalize_gene_ids([gene])[0])
+    hits = np.flatnonzero(is_gene & (ids == wanted))
+    if hits.size:
+        return int(hits[0])
+    upper = np.array([s.upper() for s in symbols], dtype=object)
+    hits = np.flatnonzero(is_gene & (upper == gene.strip().upper()))
+    if hits.size == 1:
+        return int(hits[0])
+    if hits.size > 1:
+        listed = ", ".join(f"{ids[t]} (token {t})" for t in hits)
+        msg = f"Symbol {gene!r} names {hits.size} genes: {listed}. Ask by Ensembl ID instead."
+        raise InputError(msg)
+    close = _close(gene, [*symbols[is_gene].tolist(), *ids[is_gene].tolist()])
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    msg = f"Gene {gene!r} is not in the vocabulary of {enc.url} (by Ensembl ID or symbol).{hint}"
+    raise InputError(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# one cell
+
+
+def dropped_genes(
+    enc: EncodingStore, cell: int | str, cutoff: int = DEFAULT_CUTOFF
+) -> pd.DataFrame:
+    """The genes a model of input size ``cutoff`` does not see in one cell (computes; small).
+
+    Reads only that cell's row of ``tokens`` and ``values`` at ranks ``cutoff .. length-1``
+    (the chunks of one cell block that hold them), on the current Dask scheduler.
+
+    Parameters
+    ----------
+    enc
+        An opened encoding store.
+    cell
+        0-based cell index or barcode. Cells that do not pass filtering are answered too.
+    cutoff
+        Model input size ``L``: ranks ``L`` and beyond are dropped.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per dropped gene, in rank order: ``rank`` (0-based), ``token``, ``gene_id``,
+        ``symbol``, ``value`` (the stored normalized value: count / n_counts x 10,000 /
+        median, i.e. the fold change against the corpus median) and ``log2_fold_change``.
+        ``frame.attrs`` holds ``cell`` (barcode), ``index``, ``length``, ``cutoff`` and
+        ``filter_pass``.
+
+    Raises
+    ------
+    InputError
+        Unknown barcode or index out of range; cutoff below 1.
+    """
+    length_cutoff = _parse_cutoff(cutoff)
+    index = resolve_cell(enc, cell)
+    length = int(enc.lengths[index])
+    if length_cutoff < length:
+        tokens, values = _default_compute()(
+            enc.tokens[index, length_cutoff:length], enc.values[index, length_cutoff:length]
+        )
+        tokens = np.asarray(tokens).astype(np.int64)
+        values = np.asarray(values, dtype=np.float32)
+    else:
+        tokens, values = np.empty(0, np.int64), np.empty(0, np.float32)
+    table = enc.token_table()
+    frame = pd.DataFrame(
+        {
+            "rank": np.arange(length_cutoff, length_cutoff + tokens.size, dtype=np.int64),
+            "token": tokens,
+            "gene_id": _as_str(table["gene_id"][tokens]) if tokens.size else np.empty(0, object),
+            "symbol": _as_str(table["symbol"][tokens]) if tokens.size else np.empty(0, object),
+            "value": values,
+            "log2_fold_change": np.log2(values.astype(np.float64)),
+        }
+    )
+    frame.attrs.update(
+        cell=str(enc.cell_column("cell")[index]),
+        index=index,
+        length=length,
+        cutoff=length_cutoff,
+        filter_pass=bool(enc.cell_column("filter_pass")[index]),
+    )
+    return frame
+
+
+# --------------------------------------------------------------------------------------------
+# one gene
+
+
+def _gene_rank_block(block: np.ndarray, *, gene_token: int, block_info: Any = None) -> np.ndarray:
+    """Rank of ``gene_token`` in each row of a (cell, rank) block, or -1 (one column per block)."""
+    start = 0 if block_info is None else int(block_info[0]["array-location"][1][0])
+    hit = block == gene_token
+    found = hit.any(axis=1)
+    rank = np.where(found, hit.argmax(axis=1) + start, -1).astype(np.int32)
+    return rank[:, None]
+
+
+def gene_ranks(enc: EncodingStore, gene: str | int, *, split_every: int = 8) -> da.Array:
+    """Rank of one gene in every cell, -1 where the cell does not express it (lazy).
+
+    Parameters
+    ----------
+    enc
+        An opened encoding store.
+    gene
+        Ensembl ID or symbol (see :func:`resolve_gene`), or a token ID (int).
+    split_every
+        Fan-in of the max-reduction over rank chunks.
+
+    Returns
+    -------
+    dask.array.Array
+        ``(cell,)`` int32, chunked like ``enc.tokens`` along cells. Computing it reads every
+        chunk of ``tokens`` (the gene can sit at any rank) and no chunk of ``values``.
+    """
+    token = resolve_gene(enc, gene) if isinstance(gene, str) else int(gene)
+    tokens = enc.tokens
+    per_chunk = da.map_blocks(  # type: ignore[no-untyped-call]
+        _gene_rank_block,
+        tokens,
+        gene_token=token,  # not ``token=``: map_blocks takes that as a key prefix
+        chunks=(tokens.chunks[0], (1,) * tokens.numblocks[1]),
+        dtype=np.int32,
+        meta=np.empty((0, 0), dtype=np.int32),
+        name=f"flow-gene-rank-{tokenize(tokens, token)}",
+    )
+    ranks: da.Array = per_chunk.max(axis=1, split_every=split_every)
+    return ranks
+
+
+@dataclass(frozen=True)
+class GeneDrop:
+    """How often one gene is dropped at a cutoff, and where it ranks (passing cells only).
+
+    Attributes
+    ----------
+    gene_id, symbol, token
+        The gene.
+    cutoff
+        Model input size ``L``.
+    cells_expressing
+        Passing cells that express the gene (it is in their ranking).
+    cells_dropped
+        Of those, the cells where it ranks at ``L`` or beyond.
+    rate
+        ``cells_dropped / cells_expressing`` (NaN when no cell expresses it).
+    quantiles
+        Rank quantiles over expressing cells (``{"0.5": median rank, ...}``; linear
+        interpolation; empty when no cell expresses it).
+    histogram
+        ``rank_from``, ``rank_to`` (exclusive), ``cells``: expressing cells per rank bin.
+    """
+
+    gene_id: str
+    symbol: str
+    token: int
+    cutoff: int
+    cells_expressing: int
+    cells_dropped: int
+    rate: float
+    quantiles: dict[str, float]
+    histogram: pd.DataFrame = field(repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the histogram as a list of records)."""
+        return {
+            "gene_id": self.gene_id,
+            "symbol": self.symbol,
+            "token": self.token,
+            "cutoff": self.cutoff,
+            "cells_expressing": self.cells_expressing,
+            "cells_dropped": self.cells_dropped,
+            "rate": None if math.isnan(self.rate) else self.rate,
+            "rank_quantiles": self.quantiles,
+            "rank_histogram": self.histogram.to_dict(orient="records"),
+        }
+
+    def to_series(self) -> pd.Series:
+        """The scalar fields and rank quantiles as one row (``rank_q0.5`` ...)."""
+        row: dict[str, Any] = {
+            "gene_id": self.gene_id,
+            "symbol": self.symbol,
+            "token": self.token,
+            "cutoff": self.cutoff,
+            "cells_expressing": self.cells_expressing,
+            "cells_dropped": self.cells_dropped,
+            "rate": self.rate,
+        }
+        row.update({f"rank_q{q}": v for q, v in self.quantiles.items()})
+        return pd.Series(row)
+
+
+def gene_drop(
+    enc: EncodingStore,
+    gene: str,
+    cutoff: int = DEFAULT_CUTOFF,
+    *,
+    bin_width: int = 256,
+    split_every: int = 8,
+    compute: Compute | None = None,
+) -> GeneDrop:
+    """In how many expressing cells a gene is dropped at ``cutoff``, and its rank distribution.
+
+    Computes :func:`gene_ranks` (reads all of ``tokens``, one int per cell comes back) with
+    ``compute`` (default :func:`flow.cluster.compute`: the current client, else Dask's
+    scheduler). Only passing cells count.
+
+    Parameters
+    ----------
+    gene
+        Ensembl ID (version suffix ignored) or symbol (case-insensitive).
+    cutoff
+        Model input size ``L``.
+    bin_width
+        Width in ranks of the histogram bins (bins start at rank 0).
+
+    Raises
+    ------
+    InputError
+        Unknown or ambiguous gene; cutoff below 1.
+    """
+    length_cutoff = _parse_cutoff(cutoff)
+    if bin_width < 1:
+        msg = f"bin_width must be at least 1, got {bin_width}."
+        raise InputError(msg)
+    table = enc.token_table()
+    token = resolve_gene(enc, gene, table=table)
+    run = compute or _default_compute()
+    (ranks,) = run(gene_ranks(enc, token, split_every=split_every))
+    keep = np.asarray(enc.cell_column("filter_pass")).astype(bool)
+    ranks = np.asarray(ranks)[keep]
+    ranks = ranks[ranks >= 0]
+    expressing = int(ranks.size)
+    dropped = int(np.count_nonzero(ranks >= length_cutoff))
+    if expressing:
+        values = np.quantile(ranks.astype(np.float64), QUANTILES)
+        quantiles = {str(q): float(v) for q, v in zip(QUANTILES, values, strict=True)}
+        n_bins = int(ranks.max()) // bin_width + 1
+        counts = np.bincount(ranks // bin_width, minlength=n_bins)
+    else:
+        quantiles, n_bins, counts = {}, 0, np.zeros(0, np.int64)
+    starts = np.arange(n_bins, dtype=np.int64) * bin_width
+    histogram = pd.DataFrame(
+        {"rank_from": starts, "rank_to": starts + bin_width, "cells": counts.astype(np.int64)}
+    )
+    return GeneDrop(
+        gene_id=str(table["gene_id"][token]),
+        symbol=str(table["symbol"][token]),
+        token=token,
+        cutoff=length_cutoff,
+        cells_expressing=expressing,
+        cells_dropped=dropped,
+        rate=dropped / expressing if expressing else float("nan"),
+        quantiles=quantiles,
+        histogram=histogram,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# all genes at once
+
+
+def _dropped_block(
+    tokens: np.ndarray, codes: np.ndarray, *, n_groups: int, n_tokens: int, pad: int
+) -> np.ndarray:
+    """Per (group, token): passing cells of this block holding the token in this rank chunk.
+
+    ``codes`` is each cell's group (0 .. n_groups-1), -1 for cells that do not pass.
+    Returns a ``(1, 1, n_groups, n_tokens)`` int64 block.
+    """
+    keep = codes >= 0
+    kept = tokens[keep]
+    if n_groups == 1:
+        flat = kept.ravel().astype(np.intp)
+    else:
+        group = np.repeat(codes[keep].astype(np.intp), kept.shape[1])
+        flat = group * n_tokens + kept.ravel().astype(np.intp)
+    counts = np.bincount(flat, minlength=n_groups * n_tokens).reshape(n_groups, n_tokens)
+    counts[:, pad] = 0  # the pad token fills ranks past each cell's length: not a gene
+    return counts.astype(np.int64)[None, None]
+
+
+@dataclass(frozen=True)
+class DropRates:
+    """Per-gene drop counts at a cutoff, as a lazy reduction (see :func:`drop_rates`).
+
+    Attributes
+    ----------
+    cutoff
+        Model input size ``L``.
+    dropped
+        Lazy ``(group, token)`` int64 counts of passing cells that hold the token at rank
+        ``>= L`` (one group unless ``group_by`` was given), a single chunk.
+    group_by
+        The grouping column, or None.
+    groups
+        Group labels (``("all",)`` without grouping).
+    """
+
+    cutoff: int
+    dropped: da.Array
+    group_by: str | None
+    groups: tuple[str, ...]
+    codes: np.ndarray = field(repr=False)
+    lengths: np.ndarray = field(repr=False)
+    table: dict[str, np.ndarray] = field(repr=False)
+
+    def compute(self, *, compute: Compute | None = None) -> np.ndarray:
+        """Run the reduction (a compute boundary): the ``(group, token)`` counts."""
+        run = compute or _default_compute()
+        (counts,) = run(self.dropped)
+        return np.asarray(counts, dtype=np.int64)
+
+    def to_frame(
+        self, dropped: np.ndarray | None = None, *, compute: Compute | None = None
+    ) -> pd.DataFrame:
+        """The per-gene table (computes the reduction unless ``dropped`` is given).
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per vocabulary gene found in the corpus (it has a median):
+            ``token``, ``gene_id``, ``symbol``, ``cells_expressing`` (passing cells expressing
+            it), ``cells_dropped`` (of those, cells where it ranks ``>= L``) and ``rate``
+            (NaN when no cell expresses it); most dropped first (then by rate, then token).
+            ``frame.attrs["cutoff"]`` is ``L``.
+        """
+        counts = self.compute(compute=compute) if dropped is None else np.asarray(dropped)
+        total = counts.sum(axis=0)
+        table = self.table
+        rows = np.flatnonzero(
+            _gene_tokens(table) & np.isfinite(np.asarray(table["median"], dtype=np.float64))
+        )
+        expressing = np.asarray(table["cells"], dtype=np.int64)[rows]
+        lost = total[rows]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rate = np.where(expressing > 0, lost / np.maximum(expressing, 1), np.nan)
+        frame = pd.DataFrame(
+            {
+                "token": rows.astype(np.int64),
+                "gene_id": _as_str(table["gene_id"][rows]),
+                "symbol": _as_str(table["symbol"][rows]),
+                "cells_expressing": expressing,
+                "cells_dropped": lost.astype(np.int64),
+                "rate": rate,
+            }
+        )
+        order = np.lexsort((frame["token"].to_numpy(), -np.nan_to_num(rate, nan=-1.0), -lost))
+        frame = frame.iloc[order].reset_index(drop=True)
+        frame.attrs["cutoff"] = self.cutoff
+        return frame
+
+    def group_summary(
+        self, dropped: np.ndarray | None = None, *, top: int = 5, compute: Compute | None = None
+    ) -> pd.DataFrame:
+        """Per group: passing cells, truncated cells, fraction truncated, median length, top
+        dropped genes (computes the reduction unless ``dropped`` is given).
+
+        ``top_dropped`` reads like ``"RPL13 (12), ACTB (9)"``: symbol (or gene ID) and the number
+        of the group's cells that drop it.
+        """
+        counts = self.compute(compute=compute) if dropped is None else np.asarray(dropped)
+        names = _as_str(self.table["symbol"])
+        ids = _as_str(self.table["gene_id"])
+        rows = []
+        for g, label in enumerate(self.groups):
+            members = self.codes == g
+            lengths = self.lengths[members]
+            truncated = int(np.count_nonzero(lengths > self.cutoff))
+            order = np.lexsort((np.arange(counts.shape[1]), -counts[g]))[:top]
+            best = [f"{names[t] or ids[t]} ({counts[g, t]:,})" for t in order if counts[g, t] > 0]
+            rows.append(
+                {
+                    "group": label,
+                    "cells": int(lengths.size),
+                    "truncated": truncated,
+                    "fraction_truncated": truncated / lengths.size
+                    if lengths.size
+                    else float("nan"),
+                    "median_length": float(np.median(lengths)) if lengths.size else float("nan"),
+                    "top_dropped": ", ".join(best),
+                }
+            )
+        frame = pd.DataFrame(rows)
+        frame.attrs["cutoff"] = self.cutoff
+        frame.attrs["group_by"] = self.group_by
+        return frame
+
+
+def _group_codes(
+    enc: EncodingStore, keep: np.ndarray, group_by: str | None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Per-cell group code (-1 for cells that do not pass) and the group labels."""
+    if group_by is None:
+        return np.where(keep, 0, -1).astype(np.int32), ("all",)
+    available = enc.obs_columns
+    if group_by not in available:
+        msg = f"No cell column {group_by!r} in {enc.url}; carried columns are {available}."
+        raise InputError(msg)
+    values = _as_str(enc.cell_column(group_by))
+    labels, inverse = np.unique(values[keep], return_inverse=True)
+    if labels.size > MAX_GROUPS:
+        msg = (
+            f"Column {group_by!r} has {labels.size:,} distinct values among passing cells; "
+            f"group summaries take a label column such as cell_type "
+            f"(at most {MAX_GROUPS:,} groups)."
+        )
+        raise InputError(msg)
+    codes = np.full(keep.size, -1, dtype=np.int32)
+    codes[keep] = inverse
+    return codes, tuple(str(x) for x in labels)
+
+
+def drop_rates(
+    enc: EncodingStore,
+    cutoff: int = DEFAULT_CUTOFF,
+    *,
+    group_by: str | None = None,
+    split_every: int = 8,
+) -> DropRates:
+    """Per-gene drop counts at ``cutoff`` for all genes at once (lazy).
+
+    One out-of-core reduction over ``tokens[:, cutoff:]``: a bincount of the tokens of passing
+    cells in each ``(cell block, rank chunk)``, tree-summed (``split_every``). Rank chunks that
+    lie wholly below ``cutoff`` are not in the graph, so they are never read; the chunk that
+    holds rank ``cutoff`` is read whole when ``cutoff`` is not a multiple of the rank chunk;
+    ``values`` is never read. Graph size is O(number of chunks read). Nothing is computed
+    here: use :meth:`DropRates.to_frame` or :func:`write_drop_rates`.
+
+    Parameters
+    ----------
+    enc
+        An opened encoding store (chunks ``(block_size, rank_chunk)``, any sizes).
+    cutoff
+        Model input size ``L``.
+    group_by
+        A carried cell column (e.g. ``cell_type``): count per group as well (at most
+        :data:`MAX_GROUPS` groups).
+    split_every
+        Fan-in of the tree sum.
+
+    Returns
+    -------
+    DropRates
+        ``.dropped`` is a lazy ``(group, token)`` int64 array (one chunk).
+
+    Raises
+    ------
+    InputError
+        Unknown ``group_by`` column or too many groups; cutoff below 1.
+    """
+    length_cutoff = _parse_cutoff(cutoff)
+    table = enc.token_table()
+    n_tokens = int(np.asarray(table["gene_id"]).size)
+    keep = np.asarray(enc.cell_column("filter_pass")).astype(bool)
+    codes, groups = _group_codes(enc, keep, group_by)
+    tokens = enc.tokens
+    n_groups = len(groups)
+    name = f"flow-drop-rates-{tokenize(tokens, length_cutoff, codes, n_groups, split_every)}"
+    if length_cutoff >= tokens.shape[1]:  # nothing is ever dropped: read nothing
+        dropped = da.zeros((n_groups, n_tokens), dtype=np.int64, chunks=-1)
+    else:
+        tail = tokens[:, length_cutoff:]
+        lazy_codes = da.from_array(  # type: ignore[no-untyped-call]
+            codes, chunks=(tail.chunks[0],), name=f"flow-cell-groups-{tokenize(codes)}"
+        )
+        per_block = da.blockwise(  # type: ignore[no-untyped-call]
+            _dropped_block,
+            "ijgt",
+            tail,
+            "ij",
+            lazy_codes,
+            "i",
+            new_axes={"g": n_groups, "t": n_tokens},
+            adjust_chunks={"i": 1, "j": 1},
+            dtype=np.int64,
+            meta=np.empty((0, 0, 0, 0), dtype=np.int64),
+            name=f"{name}-chunk",
+            n_groups=n_groups,
+            n_tokens=n_tokens,
+            pad=enc.pad_token,
+        )
+        dropped = per_block.sum(axis=(0, 1), split_every=split_every, dtype=np.int64)
+    return DropRates(length_cutoff, dropped, group_by, groups, codes, enc.lengths, table)
+
+
+def write_drop_rates(
+    rates: DropRates, path: str | os.PathLike[str], *, compute: Compute | None = None
+) -> pd.DataFrame:
+    """Compute the per-gene drop-rate table and write it (a compute boundary).
+
+    The format follows the suffix: ``.csv`` (also ``.csv.gz``), ``.tsv`` or ``.parquet``.
+    Returns the table written (see :meth:`DropRates.to_frame`).
+    """
+    text = os.fspath(path)
+    writer = _table_writer(text)
+    frame = rates.to_frame(compute=compute)
+    writer(frame, text)
+    return frame
+
+
+def _table_writer(path: str) -> Callable[[pd.DataFrame, str], None]:
+    lower = path.lower()
+    if lower.endswith((".csv", ".csv.gz")):
+        return lambda frame, p: frame.to_csv(p, index=False)
+    if lower.endswith((".tsv", ".tsv.gz")):
+        return lambda frame, p: frame.to_csv(p, index=False, sep="\t")
+    if lower.endswith(".parquet"):
+        return lambda frame, p: frame.to_parquet(p, index=False)
+    msg = f"Cannot tell the table format of {path!r}: use a .csv, .tsv or .parquet suffix."
+    raise InputError(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# coverage
+
+
+def attention_cost(input_size: Any) -> Any:
+    """Dense attention cost relative to 2,048 tokens: ``(input_size / 2048) ** 2``."""
+    return (np.asarray(input_size, dtype=np.float64) / REFERENCE_INPUT_SIZE) ** 2
+
+
+def _passing_lengths(enc: EncodingStore) -> np.ndarray:
+    keep = np.asarray(enc.cell_column("filter_pass")).astype(bool)
+    lengths: np.ndarray = np.asarray(enc.lengths, dtype=np.int64)[keep]
+    return lengths
+
+
+def coverage(enc: EncodingStore, sizes: Sequence[int] | np.ndarray | None = None) -> pd.DataFrame:
+    """The coverage curve: fraction of passing cells fully encoded at each input size.
+
+    Reads the per-cell lengths only (small, in memory). A cell is fully encoded at input
+    size ``L`` when its length (ranked genes) is ``<= L``.
+
+    Parameters
+    ----------
+    sizes
+        Input sizes ``L >= 1``. Default: every size from 1 to the longest passing cell (at
+        least 4,096).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``input_size``, ``cells_covered``, ``fraction_covered`` (NaN without passing cells) and
+        ``attention_cost`` (``(L / 2048) ** 2``).
+    """
+    lengths = _passing_lengths(enc)
+    longest = int(lengths.max()) if lengths.size else 0
+    grid = (
+        np.arange(1, max(longest, 4096) + 1)
+        if sizes is None
+        else np.asarray(sizes, dtype=np.int64).ravel()
+    )
+    if grid.size and int(grid.min()) < 1:
+        msg = f"Input sizes must be at least 1, got {int(grid.min())}."
+        raise InputError(msg)
+    covered_upto = np.cumsum(np.bincount(lengths, minlength=longest + 1))  # cells with length <= k
+    covered = covered_upto[np.minimum(grid, longest)] if grid.size else np.zeros(0, np.int64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fraction = covered / lengths.size if lengths.size else np.full(grid.size, np.nan)
+    return pd.DataFrame(
+        {
+            "input_size": grid.astype(np.int64),
+            "cells_covered": covered.astype(np.int64),
+            "fraction_covered": np.asarray(fraction, dtype=np.float64),
+            "attention_cost": attention_cost(grid),
+        }
+    )
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """Input sizes from text such as ``"2048,4096"`` (commas or spaces; ``_`` allowed in numbers).
+
+    Raises
+    ------
+    InputError
+        Not a list of positive integers.
+    """
+    items = [t for t in text.replace(",", " ").split() if t]
+    try:
+        sizes = tuple(int(t) for t in items)
+    except ValueError as err:
+        msg = f"Input sizes must be integers separated by commas, got {text!r}."
+        raise InputError(msg) from err
+    if not sizes or min(sizes) < 1:
+        msg = f"Give one or more input sizes of at least 1, got {text!r}."
+        raise InputError(msg)
+    return sizes
+
+
+def _format_cost(cost: float) -> str:
+    return f"{cost:.1f}" if cost >= 0.95 or cost == 0 else f"{cost:.2g}"
+
+
+def coverage_summary(enc: EncodingStore, sizes: Sequence[int] = (2048, 4096)) -> str:
+    """One line on what each input size covers and costs (reads lengths only).
+
+    Example: ``"2,048 covers 93.0% of cells at cost 1.0; 4,096 covers 99.4% at cost 4.0"``
+    (passing cells; cost relative to 2,048 tokens).
+    """
+    if not len(sizes):
+        msg = "Give at least one input size."
+        raise InputError(msg)
+    frame = coverage(enc, sizes)
+    if not _passing_lengths(enc).size:
+        return "no passing cells: coverage is undefined"
+    parts = []
+    for k, row in enumerate(frame.itertuples(index=False)):
+        of_cells = " of cells" if k == 0 else ""
+        parts.append(
+            f"{row.input_size:,} covers {100 * row.fraction_covered:.1f}%{of_cells} "
+            f"at cost {_format_cost(row.attention_cost)}"
+        )
+    return "; ".join(parts)

@@ -1,0 +1,570 @@
+"""Export of the model input: Hugging Face dataset directories and Parquet, checked with the
+``datasets`` library itself against a plain-Python reference of upstream Geneformer's truncation."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from dask.delayed import Delayed
+from helpers import no_compute
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flow.errors import ChunkingError, InputError
+from flow.export import model_input_block, write_model_dataset
+
+datasets = pytest.importorskip("datasets")
+
+PAD = 0
+CLS, EOS = 2, 3
+VOCAB = 3_000  # gene tokens are 4 .. VOCAB + 3
+
+
+# ----------------------------------------------------------------------------------------------
+# data and references
+# ----------------------------------------------------------------------------------------------
+
+
+def rankings(rng: np.random.Generator, n_cells: int, width: int, *, dtype=np.uint16, p_empty=0.1):
+    """Pad-filled full rankings: distinct gene tokens per cell, ``lengths[i]`` of them."""
+    lengths = rng.integers(0, width + 1, n_cells).astype(np.int32)
+    lengths[rng.random(n_cells) < p_empty] = 0
+    tokens = np.full((n_cells, width), PAD, dtype=dtype)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = rng.choice(VOCAB, size=n, replace=False) + 4
+    return tokens, lengths
+
+
+def reference_input_ids(tokens, lengths, input_size, cls=None, eos=None):
+    """Upstream Geneformer, written out: the ranked genes, cut, then <cls> first and <eos> last."""
+    out = []
+    for row, n in zip(tokens, lengths, strict=True):
+        ids = [int(t) for t in row[:n]]
+        if cls is not None:
+            ids = ids[0 : input_size - 2]
+            ids = [cls, *ids, eos]
+        else:
+            ids = ids[0:input_size]
+        out.append(ids)
+    return out
+
+
+def split(n: int, sizes) -> tuple[int, ...]:
+    """Cut ``n`` into consecutive chunks of the given sizes (cycled), last one uneven."""
+    out, i = [], 0
+    while sum(out) < n:
+        out.append(min(sizes[i % len(sizes)], n - sum(out)))
+        i += 1
+    return tuple(out) or (0,)
+
+
+@st.composite
+def chunking(draw, n: int) -> tuple[int, ...]:
+    """Irregular chunks of ``n`` (zero-size chunks included now and then)."""
+    if n == 0:
+        return (0,)
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=min(n, 6))))
+    bounds = [0, *cuts, n]
+    return tuple(b - a for a, b in itertools.pairwise(bounds))
+
+
+def as_dask(tokens, lengths, cell_chunks, rank_chunk=None):
+    rank_chunk = rank_chunk or max(tokens.shape[1], 1)
+    dt = da.from_array(tokens, chunks=(cell_chunks, rank_chunk))
+    dl = da.from_array(lengths, chunks=(cell_chunks,))
+    return dt, dl
+
+
+def load_hf(path) -> dict[str, list]:
+    ds = datasets.load_from_disk(os.fspath(path))
+    return ds.to_dict()
+
+
+def shard_files(path, pattern="data-*.arrow"):
+    return sorted(p.name for p in Path(path).glob(pattern))
+
+
+# ----------------------------------------------------------------------------------------------
+# numpy kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@settings(deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_cells=st.integers(0, 30),
+    width=st.integers(0, 12),
+    input_size=st.integers(3, 16),
+    special=st.booleans(),
+)
+def test_model_input_block_equals_upstream_truncation(seed, n_cells, width, input_size, special):
+    rng = np.random.default_rng(seed)
+    tokens, lengths = rankings(rng, n_cells, width)
+    cls, eos = (CLS, EOS) if special else (None, None)
+    got = model_input_block(tokens, lengths, input_size=input_size, cls=cls, eos=eos)
+    want = reference_input_ids(tokens, lengths, input_size, cls, eos)
+    assert [g.tolist() for g in got] == want
+    assert all(g.dtype == np.int32 for g in got)
+
+
+def test_model_input_block_edge_cases():
+    tokens = np.array([[9, 8, 7, 0], [0, 0, 0, 0], [5, 0, 0, 0]], dtype=np.uint16)
+    lengths = np.array([3, 0, 1])
+    v1 = model_input_block(tokens, lengths, input_size=2, cls=None, eos=None)
+    assert [a.tolist() for a in v1] == [[9, 8], [], [5]]
+    v2 = model_input_block(tokens, lengths, input_size=3, cls=CLS, eos=EOS)
+    assert [a.tolist() for a in v2] == [[CLS, 9, EOS], [CLS, EOS], [CLS, 5, EOS]]
+    v2_long = model_input_block(tokens, lengths, input_size=4096, cls=CLS, eos=EOS)
+    assert [a.tolist() for a in v2_long] == [[CLS, 9, 8, 7, EOS], [CLS, EOS], [CLS, 5, EOS]]
+
+
+def test_model_input_block_rejects_lengths_past_the_ranking():
+    tokens = np.zeros((3, 2), dtype=np.uint16)
+    with pytest.raises(InputError, match="cell 2"):
+        model_input_block(tokens, np.array([0, 2, 3]), input_size=10, cls=None, eos=None)
+    with pytest.raises(InputError, match="cell 0"):
+        model_input_block(tokens, np.array([-1, 0, 0]), input_size=10, cls=None, eos=None)
+
+
+def test_model_input_block_rejects_tokens_outside_int32():
+    tokens = np.array([[2**31, 1]], dtype=np.uint64)
+    with pytest.raises(InputError, match="int32"):
+        model_input_block(tokens, np.array([2]), input_size=5, cls=None, eos=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face datasets: load_from_disk
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("input_size", "cls", "eos"),
+    [(5, None, None), (1, None, None), (5, CLS, EOS), (3, CLS, EOS), (40, CLS, EOS)],
+    ids=["V1-5", "V1-1", "V2-5", "V2-3", "V2-over-width"],
+)
+@pytest.mark.parametrize(
+    "cell_sizes", [(7, 3, 11), (1,), (100,)], ids=["irregular", "1-row", "one"]
+)
+def test_hf_export_equals_reference(tmp_path, rng, input_size, cls, eos, cell_sizes):
+    tokens, lengths = rankings(rng, 57, 12)
+    dt, dl = as_dask(tokens, lengths, split(57, cell_sizes), rank_chunk=4)
+    out = write_model_dataset(dt, dl, tmp_path / "ds", input_size=input_size, cls=cls, eos=eos)
+    assert out == os.path.abspath(tmp_path / "ds")
+
+    ds = datasets.load_from_disk(out)
+    assert ds.column_names == ["input_ids", "length"]
+    assert ds.features["input_ids"] == datasets.List(datasets.Value("int32"))
+    assert ds.features["length"] == datasets.Value("int64")
+    want = reference_input_ids(tokens, lengths, input_size, cls, eos)
+    got = ds.to_dict()
+    assert got["input_ids"] == want
+    assert got["length"] == [len(ids) for ids in want]
+    if cls is not None:
+        assert all(ids[0] == cls and ids[-1] == eos for ids in got["input_ids"])
+        assert got["length"] == [min(int(n), input_size - 2) + 2 for n in lengths]
+    else:
+        assert got["length"] == [min(int(n), input_size) for n in lengths]
+
+
+def test_hf_export_matches_what_upstream_geneformer_writes(tmp_path, rng):
+    """Upstream: Dataset.from_dict({"input_ids": arrays, **metadata}).map(truncate + specials)."""
+    tokens, lengths = rankings(rng, 40, 9, p_empty=0.0)
+    lengths = np.maximum(lengths, 1)  # upstream's map cannot handle a cell with no gene
+    for i in range(len(lengths)):
+        tokens[i, : lengths[i]] = rng.choice(VOCAB, size=lengths[i], replace=False) + 4
+    cell_type = np.array([f"type{i % 3}" for i in range(40)])
+    input_size = 6
+
+    upstream = datasets.Dataset.from_dict(
+        {
+            "input_ids": [tokens[i, : lengths[i]].astype(np.int64) for i in range(40)],
+            "cell_type": cell_type.tolist(),
+        }
+    )
+
+    def format_cell_features(example):  # Geneformer TranscriptomeTokenizer.create_dataset
+        example["input_ids"] = example["input_ids"][0 : input_size - 2]
+        example["input_ids"] = np.insert(example["input_ids"], 0, CLS)
+        example["input_ids"] = np.insert(example["input_ids"], len(example["input_ids"]), EOS)
+        example["length"] = len(example["input_ids"])
+        return example
+
+    upstream = upstream.map(format_cell_features)
+    dt, dl = as_dask(tokens, lengths, (13, 27))
+    out = write_model_dataset(
+        dt,
+        dl,
+        tmp_path / "ds",
+        input_size=input_size,
+        cls=CLS,
+        eos=EOS,
+        columns={"cell_type": cell_type},
+    )
+    ours = datasets.load_from_disk(out)
+    for name in upstream.column_names:
+        assert ours.features[name] == upstream.features[name], name
+        assert ours[name] == upstream[name], name
+
+
+def test_columns_and_keep(tmp_path, rng):
+    n = 50
+    tokens, lengths = rankings(rng, n, 8)
+    keep = rng.random(n) < 0.6
+    keep[:3] = False  # a first block without any kept cell
+    columns = {
+        "cell_type": np.array([f"t{i % 4}" for i in range(n)]),  # numpy unicode
+        "barcode": np.array([f"AC{i:04d}-1" for i in range(n)], dtype=object),  # object str
+        "n_counts": rng.integers(100, 10_000, n).astype(np.int32),
+        "percent_mito": rng.random(n),
+        "doublet": rng.random(n) < 0.1,
+        "organ": pd.Categorical(["blood", "lung"] * (n // 2)),
+    }
+    dt, dl = as_dask(tokens, lengths, (3, 10, 1, 20, 16), rank_chunk=3)
+    out = write_model_dataset(
+        dt, dl, tmp_path / "ds", input_size=4, cls=CLS, eos=EOS, keep=keep, columns=columns
+    )
+    ds = datasets.load_from_disk(out)
+    assert ds.column_names == ["input_ids", "length", *columns]
+    assert ds.num_rows == int(keep.sum())
+    got = ds.to_dict()
+    want = [
+        ids
+        for ids, k in zip(reference_input_ids(tokens, lengths, 4, CLS, EOS), keep, strict=True)
+        if k
+    ]
+    assert got["input_ids"] == want
+    for name, col in columns.items():
+        assert got[name] == np.asarray(col)[keep].tolist(), name
+    feats = ds.features
+    assert feats["cell_type"] == datasets.Value("string")
+    assert feats["barcode"] == datasets.Value("string")
+    assert feats["organ"] == datasets.Value("string")
+    assert feats["n_counts"] == datasets.Value("int32")
+    assert feats["percent_mito"] == datasets.Value("float64")
+    assert feats["doublet"] == datasets.Value("bool")
+
+
+def test_keep_and_columns_as_dask_arrays(tmp_path, rng):
+    n = 30
+    tokens, lengths = rankings(rng, n, 6)
+    keep = rng.random(n) < 0.5
+    score = rng.random(n).astype(np.float32)
+    dt, _ = as_dask(tokens, lengths, (8, 8, 14))
+    out = write_model_dataset(
+        dt,
+        lengths,  # numpy lengths are split along the cell chunks of tokens
+        tmp_path / "ds",
+        input_size=5,
+        keep=da.from_array(keep, chunks=7),  # other chunks: a cheap 1-D rechunk
+        columns={"score": da.from_array(score, chunks=(8, 8, 14))},
+    )
+    got = load_hf(out)
+    assert got["input_ids"] == [
+        ids for ids, k in zip(reference_input_ids(tokens, lengths, 5), keep, strict=True) if k
+    ]
+    np.testing.assert_array_equal(np.array(got["score"], dtype=np.float32), score[keep])
+
+
+def test_cells_of_length_zero_are_kept(tmp_path):
+    tokens = np.array([[0, 0], [7, 0], [0, 0]], dtype=np.uint16)
+    lengths = np.array([0, 1, 0], dtype=np.int32)
+    dt, dl = as_dask(tokens, lengths, (2, 1))
+    v1 = load_hf(write_model_dataset(dt, dl, tmp_path / "v1", input_size=3))
+    assert v1 == {"input_ids": [[], [7], []], "length": [0, 1, 0]}
+    v2 = load_hf(write_model_dataset(dt, dl, tmp_path / "v2", input_size=3, cls=CLS, eos=EOS))
+    assert v2 == {"input_ids": [[CLS, EOS], [CLS, 7, EOS], [CLS, EOS]], "length": [2, 3, 2]}
+
+
+def test_no_cells_at_all(tmp_path):
+    dt, dl = as_dask(np.zeros((0, 4), np.uint16), np.zeros(0, np.int32), (0,))
+    ds = datasets.load_from_disk(
+        write_model_dataset(dt, dl, tmp_path / "ds", input_size=4, cls=CLS, eos=EOS)
+    )
+    assert ds.num_rows == 0
+    assert ds.column_names == ["input_ids", "length"]
+
+
+@settings(deadline=None, max_examples=15)
+@given(
+    data=st.data(),
+    seed=st.integers(0, 2**32 - 1),
+    n_cells=st.integers(0, 40),
+    width=st.integers(1, 10),
+    input_size=st.integers(3, 12),
+    special=st.booleans(),
+)
+def test_any_chunking_gives_the_same_dataset(data, seed, n_cells, width, input_size, special):
+    rng = np.random.default_rng(seed)
+    tokens, lengths = rankings(rng, n_cells, width)
+    keep = rng.random(n_cells) < 0.8
+    tag = np.arange(n_cells, dtype=np.int64)
+    cls, eos = (CLS, EOS) if special else (None, None)
+    cells = data.draw(chunking(n_cells), label="cell chunks")
+    rank_chunk = data.draw(st.integers(1, width), label="rank chunk")
+    dt, dl = as_dask(tokens, lengths, cells, rank_chunk)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = write_model_dataset(
+            dt, dl, tmp, input_size=input_size, cls=cls, eos=eos, keep=keep, columns={"tag": tag}
+        )
+        got = load_hf(out)
+        assert len(shard_files(tmp)) == len(cells)
+    want = reference_input_ids(tokens, lengths, input_size, cls, eos)
+    assert got["input_ids"] == [ids for ids, k in zip(want, keep, strict=True) if k]
+    assert got["length"] == [len(ids) for ids in got["input_ids"]]
+    assert got["tag"] == tag[keep].tolist()  # cell order preserved
+
+
+# ----------------------------------------------------------------------------------------------
+# Parquet
+# ----------------------------------------------------------------------------------------------
+
+
+def test_parquet_equals_hf(tmp_path, rng):
+    n = 45
+    tokens, lengths = rankings(rng, n, 10)
+    keep = rng.random(n) < 0.7
+    columns = {
+        "cell_type": np.array([f"t{i % 5}" for i in range(n)]),
+        "n_counts": rng.integers(0, 9, n),
+    }
+    dt, dl = as_dask(tokens, lengths, (10, 4, 31), rank_chunk=3)
+    kwargs = {"input_size": 6, "cls": CLS, "eos": EOS, "keep": keep, "columns": columns}
+    hf = datasets.load_from_disk(write_model_dataset(dt, dl, tmp_path / "hf", **kwargs))
+    out = write_model_dataset(dt, dl, tmp_path / "pq", format="parquet", **kwargs)
+
+    assert sorted(p.name for p in Path(out).iterdir()) == [
+        "_SUCCESS",
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    table = pq.read_table(out)
+    assert table.column_names == hf.column_names
+    assert table.schema.field("input_ids").type == pa.list_(pa.int32())
+    assert table.to_pydict() == hf.to_dict()
+    frame = pd.read_parquet(out)
+    assert [list(v) for v in frame["input_ids"]] == hf["input_ids"]
+    assert frame["length"].tolist() == hf["length"]
+    assert frame["cell_type"].tolist() == hf["cell_type"]
+    # The Parquet schema carries datasets' features too
+    assert datasets.Features.from_arrow_schema(table.schema) == hf.features
+
+
+# ----------------------------------------------------------------------------------------------
+# shards, re-export, laziness, what is read
+# ----------------------------------------------------------------------------------------------
+
+
+def test_one_shard_per_block_and_stale_shards_removed(tmp_path, rng):
+    tokens, lengths = rankings(rng, 40, 6)
+    path = tmp_path / "ds"
+    dt, dl = as_dask(tokens, lengths, split(40, [7]))  # 6 blocks
+    write_model_dataset(dt, dl, path, input_size=4)
+    assert shard_files(path) == [f"data-{i:05d}-of-00006.arrow" for i in range(6)]
+    state = json.loads((path / "state.json").read_text())
+    assert [f["filename"] for f in state["_data_files"]] == shard_files(path)
+    (path / "notes.txt").write_text("mine")
+
+    dt, dl = as_dask(tokens, lengths, (15, 25))  # 2 blocks into the same directory
+    write_model_dataset(dt, dl, path, input_size=5, cls=CLS, eos=EOS)
+    assert shard_files(path) == ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    assert (path / "notes.txt").read_text() == "mine"  # other files are left alone
+    assert load_hf(path)["input_ids"] == reference_input_ids(tokens, lengths, 5, CLS, EOS)
+
+    # Parquet into the same directory replaces the HF export (pyarrow would read notes.txt)
+    (path / "notes.txt").unlink()
+    dt, dl = as_dask(tokens, lengths, (40,))
+    write_model_dataset(dt, dl, path, input_size=5, format="parquet")
+    assert shard_files(path) == []
+    assert not (path / "state.json").exists()
+    assert shard_files(path, "part-*.parquet") == ["part-00000.parquet"]
+    assert pq.read_table(path).column("input_ids").to_pylist() == reference_input_ids(
+        tokens, lengths, 5
+    )
+
+
+def test_failed_export_is_not_mistaken_for_a_finished_one(tmp_path, rng):
+    tokens, lengths = rankings(rng, 20, 5)
+    path = tmp_path / "ds"
+    dt, dl = as_dask(tokens, lengths, (10, 10))
+    write_model_dataset(dt, dl, path, input_size=4)
+    bad = lengths.copy()
+    bad[15] = 6  # longer than the 5 stored ranks: the second block fails
+    dt, dl = as_dask(tokens, bad, (10, 10))
+    with pytest.raises(InputError, match="cell 15"):
+        write_model_dataset(dt, dl, path, input_size=8)
+    assert not (path / "state.json").exists()
+    with pytest.raises(FileNotFoundError):
+        datasets.load_from_disk(os.fspath(path))
+
+
+def test_compute_false_is_lazy_and_names_its_tasks(tmp_path, rng):
+    tokens, lengths = rankings(rng, 30, 6)
+    dt, dl = as_dask(tokens, lengths, (12, 18))
+    path = tmp_path / "ds"
+    with no_compute():
+        lazy = write_model_dataset(dt, dl, path, input_size=4, cls=CLS, eos=EOS, compute=False)
+        lazy_pq = write_model_dataset(dt, dl, path, input_size=4, format="parquet", compute=False)
+    assert isinstance(lazy, Delayed)
+    assert not path.exists()  # nothing written while building
+
+    graph = dict(lazy.__dask_graph__())
+    prefixes = [k[0] if isinstance(k, tuple) else k for k in graph]
+    assert sum(p.startswith("flow-export-shard-") for p in prefixes) == 2
+    assert sum(p.startswith("flow-export-finalize-") for p in prefixes) == 1
+    assert str(lazy.key).startswith("flow-export-finalize-")
+    # identical calls give identical keys; another format gives others
+    again = write_model_dataset(dt, dl, path, input_size=4, cls=CLS, eos=EOS, compute=False)
+    assert again.key == lazy.key != lazy_pq.key
+
+    assert lazy.compute() == os.path.abspath(path)
+    assert load_hf(path)["input_ids"] == reference_input_ids(tokens, lengths, 4, CLS, EOS)
+
+
+def test_only_the_needed_rank_columns_are_read(tmp_path, rng):
+    tokens, lengths = rankings(rng, 20, 4)
+    head = da.from_array(tokens, chunks=(7, 2))
+
+    def poison(block):
+        msg = "the tail of the ranking was read"
+        raise AssertionError(msg)
+
+    tail = da.zeros((20, 100), dtype=np.uint16, chunks=(7, 50)).map_blocks(poison, dtype=np.uint16)
+    full = da.concatenate([head, tail], axis=1)  # lengths <= 4, so the model never needs the tail
+    dl = da.from_array(lengths, chunks=7)
+    out = write_model_dataset(full, dl, tmp_path / "ds", input_size=6, cls=CLS, eos=EOS)
+    assert load_hf(out)["input_ids"] == reference_input_ids(tokens, lengths, 6, CLS, EOS)
+    with pytest.raises(AssertionError, match="tail"):  # the poison works
+        write_model_dataset(full, dl, tmp_path / "ds2", input_size=7, cls=CLS, eos=EOS)
+
+
+def test_fsspec_url(rng):
+    fsspec = pytest.importorskip("fsspec")
+    tokens, lengths = rankings(rng, 25, 5)
+    dt, dl = as_dask(tokens, lengths, (10, 15))
+    url = "memory://flow-export-test/ds"
+    try:
+        out = write_model_dataset(dt, dl, url, input_size=4, cls=CLS, eos=EOS)
+        assert out == url
+        fs = fsspec.filesystem("memory")
+        assert sorted(
+            p.rsplit("/", 1)[-1] for p in fs.ls("/flow-export-test/ds", detail=False)
+        ) == [
+            "data-00000-of-00002.arrow",
+            "data-00001-of-00002.arrow",
+            "dataset_info.json",
+            "state.json",
+        ]
+        with fs.open("/flow-export-test/ds/data-00001-of-00002.arrow", "rb") as f:
+            table = pa.ipc.open_stream(f).read_all()
+        want = reference_input_ids(tokens, lengths, 4, CLS, EOS)
+        assert table.column("input_ids").to_pylist() == want[10:]
+    finally:
+        fsspec.filesystem("memory").rm("/flow-export-test", recursive=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("fmt", ["hf", "parquet"])
+def test_distributed_export_equals_sync(tmp_path, rng, local_cluster_address, fmt):
+    distributed = pytest.importorskip("distributed")
+    n = 300
+    tokens, lengths = rankings(rng, n, 20)
+    keep = rng.random(n) < 0.9
+    columns = {"cell_type": np.array([f"t{i % 7}" for i in range(n)]), "i": np.arange(n)}
+    dt, dl = as_dask(tokens, lengths, split(n, [37, 50, 13]), rank_chunk=6)
+    kwargs = {
+        "input_size": 9,
+        "cls": CLS,
+        "eos": EOS,
+        "keep": keep,
+        "columns": columns,
+        "format": fmt,
+    }
+    sync = write_model_dataset(dt, dl, tmp_path / "sync", **kwargs)
+    with distributed.Client(local_cluster_address) as client:
+        lazy = write_model_dataset(dt, dl, tmp_path / "dist", compute=False, **kwargs)
+        assert client.compute(lazy).result() == os.path.abspath(tmp_path / "dist")
+        with dask.config.set(scheduler=client):  # compute=True on the client as well
+            again = write_model_dataset(dt, dl, tmp_path / "dist2", **kwargs)
+    read = load_hf if fmt == "hf" else (lambda p: pq.read_table(p).to_pydict())
+    want = read(sync)
+    assert read(tmp_path / "dist") == want
+    assert read(again) == want
+    assert want["input_ids"] == [
+        ids
+        for ids, k in zip(reference_input_ids(tokens, lengths, 9, CLS, EOS), keep, strict=True)
+        if k
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# errors at call time
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small():
+    tokens = np.array([[5, 6], [7, 0], [0, 0]], dtype=np.uint16)
+    return as_dask(tokens, np.array([2, 1, 0], np.int32), (2, 1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"input_size": 2, "cls": CLS, "eos": EOS}, ValueError, "at least 3"),
+        ({"input_size": 0}, ValueError, "at least 1"),
+        ({"input_size": 4, "cls": CLS}, ValueError, "both cls and eos"),
+        ({"input_size": 4, "format": "csv"}, ValueError, "unknown export format 'csv'"),
+        ({"input_size": 4, "keep": np.ones(2, bool)}, ValueError, "one value per cell"),
+        ({"input_size": 4, "keep": np.ones(3, int)}, TypeError, "boolean"),
+        ({"input_size": 4, "columns": {"length": np.arange(3)}}, ValueError, "reserved"),
+        ({"input_size": 4, "columns": {"x": np.arange(4)}}, ValueError, "one value per cell"),
+        ({"input_size": 4, "columns": {"t": np.zeros(3, "datetime64[s]")}}, TypeError, "str, int"),
+        (
+            {"input_size": 4, "columns": {"o": np.array([1, "a", None], dtype=object)}},
+            TypeError,
+            "str",
+        ),
+    ],
+)
+def test_bad_arguments_raise_before_computing(tmp_path, small, kwargs, error, match):
+    dt, dl = small
+    with no_compute(), pytest.raises(error, match=match):
+        write_model_dataset(dt, dl, tmp_path / "ds", **kwargs)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_mismatched_chunks_name_the_fix(tmp_path, small):
+    dt, _ = small
+    dl = da.from_array(np.array([2, 1, 0], np.int32), chunks=1)
+    with pytest.raises(ChunkingError, match=r"lengths\.rechunk\(tokens\.chunks\[0\]\)"):
+        write_model_dataset(dt, dl, tmp_path / "ds", input_size=4)
+    with pytest.raises(ValueError, match="same cell chunks"):  # a ChunkingError is a ValueError
+        write_model_dataset(dt, dl, tmp_path / "ds", input_size=4)
+    # the fix named in the message works
+    out = write_model_dataset(dt, dl.rechunk(dt.chunks[0]), tmp_path / "ds", input_size=4)
+    assert load_hf(out)["input_ids"] == [[5, 6], [7], []]
+
+
+def test_tokens_must_be_a_dask_array_of_integers(tmp_path, small):
+    _, dl = small
+    with pytest.raises(TypeError, match="dask array"):
+        write_model_dataset(np.zeros((3, 2), np.uint16), dl, tmp_path / "ds", input_size=4)
+    with pytest.raises(TypeError, match="integer"):
+        write_model_dataset(da.zeros((3, 2), chunks=(2, 2)), dl, tmp_path / "ds", input_size=4)

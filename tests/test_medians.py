@@ -1,0 +1,217 @@
+"""Median sets: exact mode against numpy, t-digest accuracy, determinism, merging, interchange."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import dask
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from helpers import no_compute
+
+from flow import medians as med
+from flow.datasets import write_synthetic
+from flow.errors import VocabularyError
+
+
+def reference_medians(store) -> np.ndarray:
+    """numpy.median of each gene's nonzero (count / n_counts) * 10000, cells passing filter."""
+    blocks = [store.counts.blocks[i, 0].compute(scheduler="sync") for i in range(store.n_blocks)]
+    x = sp.vstack(blocks).tocsc()
+    n_counts = store.obs["n_counts"].to_numpy(dtype=np.float64)
+    out = np.full(x.shape[1], np.nan)
+    for g in range(x.shape[1]):
+        rows = x.indices[x.indptr[g] : x.indptr[g + 1]]
+        vals = x.data[x.indptr[g] : x.indptr[g + 1]].astype(np.float64)
+        keep = vals > 0
+        if keep.any():
+            out[g] = np.median((vals[keep] / n_counts[rows[keep]]) * 10000)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_stores(tmp_path_factory):
+    """The same synthetic matrix written with three block sizes."""
+    root = tmp_path_factory.mktemp("medians")
+    return [
+        write_synthetic(root / f"s{bs}.zarr", 1500, 400, seed=7, mean_genes=80, block_size=bs)
+        for bs in (1500, 256, 97)
+    ]
+
+
+def test_exact_mode_equals_numpy_for_any_block_size(small_stores):
+    ref = reference_medians(small_stores[0])
+    assert np.isfinite(ref).sum() > 300
+    for store in small_stores:
+        got = med.medians_of([store], method="exact", compute=dask.compute)
+        np.testing.assert_array_equal(got.medians, ref)  # bit for bit, NaN where never expressed
+        assert got.method == "exact"
+
+
+def test_exact_mode_on_real_data(shared_data, tmp_path):
+    from flow.pipeline import convert
+
+    for path in (
+        shared_data / "pbmc3k" / "filtered_gene_bc_matrices" / "hg19",
+        shared_data / "pbmc1k_v2" / "pbmc_1k_v2_filtered_feature_bc_matrix.h5",
+    ):
+        store = convert([path], tmp_path / f"{path.name}.zarr", block_size=1000)
+        got = med.medians_of([store], method="exact", compute=dask.compute)
+        ref = reference_medians(store)
+        np.testing.assert_array_equal(got.medians, ref)
+
+
+def test_tdigest_accuracy_and_counts(small_stores):
+    store = small_stores[1]
+    ref = reference_medians(store)
+    got = med.medians_of([store], compute=dask.compute)
+    ok = np.isfinite(ref)
+    np.testing.assert_array_equal(np.isfinite(got.medians), ok)
+    rel = np.abs(got.medians[ok] - ref[ok]) / ref[ok]
+    assert np.percentile(rel, 99) < 0.01
+    nnz = np.diff(
+        sp.vstack([store.counts.blocks[i, 0].compute() for i in range(store.n_blocks)])
+        .tocsc()
+        .indptr
+    )
+    np.testing.assert_array_equal(got.n_nonzero, nnz)
+
+
+def test_graph_is_lazy_and_deterministic(small_stores):
+    store = small_stores[2]
+    with no_compute():
+        ids, graph = med.compute_medians(store)
+        _, again = med.compute_medians(store)
+    assert graph.key == again.key
+    assert ids.size == 400
+
+
+def _bytes(d) -> bytes:
+    return b"".join(
+        np.ascontiguousarray(getattr(d, n)).tobytes()
+        for n in ("offsets", "means", "weights", "mins", "maxs")
+    )
+
+
+@pytest.mark.distributed
+def test_same_bytes_on_every_scheduler(small_stores, local_cluster_address):
+    from distributed import Client
+
+    store = small_stores[2]
+    _, graph = med.compute_medians(store, split_every=3)
+    (sync,) = dask.compute(graph, scheduler="sync")
+    (threads,) = dask.compute(graph, scheduler="threads", num_workers=2)
+    with Client(local_cluster_address) as client:
+        dist = client.compute(graph).result()
+    assert _bytes(sync) == _bytes(threads) == _bytes(dist)
+
+
+def test_merging_halves_matches_whole(tmp_path):
+    whole = write_synthetic(tmp_path / "w.zarr", 2400, 300, seed=3, mean_genes=80, block_size=300)
+    from flow.datasets import synthetic_counts
+    from flow.store import write_counts
+
+    src = synthetic_counts(2400, 300, seed=3, mean_genes=80)
+
+    class Half:
+        def __init__(self, lo, hi):
+            from dataclasses import replace
+
+            self.lo, self.hi = lo, hi
+            self.info = replace(
+                src.info,
+                n_cells=hi - lo,
+                barcodes=src.info.barcodes[lo:hi],
+                obs=src.info.obs.iloc[lo:hi].reset_index(drop=True),
+            )
+
+        def iter_blocks(self, n):
+            x = sp.vstack(list(src.iter_blocks(2400)))[self.lo : self.hi]
+            for i in range(0, x.shape[0], n):
+                yield x[i : i + n]
+
+    a = write_counts([Half(0, 1200)], tmp_path / "a.zarr", block_size=300)
+    write_counts([Half(1200, 2400)], tmp_path / "b.zarr", block_size=300)
+    ref = reference_medians(whole)
+    ma = med.medians_of([a], compute=dask.compute)
+    med.write_medians(ma, tmp_path / "ma.zarr")
+    shutil.rmtree(tmp_path / "a.zarr")  # --update must not need the old data
+    from flow.pipeline import medians as run_medians
+
+    merged = run_medians([tmp_path / "b.zarr"], tmp_path / "ab.zarr", update=tmp_path / "ma.zarr")
+    ok = np.isfinite(ref)
+    rel = np.abs(merged.medians[ok] - ref[ok]) / ref[ok]
+    assert np.percentile(rel, 99) < 0.01
+    assert merged.n_nonzero.sum() == int(whole.attrs["nnz"])
+    assert len(merged.stores) == 2
+    reopened = med.open_medians(tmp_path / "ab.zarr")
+    np.testing.assert_array_equal(reopened.medians, merged.medians)
+
+
+def test_refuse_merging_exact_sets(small_stores):
+    exact = med.medians_of([small_stores[0]], method="exact", compute=dask.compute)
+    with pytest.raises(VocabularyError, match="only t-digest"):
+        med.merge_median_sets([exact, exact])
+
+
+def test_interchange_round_trip(tmp_path, small_stores):
+    got = med.medians_of([small_stores[0]], compute=dask.compute)
+    for suffix in ("pkl", "json", "tsv"):
+        med.export_medians(got, tmp_path / f"m.{suffix}")
+    with open(tmp_path / "m.pkl", "rb") as fh:
+        table = pickle.load(fh)
+    assert table == got.as_dict()
+    assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx(got.as_dict())
+    imported = med.import_median_dictionary(tmp_path / "m.pkl")
+    ok = np.isfinite(got.medians)
+    np.testing.assert_array_equal(imported.gene_ids, got.gene_ids[ok])
+    np.testing.assert_array_equal(imported.medians, got.medians[ok])
+
+
+def test_import_geneformer_dictionary(shared_data):
+    path = shared_data / "geneformer" / "v1_gc30M" / "gene_median_dictionary_gc30M.pkl"
+    imported = med.import_median_dictionary(path)
+    assert imported.gene_ids.size == 25_424
+    with open(path, "rb") as fh:  # the official file, trusted here only to check the import
+        raw = pickle.load(fh)
+    table = dict(zip(imported.gene_ids.tolist(), imported.medians.tolist(), strict=True))
+    assert all(table[k.upper()] == float(v) for k, v in raw.items())
+
+
+def test_median_set_opens_as_xarray(tmp_path, small_stores):
+    got = med.medians_of([small_stores[0]], compute=dask.compute)
+    med.write_medians(got, tmp_path / "m.zarr")
+    ds = med.open_medians_dataset(tmp_path / "m.zarr")
+    assert ds.sizes["gene"] == 400
+    np.testing.assert_array_equal(ds["median"].values, got.medians)
+    assert ds.attrs["flow"]["method"] == "tdigest"
+
+
+def test_cli_medians(tmp_path, small_stores, capsys):
+    from flow.cli import main
+
+    out = tmp_path / "m.zarr"
+    code = main(
+        [
+            "medians",
+            small_stores[0].url,
+            "-o",
+            str(out),
+            "--method",
+            "exact",
+            "-q",
+            "--workers",
+            "1",
+            "--threads-per-worker",
+            "1",
+            "--export",
+            str(tmp_path / "m.tsv"),
+        ]
+    )
+    assert code == 0
+    assert "method exact" in capsys.readouterr().out
+    np.testing.assert_array_equal(med.open_medians(out).medians, reference_medians(small_stores[0]))
+    assert (tmp_path / "m.tsv").read_text().startswith("gene_id\tmedian")

@@ -1,0 +1,428 @@
+"""flow.encode._kernels: the exact rank kernel against the slow references."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as npst
+from reference import reference_rank_cell, upstream_rank_cell
+
+import flow.encode._kernels as K
+from flow.encode._kernels import normalized_values, rank_block
+from flow.errors import InputError
+
+PAD = 0
+
+
+def _reference_values(row: np.ndarray, n: float, medians: np.ndarray, tokens: np.ndarray) -> list:
+    """Values of the reference ranking, in ranked order (Python floats)."""
+    pairs = [
+        (((float(c) / float(n)) * 10000.0) / float(medians[j]), int(tokens[j]))
+        for j, c in enumerate(row.tolist())
+        if c > 0
+    ]
+    return [v for v, _ in sorted(pairs, key=lambda p: (-p[0], p[1]))]
+
+
+def check_against_reference(
+    dense: np.ndarray,
+    block: Any,
+    n_counts: np.ndarray,
+    medians: np.ndarray,
+    tokens: np.ndarray,
+    width: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ranked, values, lengths = rank_block(block, n_counts, medians, tokens, width, PAD)
+    n_cells = dense.shape[0]
+    assert ranked.shape == (n_cells, width)
+    assert values.shape == (n_cells, width)
+    assert lengths.shape == (n_cells,)
+    assert ranked.dtype == np.asarray(tokens).dtype
+    assert values.dtype == np.float32
+    assert lengths.dtype == np.int32
+    for i in range(n_cells):
+        ref = reference_rank_cell(dense[i], n_counts[i], medians, tokens)
+        k = min(width, ref.size)
+        assert lengths[i] == ref.size == int((dense[i] > 0).sum())
+        np.testing.assert_array_equal(ranked[i, :k], ref[:k])
+        assert (ranked[i, k:] == PAD).all()
+        ref_values = np.array(_reference_values(dense[i], n_counts[i], medians, tokens)[:k])
+        np.testing.assert_array_equal(values[i, :k], ref_values.astype(np.float32))
+        assert (values[i, k:] == 0).all()
+    return ranked, values, lengths
+
+
+@st.composite
+def tied_blocks(draw: st.DrawFn, max_cells: int = 12, max_genes: int = 30) -> dict[str, Any]:
+    """Small integer counts and a few repeated medians: many exact ties."""
+    n_cells = draw(st.integers(1, max_cells))
+    n_genes = draw(st.integers(1, max_genes))
+    counts = draw(
+        npst.arrays(np.int32, (n_cells, n_genes), elements=st.integers(0, 3), fill=st.just(0))
+    )
+    median_pool = draw(
+        st.lists(
+            st.sampled_from([0.5, 1.0, 1.0 + 2**-52, 1.5, 2.0, 3.0, 0.1, 7.25, 1e-3, 1e3]),
+            min_size=1,
+            max_size=4,
+        )
+    )
+    medians = np.array(
+        draw(st.lists(st.sampled_from(median_pool), min_size=n_genes, max_size=n_genes))
+    )
+    tokens = np.array(draw(st.permutations(range(4, 4 + n_genes))), dtype=np.uint16)
+    n_counts = counts.sum(axis=1) + np.array(
+        draw(st.lists(st.integers(0, 5), min_size=n_cells, max_size=n_cells))
+    )
+    n_counts = np.where(n_counts == 0, 1, n_counts).astype(np.float64)
+    width = draw(st.integers(0, n_genes + 2))
+    return {
+        "counts": counts,
+        "medians": medians,
+        "tokens": tokens,
+        "n_counts": n_counts,
+        "width": width,
+    }
+
+
+# ------------------------------------------------------------------------------ properties
+
+
+@given(tied_blocks())
+def test_equals_reference_with_ties(case: dict[str, Any]) -> None:
+    counts = case["counts"]
+    check_against_reference(
+        counts,
+        sp.csr_matrix(counts),
+        case["n_counts"],
+        case["medians"],
+        case["tokens"],
+        case["width"],
+    )
+
+
+@given(tied_blocks(), st.sampled_from([1, 2, 3, 5, 9]))
+def test_equals_reference_with_truncated_keys(case: dict[str, Any], value_bits: int) -> None:
+    """Force the value field down to a few bits: the exact re-sort must repair every row."""
+    counts = case["counts"]
+    old = K._MAX_VALUE_BITS
+    K._MAX_VALUE_BITS = value_bits
+    try:
+        check_against_reference(
+            counts,
+            sp.csr_array(counts),
+            case["n_counts"],
+            case["medians"],
+            case["tokens"],
+            case["width"],
+        )
+    finally:
+        K._MAX_VALUE_BITS = old
+
+
+@given(tied_blocks(), st.integers(1, 40))
+def test_independent_of_slicing(case: dict[str, Any], slice_nnz: int) -> None:
+    counts = case["counts"]
+    args = (case["n_counts"], case["medians"], case["tokens"], case["width"], PAD)
+    whole = rank_block(sp.csr_matrix(counts), *args)
+    old = K._SLICE_NNZ
+    K._SLICE_NNZ = slice_nnz  # type: ignore[misc]
+    try:
+        sliced = rank_block(sp.csr_matrix(counts), *args)
+    finally:
+        K._SLICE_NNZ = old  # type: ignore[misc]
+    for a, b in zip(whole, sliced, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@given(tied_blocks(), st.integers(0, 2**32 - 1))
+def test_independent_of_column_order_and_storage(case: dict[str, Any], seed: int) -> None:
+    """Permuted columns, unsorted CSR indices, split duplicates and explicit zeros: same result."""
+    counts, med, tok = case["counts"], case["medians"], case["tokens"]
+    args = (case["n_counts"], case["width"], PAD)
+    expected = rank_block(sp.csr_matrix(counts), args[0], med, tok, args[1], PAD)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(counts.shape[1])
+    got = rank_block(sp.csr_matrix(counts[:, perm]), args[0], med[perm], tok[perm], args[1], PAD)
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # COO with every count split into 1s (duplicates), explicit zeros, shuffled order
+    rows, cols = np.nonzero(counts)
+    reps = counts[rows, cols]
+    r = np.concatenate([np.repeat(rows, reps), rng.integers(0, counts.shape[0], 5)])
+    c = np.concatenate([np.repeat(cols, reps), rng.integers(0, counts.shape[1], 5)])
+    d = np.concatenate([np.ones(reps.sum(), np.int32), np.zeros(5, np.int32)])
+    order = rng.permutation(r.size)
+    messy = sp.csr_matrix(
+        (d[order], c[order], np.zeros(counts.shape[0] + 1, np.int64)), shape=counts.shape
+    )
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(r[order], minlength=counts.shape[0]))])
+    by_row = np.argsort(r[order], kind="stable")
+    messy = sp.csr_matrix((d[order][by_row], c[order][by_row], indptr), shape=counts.shape)
+    assert not messy.has_canonical_format or counts.sum() == 0
+    got = rank_block(messy, args[0], med, tok, args[1], PAD)
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@given(tied_blocks())
+def test_row_invariants(case: dict[str, Any]) -> None:
+    counts = case["counts"]
+    full = counts.shape[1]
+    ranked, values, lengths = rank_block(
+        sp.csr_matrix(counts), case["n_counts"], case["medians"], case["tokens"], full, PAD
+    )
+    for i in range(counts.shape[0]):
+        n = int(lengths[i])
+        detected = set(case["tokens"][counts[i] > 0].tolist())
+        assert sorted(ranked[i, :n].tolist()) == sorted(detected)  # a permutation
+        assert (ranked[i, n:] == PAD).all()
+        assert bool(np.all(np.diff(values[i, :n]) <= 0))  # non-increasing
+        assert (values[i, :n] > 0).all()
+    # truncation keeps a prefix
+    w = max(full // 2, 1)
+    short = rank_block(
+        sp.csr_matrix(counts), case["n_counts"], case["medians"], case["tokens"], w, PAD
+    )
+    np.testing.assert_array_equal(short[0], ranked[:, :w])
+    np.testing.assert_array_equal(short[1], values[:, :w])
+    np.testing.assert_array_equal(short[2], lengths)
+
+
+@settings(max_examples=20)
+@given(st.integers(0, 2**32 - 1))
+def test_parity_with_upstream_outside_ties(seed: int) -> None:
+    """Continuous medians: no ties, so upstream's unstable argsort gives the same tokens."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 6, (8, 60)) * (rng.random((8, 60)) < 0.5)
+    medians = rng.lognormal(0.5, 0.7, 60)
+    tokens = (rng.permutation(60) + 2).astype(np.uint16)
+    n_counts = counts.sum(1) * 1.7 + 1
+    ranked, values, lengths = rank_block(sp.csr_matrix(counts), n_counts, medians, tokens, 60, PAD)
+    for i in range(8):
+        up = upstream_rank_cell(counts[i], n_counts[i], medians, tokens)
+        vals = values[i, : lengths[i]]
+        assert np.unique(vals).size == vals.size  # really no ties
+        np.testing.assert_array_equal(ranked[i, : lengths[i]], up)
+
+
+@given(tied_blocks())
+def test_upstream_differs_only_within_ties(case: dict[str, Any]) -> None:
+    counts, med, tokens = case["counts"], case["medians"], case["tokens"]
+    n_genes = counts.shape[1]
+    ranked, _, lengths = rank_block(
+        sp.csr_matrix(counts), case["n_counts"], med, tokens, n_genes, PAD
+    )
+    col_of = {int(t): j for j, t in enumerate(tokens)}
+    for i in range(counts.shape[0]):
+        n_c = case["n_counts"][i]
+        up = upstream_rank_cell(counts[i], n_c, med, tokens)
+        n = int(lengths[i])
+        assert up.size == n
+
+        def value(t: int, i: int = i, n_c: float = n_c) -> float:
+            j = col_of[int(t)]
+            return ((float(counts[i, j]) / n_c) * 10000.0) / float(med[j])
+
+        ours = ranked[i, :n].tolist()
+        # identical float64 value sequences ...
+        assert [value(t) for t in up] == [value(t) for t in ours]
+        # ... so tokens differ only inside groups of equal values, as sets
+        groups: dict[float, tuple[set[int], set[int]]] = {}
+        for t_up, t_ours in zip(up.tolist(), ours, strict=True):
+            groups.setdefault(value(t_ours), (set(), set()))[0].add(t_ours)
+            groups.setdefault(value(t_up), (set(), set()))[1].add(t_up)
+        assert all(a == b for a, b in groups.values())
+
+
+# ------------------------------------------------------------------------------ edge cases
+
+
+def test_exact_float64_ties_and_near_ties() -> None:
+    """Equal values tie (token order), values one ulp apart never do."""
+    m = np.array([1.0, 1.0, np.nextafter(1.0, 2.0), np.nextafter(1.0, 0.0), 2.0, 0.5])
+    tokens = np.array([9, 5, 7, 8, 6, 4], dtype=np.uint16)
+    counts = np.array([[1, 1, 1, 1, 2, 0], [1, 1, 1, 1, 1, 1]])
+    n = np.array([10.0, 10.0])
+    ranked, _, lengths = rank_block(sp.csr_matrix(counts), n, m, tokens, 6, PAD)
+    # row 0: token 6 (2/2=1*k) ties with tokens 5, 9 (1/1); 8 (smaller median) first of those
+    assert ranked[0].tolist() == [8, 5, 6, 9, 7, 0]
+    assert ranked[1].tolist() == [4, 8, 5, 9, 7, 6]
+    assert lengths.tolist() == [5, 6]
+
+
+def test_wide_value_range_with_near_equal_values() -> None:
+    """A value range that forces truncation at full key width; distinct values 1 ulp apart."""
+    rng = np.random.default_rng(7)
+    n_genes = 400
+    medians = 1.0 + np.arange(n_genes)[::-1] * 2.0**-50  # increasing values along columns
+    medians[::40] = 1e-9  # huge values widen the range
+    tokens = np.arange(2, n_genes + 2, dtype=np.uint16)
+    counts = (rng.random((30, n_genes)) < 0.7).astype(np.int32)
+    n_counts = counts.sum(1).astype(np.float64) + 3
+    check_against_reference(counts, sp.csr_matrix(counts), n_counts, medians, tokens, n_genes)
+
+
+def test_empty_cells_and_blocks() -> None:
+    counts = np.array([[0, 0, 0], [0, 2, 0], [0, 0, 0]])
+    n = np.array([0.0, 5.0, 0.0])  # n_counts 0 is fine for a cell without counts
+    ranked, values, lengths = rank_block(
+        sp.csr_matrix(counts), n, np.ones(3), np.arange(1, 4), 2, PAD
+    )
+    assert lengths.tolist() == [0, 1, 0]
+    assert ranked.tolist() == [[0, 0], [2, 0], [0, 0]]
+    assert values[1, 0] == np.float32((2 / 5) * 10000)
+    ranked, values, lengths = rank_block(
+        sp.csr_matrix((0, 3), dtype=np.int32),
+        np.zeros(0),
+        np.ones(3),
+        np.arange(1, 4, dtype=np.uint8),
+        4,
+        PAD,
+    )
+    assert ranked.shape == (0, 4)
+    assert ranked.dtype == np.uint8
+    ranked, _, lengths = rank_block(sp.csr_matrix(counts), n, np.ones(3), np.arange(1, 4), 0, PAD)
+    assert ranked.shape == (3, 0)
+    assert lengths.tolist() == [0, 1, 0]
+
+
+def test_float_counts_and_dense_input() -> None:
+    counts = np.array([[0.5, 0.0, 2.25], [1.0, 1.0, 0.0]], dtype=np.float32)
+    med = np.array([1.0, 2.0, 3.0])
+    tok = np.array([10, 11, 12], dtype=np.uint16)
+    n = np.array([2.75, 2.0])
+    check_against_reference(counts, counts, n, med, tok, 3)
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan])
+def test_bad_counts_name_the_cell(bad: float) -> None:
+    counts = np.ones((4, 3))
+    counts[2, 1] = bad
+    with pytest.raises(InputError, match=r"cell 2\b") as info:
+        rank_block(sp.csr_matrix(counts), np.full(4, 3.0), np.ones(3), np.arange(3), 3, 9)
+    assert ("NaN" if np.isnan(bad) else "negative") in str(info.value)
+    with pytest.raises(InputError, match=r"cell 102 \(row 2 of this block\)"):
+        rank_block(
+            sp.csr_matrix(counts), np.full(4, 3.0), np.ones(3), np.arange(3), 3, 9, row_offset=100
+        )
+
+
+def test_negative_integer_counts() -> None:
+    counts = sp.csr_matrix(np.array([[1, 0], [0, -3]], dtype=np.int32))
+    with pytest.raises(InputError, match=r"negative \(-3\) count in cell 1"):
+        rank_block(counts, np.array([1.0, 1.0]), np.ones(2), np.arange(2), 2, 5)
+
+
+@pytest.mark.parametrize("bad_n", [0.0, -2.0, np.nan, np.inf])
+def test_bad_n_counts(bad_n: float) -> None:
+    counts = np.array([[1, 2], [3, 0]])
+    with pytest.raises(InputError, match=r"n_counts .* cell 1"):
+        rank_block(sp.csr_matrix(counts), np.array([3.0, bad_n]), np.ones(2), np.arange(2), 2, 5)
+
+
+def test_bad_medians_only_matter_when_used() -> None:
+    counts = sp.csr_matrix(np.array([[1, 0, 2]]))
+    ok = rank_block(counts, np.array([3.0]), np.array([1.0, np.nan, 2.0]), np.arange(3), 3, 5)
+    assert ok[0].tolist() == [[0, 2, 5]]  # 1/3e4/1 vs 2/3e4/2: equal values, token order
+    with pytest.raises(InputError, match="token 2"):
+        rank_block(counts, np.array([3.0]), np.array([1.0, 1.0, 0.0]), np.arange(3), 3, 5)
+
+
+def test_argument_checks() -> None:
+    x = sp.csr_matrix(np.ones((2, 3)))
+    with pytest.raises(InputError, match="one entry per cell"):
+        rank_block(x, np.ones(3), np.ones(3), np.arange(3), 3, 9)
+    with pytest.raises(InputError, match="one entry per column"):
+        rank_block(x, np.ones(2), np.ones(2), np.arange(3), 3, 9)
+    with pytest.raises(InputError, match="fit the token dtype"):
+        rank_block(x, np.ones(2), np.ones(3), np.arange(3, dtype=np.uint8), 3, 256)
+    with pytest.raises(InputError, match="unique"):
+        rank_block(x, np.ones(2), np.ones(3), np.array([1, 3, 1]), 3, 9)
+    with pytest.raises(InputError, match="integers"):
+        rank_block(x, np.ones(2), np.ones(3), np.array([1.0, 2.0, 3.0]), 3, 9)
+    with pytest.raises(InputError, match="width"):
+        rank_block(x, np.ones(2), np.ones(3), np.arange(3), -1, 9)
+
+
+# ------------------------------------------------------------------------------ values
+
+
+def test_normalized_values_fixed_arithmetic() -> None:
+    """Exactly ((count / n) * 10000) / median in float64; other orders give other bits."""
+    rng = np.random.default_rng(3)
+    counts = rng.integers(1, 50, (50, 40)).astype(np.float64)
+    n = rng.integers(100, 100_000, 50).astype(np.float64)
+    med = rng.lognormal(0.0, 1.0, 40)
+    got = normalized_values(sp.csr_matrix(counts), n, med)
+    assert got.dtype == np.float64
+    dense = got.toarray()
+    ref = np.array(
+        [
+            [((float(c) / float(n[i])) * 10000.0) / float(med[j]) for j, c in enumerate(row)]
+            for i, row in enumerate(counts)
+        ]
+    )
+    assert np.array_equal(dense, ref)
+    # upstream's dense expression agrees bit for bit...
+    assert np.array_equal(dense, counts / n[:, None] * 10000 / med)
+    # ...while scipy's sparse division (multiply by reciprocals) or other orders differ
+    assert not np.array_equal(dense, counts * (1 / n[:, None]) * 10000 * (1 / med))
+    assert not np.array_equal(dense, counts * 10000 / (n[:, None] * med))
+
+
+def test_normalized_values_keeps_pattern() -> None:
+    x = sp.csr_matrix((np.array([0, 3]), np.array([0, 2]), np.array([0, 1, 2])), shape=(2, 3))
+    got = normalized_values(x, np.array([1.0, 6.0]), np.array([1.0, 1.0, 4.0]))
+    assert got.nnz == 2
+    assert got.toarray().tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, 1250.0]]
+
+
+# ------------------------------------------------------------------------------ canonical CSR
+
+
+@given(
+    st.integers(1, 12),
+    st.integers(1, 20),
+    st.integers(0, 80),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([np.int32, np.float32, np.int64]),
+    st.integers(1, 50),
+)
+def test_canonical_csr_equals_scipy(
+    n_rows: int, n_cols: int, nnz: int, seed: int, dtype: type, slice_nnz: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.integers(0, n_rows, nnz))
+    cols = rng.integers(0, n_cols, nnz)  # unsorted, with duplicates
+    data = rng.integers(0, 4, nnz).astype(dtype)  # explicit zeros too
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))])
+    messy = sp.csr_array((data, cols.astype(np.int32), indptr), shape=(n_rows, n_cols))
+    expected = messy.copy()
+    expected.sum_duplicates()
+    old = K._SLICE_NNZ
+    K._SLICE_NNZ = slice_nnz  # type: ignore[misc]
+    try:
+        got = K.canonical_csr(messy)
+    finally:
+        K._SLICE_NNZ = old  # type: ignore[misc]
+    assert got.has_sorted_indices
+    assert got.dtype == messy.dtype
+    np.testing.assert_array_equal(got.toarray(), messy.toarray())
+    # same structure as scipy's, except that scipy also drops the zeros it sums to
+    kept = expected.copy()
+    kept.eliminate_zeros()
+    dropped = got.copy()
+    dropped.eliminate_zeros()
+    np.testing.assert_array_equal(dropped.indptr, kept.indptr)
+    np.testing.assert_array_equal(dropped.indices, kept.indices)
+    np.testing.assert_array_equal(dropped.data, kept.data)
+    assert np.array_equal(messy.data, data)  # input untouched

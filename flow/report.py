@@ -144,7 +144,7 @@ def plot_coverage(
         ax.axvline(mark, color="0.3", ls=":", lw=1)
         ax.annotate(
             f"{mark:,}: {pct:.1f}% of cells",
-            xy=(mark, 3),
+            xy=(mark, 40),
             xytext=(-3, 0),
             textcoords="offset points",
             rotation=90,

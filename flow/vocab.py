@@ -150,8 +150,8 @@ class Vocabulary:
     Parameters
     ----------
     gene_ids
-        Normalised gene IDs (see :func:`normalize_gene_ids`); a gene's index in the vocabulary
-        is its position here. Unique. Stored as a read-only copy.
+        Gene IDs, normalised here (:func:`normalize_gene_ids`); a gene's index in the
+        vocabulary is its position here. Unique after normalisation. Stored read-only.
     token_ids
         The token ID of each gene (same length as ``gene_ids``). Unique, non-negative, and
         disjoint from the special tokens.
@@ -163,7 +163,8 @@ class Vocabulary:
     Notes
     -----
     Equality and hashing use :attr:`fingerprint`, so two vocabularies with the same
-    gene -> token and special -> token pairs are equal whatever the gene order.
+    gene -> token and special -> token pairs are equal whatever the gene order. After
+    construction ``pad_token`` is always an ``int``. Instances pickle (for Dask workers).
     """
 
     gene_ids: StrArray
@@ -172,13 +173,13 @@ class Vocabulary:
     pad_token: int | None = None
 
     def __post_init__(self) -> None:
-        gene_ids = _frozen(self.gene_ids, np.str_) if len(self.gene_ids) else _frozen([], "<U1")
+        gene_ids = _frozen(normalize_gene_ids(list(self.gene_ids)), np.str_)
         token_ids = np.asarray(self.token_ids)
         if token_ids.size and not np.issubdtype(token_ids.dtype, np.integer):
             msg = f"token_ids must be integers, got dtype {token_ids.dtype}."
             raise VocabularyError(msg)
         token_ids = _frozen(token_ids, np.int64)
-        special = MappingProxyType({str(k): int(v) for k, v in dict(self.special).items()})
+        special = {str(k): int(v) for k, v in dict(self.special).items()}  # a copy (picklable)
         if gene_ids.ndim != 1 or token_ids.shape != gene_ids.shape:
             msg = (
                 f"gene_ids and token_ids must be 1-D and of equal length, got shapes "

@@ -160,6 +160,27 @@ def test_vocabulary_explicit_pad_token() -> None:
         Vocabulary(np.array(["A"]), np.array([1]), {}, pad_token=1)
 
 
+def test_objects_pickle_for_workers() -> None:
+    """Vocabulary, GeneMap and Preset travel to Dask workers by pickle."""
+    vocab = small_vocab(10)
+    gm = build_gene_map(["ENSG00000000002", "ENSG00000000001", "ENSG00000000002"], vocab)
+    for obj in (vocab, gm, PRESETS["V2"]):
+        assert type(pickle.loads(pickle.dumps(obj))) is type(obj)
+    v2 = pickle.loads(pickle.dumps(vocab))
+    assert v2 == vocab
+    assert v2.token_of(["ENSG00000000002"]).tolist() == [5]
+    gm2 = pickle.loads(pickle.dumps(gm))
+    x = sp.csr_matrix(np.array([[1, 2, 3]]))
+    assert (gm2.apply(x) != gm.apply(x)).nnz == 0
+
+
+def test_vocabulary_normalises_its_ids() -> None:
+    v = Vocabulary(np.array([" ensg1.2", "ENSG2"]), np.array([4, 5]), {"<pad>": 0})
+    assert v.gene_ids.tolist() == ["ENSG1", "ENSG2"]
+    with pytest.raises(VocabularyError, match="occur once"):
+        Vocabulary(np.array(["ENSG1.1", "ENSG1.2"]), np.array([4, 5]), {"<pad>": 0})
+
+
 def test_vocabulary_from_genes() -> None:
     v = vocabulary_from_genes(["ENSG3", "ensg1.4", "ENSG2", "ENSG1"])
     assert v.as_dict() == {
@@ -359,6 +380,11 @@ def test_gene_map_sums_duplicates() -> None:
     assert collapsed.tolist() == [[4, 1 + 3, 5 + 6], [10, 7 + 9, 11 + 12]]
     assert collapsed.dtype == block.dtype
     assert (gm.apply(sp.csr_matrix(block)).toarray() == collapsed).all()
+    assert not gm.keeps_order
+    ordered = build_gene_map(["ENSG00000000001", "X", "ENSG00000000002"], vocab, min_genes=1)
+    assert ordered.keeps_order
+    x = sp.csr_matrix(np.array([[1, 2, 3]]))
+    assert ordered.apply(x).toarray().tolist() == [[1, 3]]
     # without the mapping BRCA2 is unmatched
     gm2 = build_gene_map(ids, vocab, min_genes=1)
     assert (gm2.n_matched, gm2.n_duplicates_summed) == (4, 1)
@@ -386,7 +412,15 @@ def test_gene_map_apply_equals_reference(genes: list[tuple[int, str, bool]], see
     assert gm.kept_tokens.tolist() == sorted(ref)
     expected = np.column_stack([ref[t] for t in sorted(ref)])
     assert np.array_equal((sp.csr_array(block) @ gm.collapse).toarray(), expected)
-    assert np.array_equal(gm.apply(sp.csr_matrix(block)).toarray(), expected)
+    applied = gm.apply(sp.csr_matrix(block))
+    assert np.array_equal(applied.toarray(), expected)
+    assert applied.dtype == block.dtype
+    assert applied.shape == (5, gm.n_kept)
+    # canonical: sorted indices, no duplicate entries
+    ptr, ind = applied.indptr, applied.indices
+    for i in range(5):
+        assert bool(np.all(np.diff(ind[ptr[i] : ptr[i + 1]]) > 0))
+    assert np.array_equal(gm.apply(block).toarray(), expected)  # dense input too
     assert gm.n_matched == sum(1 <= g <= 10 for g, _, _ in genes)
     assert gm.n_duplicates_summed == gm.n_matched - len(ref)
 

@@ -122,7 +122,13 @@ def csr_row_pieces(
         values = np.asarray(data[p0:p1])
         cols = np.asarray(indices[p0:p1])
         _check_range(cols, n_cols, path, f"{what} column indices (rows {r0}..{r1 - 1})")
-        yield sp.csr_matrix((values, cols, ptr - p0), shape=(r1 - r0, n_cols))
+        # 32-bit index arrays when they fit, so scipy does not copy them to a common dtype
+        small = p1 - p0 < 2**31 and n_cols < 2**31
+        index_dtype = np.int32 if small else np.int64
+        yield sp.csr_matrix(
+            (values, cols.astype(index_dtype, copy=False), (ptr - p0).astype(index_dtype)),
+            shape=(r1 - r0, n_cols),
+        )
 
 
 def dense_rows_per_read(n_cols: int, itemsize: int, n_cells: int, read_size: int | None) -> int:

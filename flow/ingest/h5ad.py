@@ -152,7 +152,7 @@ def carried_column(values: Any) -> np.ndarray | None:
         if kind in "iuf" and has_na:
             return np.asarray(values.to_numpy(dtype=np.float64, na_value=np.nan))
         if kind in "biuf" and not has_na:
-            return np.asarray(values.to_numpy(dtype=values.dtype.numpy_dtype))  # type: ignore[attr-defined]
+            return np.asarray(values.to_numpy(dtype=values.dtype.numpy_dtype))
         return as_str_array(values, missing=None)
     arr = np.asarray(values)
     if arr.ndim != 1:
@@ -406,7 +406,11 @@ def _matrix_layout(elem: Any, path: str, key: str) -> tuple[str, int, int, int, 
             enc = f"{_attr_str(attrs.get('h5sparse_format'))}_matrix"
         shape = attrs.get("shape", attrs.get("h5sparse_shape"))
         parts = ("data", "indices", "indptr")
-        if enc not in ("csr_matrix", "csc_matrix") or shape is None or any(p not in elem for p in parts):
+        if (
+            enc not in ("csr_matrix", "csc_matrix")
+            or shape is None
+            or any(p not in elem for p in parts)
+        ):
             msg = (
                 f"{path}: {key} is encoded as {enc!r}; flow reads dense arrays and "
                 "csr_matrix/csc_matrix. Re-save the matrix in one of these encodings."
@@ -417,7 +421,9 @@ def _matrix_layout(elem: Any, path: str, key: str) -> tuple[str, int, int, int, 
         layout, nnz = ("csr" if enc == "csr_matrix" else "csc"), int(elem["data"].shape[0])
     else:
         if len(elem.shape) != 2:
-            msg = f"{path}: {key} has shape {tuple(elem.shape)}; expected a 2-D cells x genes matrix."
+            msg = (
+                f"{path}: {key} has shape {tuple(elem.shape)}; expected a 2-D cells x genes matrix."
+            )
             raise InputError(msg)
         n_cells, n_genes = (int(s) for s in elem.shape)
         dtype, layout, nnz = np.dtype(elem.dtype), "dense", 0

@@ -95,8 +95,8 @@ class LoomSource:
             if self._dtype.kind not in "biuf":
                 msg = f"{path}: {self._key} holds {self._dtype} values; counts must be numbers."
                 raise InputError(msg)
-            rows = fh["row_attrs"] if "row_attrs" in fh else {}
-            cols = fh["col_attrs"] if "col_attrs" in fh else {}
+            rows = fh.get("row_attrs", {})
+            cols = fh.get("col_attrs", {})
             row_names, col_names = sorted(rows.keys()), sorted(cols.keys())
             id_key = gene_id_column or next((a for a in _ID_ATTRS if a in rows), None)
             if id_key is None or id_key not in rows:
@@ -109,7 +109,13 @@ class LoomSource:
                 raise InputError(msg)
             fix = "Every row (gene) needs an ID: fix the loom's row attribute, or pick another."
             gene_ids = _loom_strings(rows[id_key][:])
-            check_ids(gene_ids, n=n_genes, path=path, what=f"gene IDs in row attribute {id_key!r}", fix=fix)
+            check_ids(
+                gene_ids,
+                n=n_genes,
+                path=path,
+                what=f"gene IDs in row attribute {id_key!r}",
+                fix=fix,
+            )
             sym_key = next((a for a in _SYMBOL_ATTRS if a in rows and a != id_key), None)
             symbols = _loom_strings(rows[sym_key][:]) if sym_key else None
             bc_key = next((a for a in _BARCODE_ATTRS if a in cols), None)
@@ -140,7 +146,9 @@ class LoomSource:
                     continue
                 data[name] = values
         if skipped:
-            notes.append(f"column attributes not carried (not 1-D, one per cell): {', '.join(skipped)}.")
+            notes.append(
+                f"column attributes not carried (not 1-D, one per cell): {', '.join(skipped)}."
+            )
         if n_cells == 0 or n_genes == 0:
             msg = f"{path}: the matrix is empty ({n_cells} cells x {n_genes} genes)."
             raise InputError(msg)
@@ -174,7 +182,9 @@ class LoomSource:
             width -= width % self._chunk_cols  # whole chunks per read
         with open_h5(info.path) as fh:
             matrix: Any = fh[self._key]
-            pieces = dense_row_pieces(matrix, n_rows=info.n_cells, rows_per_read=width, transpose=True)
+            pieces = dense_row_pieces(
+                matrix, n_rows=info.n_cells, rows_per_read=width, transpose=True
+            )
             yield from rebatch(pieces, n_cells)
 
 

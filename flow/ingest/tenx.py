@@ -76,7 +76,8 @@ def _feature_filter(
         if len(kinds) > 1 and GENE_EXPRESSION in kinds:
             keep &= types == GENE_EXPRESSION
             dropped = ", ".join(
-                f"{k} x{c}" for k, c in zip(kinds.tolist(), counts.tolist(), strict=True)
+                f"{k} x{c}"
+                for k, c in zip(kinds.tolist(), counts.tolist(), strict=True)
                 if k != GENE_EXPRESSION
             )
             notes.append(
@@ -108,9 +109,7 @@ def _h5_strings(group: h5py.Group, name: str) -> np.ndarray | None:
 
 
 def _h5_genome_groups(fh: h5py.File) -> list[str]:
-    return sorted(
-        k for k, v in fh.items() if hasattr(v, "keys") and "indptr" in v and "genes" in v
-    )
+    return sorted(k for k, v in fh.items() if hasattr(v, "keys") and "indptr" in v and "genes" in v)
 
 
 class TenxH5Source:
@@ -160,7 +159,9 @@ class TenxH5Source:
                 symbols = _h5_strings(fh[self._group], "gene_names")
                 types, genomes, genome = None, None, None
             group = fh[self._group]
-            missing = [k for k in ("data", "indices", "indptr", "shape", "barcodes") if k not in group]
+            missing = [
+                k for k in ("data", "indices", "indptr", "shape", "barcodes") if k not in group
+            ]
             if missing:
                 msg = f"{path}: /{self._group} lacks {', '.join(missing)}. {fix}"
                 raise InputError(msg)
@@ -267,7 +268,7 @@ class _NeedsWhitespaceParser(Exception):
 
 
 def _open_binary(path: str) -> Any:
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
 def _read_mtx_header(path: str) -> _MtxHeader:
@@ -293,7 +294,11 @@ def _read_mtx_header(path: str) -> _MtxHeader:
     if len(words) < 5 or words[0] != "%%matrixmarket" or words[1] != "matrix":
         msg = f"{path}: does not start with a '%%MatrixMarket matrix ...' line. {fix}"
         raise InputError(msg)
-    if words[2] != "coordinate" or words[3] not in ("integer", "real", "double", "pattern") or words[4] != "general":
+    if (
+        words[2] != "coordinate"
+        or words[3] not in ("integer", "real", "double", "pattern")
+        or words[4] != "general"
+    ):
         msg = (
             f"{path}: is a Matrix Market '{' '.join(words[2:5])}' matrix; flow reads "
             f"'coordinate integer|real|pattern general' count matrices. {fix}"
@@ -341,9 +346,7 @@ def _find(folder: str, prefix: str, names: tuple[str, ...], what: str, matrix: s
     raise InputError(msg)
 
 
-def _resize(
-    chunks: Iterable[dict[str, np.ndarray]], size: int
-) -> Iterator[dict[str, np.ndarray]]:
+def _resize(chunks: Iterable[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
     """Re-cut parsed chunks into pieces of exactly ``size`` entries (the last may be shorter)."""
     pending: list[dict[str, np.ndarray]] = []
     n_pending = 0
@@ -440,7 +443,9 @@ class TenxMtxSource:
 
     def _value_dtype(self) -> np.dtype[Any]:
         field = self._header.field
-        return np.dtype(np.float64 if field == "real" else np.int64 if field == "integer" else np.int32)
+        return np.dtype(
+            np.float64 if field == "real" else np.int64 if field == "integer" else np.int32
+        )
 
     def _chunks(self, engine: str, columns: list[str]) -> Iterator[dict[str, np.ndarray]]:
         """Parsed entries, column by name, in file order (1-based indices as in the file)."""
@@ -469,7 +474,9 @@ class TenxMtxSource:
         names = self._names()
         vtype = {"integer": pa.int64(), "real": pa.float64()}.get(self._header.field)
         types = {"g": pa.int64(), "c": pa.int64(), **({"v": vtype} if vtype is not None else {})}
-        stream = pa.input_stream(self._matrix, compression="gzip" if self._matrix.endswith(".gz") else None)
+        stream = pa.input_stream(
+            self._matrix, compression="gzip" if self._matrix.endswith(".gz") else None
+        )
         with stream:
             try:
                 reader = pacsv.open_csv(

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-import dask
+from dask.base import compute as dask_compute
 from distributed import Client, LocalCluster, get_client, progress
 
 __all__ = ["compute", "current_client", "flow_client"]
@@ -90,13 +90,13 @@ def compute(*collections: Any, quiet: bool = True, label: str = "") -> tuple[Any
     client = current_client()
     if client is None:
         if quiet:
-            return tuple(dask.compute(*collections))
-        from dask.diagnostics import ProgressBar
+            return tuple(dask_compute(*collections))
+        from dask.diagnostics.progress import ProgressBar
 
         if label:
             print(label, file=sys.stderr)
         with ProgressBar(out=sys.stderr):
-            return tuple(dask.compute(*collections))
+            return tuple(dask_compute(*collections))
     futures = client.compute(list(collections))
     if not quiet:
         if label:

@@ -503,8 +503,8 @@ def _cell_parts(x: np.ndarray | da.Array, cell_chunks: tuple[int, ...]) -> list[
     if isinstance(x, da.Array):
         arr: da.Array = x
         if arr.chunks[0] != cell_chunks:
-            arr = arr.rechunk((cell_chunks,))  # type: ignore[no-untyped-call]  # 1-D, cheap
-        return list(arr.to_delayed().ravel())  # type: ignore[no-untyped-call]
+            arr = arr.rechunk((cell_chunks,))  # 1-D, cheap
+        return list(arr.to_delayed().ravel())
     bounds = np.cumsum((0, *cell_chunks))
     return [x[bounds[i] : bounds[i + 1]] for i in range(len(cell_chunks))]
 
@@ -629,7 +629,7 @@ def write_model_dataset(
             )
             raise ChunkingError(msg)
     else:
-        lengths_da = da.from_array(  # type: ignore[no-untyped-call]
+        lengths_da = da.from_array(
             _cell_array("lengths", lengths, cell_chunks), chunks=(cell_chunks,)
         )
     if not np.issubdtype(lengths_da.dtype, np.integer):
@@ -666,7 +666,7 @@ def write_model_dataset(
         url, options, dask_key_name=f"flow-export-prepare-{token}"
     )
     token_parts = head.to_delayed().ravel()
-    length_parts = lengths_da.to_delayed().ravel()  # type: ignore[no-untyped-call]
+    length_parts = lengths_da.to_delayed().ravel()
     keep_parts = (
         _cell_parts(keep_arr, cell_chunks) if keep_arr is not None else [None] * len(cell_chunks)
     )
@@ -707,5 +707,5 @@ def write_model_dataset(
         dask_key_name=f"flow-export-finalize-{token}",
     )
     if compute:
-        return str(result.compute())  # type: ignore[no-untyped-call]
+        return str(result.compute())
     return result

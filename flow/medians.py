@@ -374,7 +374,7 @@ def open_medians(
     text = os.fspath(path)
     if text.endswith((".pkl", ".pickle")):
         return import_median_dictionary(text)
-    root = open_flow_group(
+    root: Any = open_flow_group(
         text, KIND, storage_options=storage_options, finish_hint="run `flow medians` again"
     )
     meta = flow_attrs(root)

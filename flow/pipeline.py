@@ -202,7 +202,7 @@ def demo(
     try:
         from .query import coverage_summary
     except ImportError:  # pragma: no cover - the query stage is optional in the demo
-        coverage_summary = None
+        coverage_summary = None  # type: ignore[assignment]
     if coverage_summary is not None:
         say(coverage_summary(enc))
     say(f"Done in {t4 - t0:.1f} s. Results are in {os.path.abspath(outdir)}/")

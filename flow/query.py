@@ -289,7 +289,7 @@ def gene_ranks(enc: EncodingStore, gene: str | int, *, split_every: int = 8) -> 
     """
     token = resolve_gene(enc, gene) if isinstance(gene, str) else int(gene)
     tokens = enc.tokens
-    per_chunk = da.map_blocks(  # type: ignore[no-untyped-call]
+    per_chunk = da.map_blocks(
         _gene_rank_block,
         tokens,
         gene_token=token,  # not ``token=``: map_blocks takes that as a key prefix
@@ -298,7 +298,16 @@ def gene_ranks(enc: EncodingStore, gene: str | int, *, split_every: int = 8) -> 
         meta=np.empty((0, 0), dtype=np.int32),
         name=f"flow-gene-rank-{tokenize(tokens, token)}",
     )
-    ranks: da.Array = per_chunk.max(axis=1, split_every=split_every)
+    ranks: da.Array = da.reduction(
+        per_chunk,
+        np.max,
+        np.max,
+        axis=1,
+        split_every=split_every,
+        dtype=np.int32,
+        meta=np.empty((0,), dtype=np.int32),
+        name=f"flow-gene-rank-max-{tokenize(tokens, token, split_every)}",
+    )
     return ranks
 
 
@@ -566,7 +575,7 @@ def _group_codes(
 ) -> tuple[np.ndarray, tuple[str, ...]]:
     """Per-cell group code (-1 for cells that do not pass) and the group labels."""
     if group_by is None:
-        return np.where(keep, 0, -1).astype(np.int32), ("all",)
+        return np.where(keep, 0, -1).astype(np.int8), ("all",)
     available = enc.obs_columns
     if group_by not in available:
         msg = f"No cell column {group_by!r} in {enc.url}; carried columns are {available}."
@@ -580,7 +589,8 @@ def _group_codes(
             f"(at most {MAX_GROUPS:,} groups)."
         )
         raise InputError(msg)
-    codes = np.full(keep.size, -1, dtype=np.int32)
+    # the smallest type: the codes travel in the graph (one slice per cell block)
+    codes = np.full(keep.size, -1, dtype=np.int8 if labels.size < 128 else np.int16)
     codes[keep] = inverse
     return codes, tuple(str(x) for x in labels)
 
@@ -635,10 +645,10 @@ def drop_rates(
         dropped = da.zeros((n_groups, n_tokens), dtype=np.int64, chunks=-1)
     else:
         tail = tokens[:, length_cutoff:]
-        lazy_codes = da.from_array(  # type: ignore[no-untyped-call]
+        lazy_codes = da.from_array(
             codes, chunks=(tail.chunks[0],), name=f"flow-cell-groups-{tokenize(codes)}"
         )
-        per_block = da.blockwise(  # type: ignore[no-untyped-call]
+        per_block = da.blockwise(
             _dropped_block,
             "ijgt",
             tail,
@@ -654,7 +664,16 @@ def drop_rates(
             n_tokens=n_tokens,
             pad=enc.pad_token,
         )
-        dropped = per_block.sum(axis=(0, 1), split_every=split_every, dtype=np.int64)
+        dropped = da.reduction(
+            per_block,
+            np.sum,
+            np.sum,
+            axis=(0, 1),
+            split_every=split_every,
+            dtype=np.int64,
+            meta=np.empty((0, 0), dtype=np.int64),
+            name=f"{name}-sum",
+        )
     return DropRates(length_cutoff, dropped, group_by, groups, codes, enc.lengths, table)
 
 

@@ -182,7 +182,7 @@ def _read_block(
     b = r0 // block_size
     p0, p1 = offsets[b], offsets[b + 1]
     opts = None if "://" not in url or url.startswith("file://") else dict(storage_options)
-    x = zarr.open_group(url, mode="r", storage_options=opts)["X"]
+    x: Any = zarr.open_group(url, mode="r", storage_options=opts)["X"]
     indptr = np.asarray(x["indptr"][r0 : r1 + 1], dtype=np.int64) - p0
     data = np.asarray(x["data"][p0:p1], dtype=np.dtype(dtype_str))
     indices = np.asarray(x["indices"][p0:p1], dtype=np.int32)
@@ -359,7 +359,7 @@ def _needed_dtype(block: sp.csr_matrix, current: np.dtype[Any]) -> np.dtype[Any]
 class _Appender:
     """Append values to a 1-D Zarr array, writing whole shards only (writers own shards)."""
 
-    def __init__(self, array: zarr.Array, hasher: Any) -> None:
+    def __init__(self, array: Any, hasher: Any) -> None:
         self.array = array
         self.pending: list[np.ndarray] = []
         self.n_pending = 0
@@ -421,7 +421,7 @@ def _write_counts(
     )
     x = root.create_group("X")
     x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
-    sharded = {"chunks": (_CHUNK,), "shards": (_SHARD,), "compressors": COUNT_CODECS}
+    sharded: dict[str, Any] = {"chunks": (_CHUNK,), "shards": (_SHARD,), "compressors": COUNT_CODECS}
     data = x.create_array("data", shape=(0,), dtype=dtype, **sharded)
     indices = x.create_array("indices", shape=(0,), dtype=np.int32, **sharded)
     hasher = content_hasher()

@@ -199,7 +199,7 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     cell_chunk = max(1, min(bs, n_cells))
     rank_chunk = min(plan.rank_chunk, plan.width)
     dtype = vocab.token_dtype
-    grid = {"chunks": (cell_chunk, rank_chunk), "dimension_names": ("cell", "rank")}
+    grid: dict[str, Any] = {"chunks": (cell_chunk, rank_chunk), "dimension_names": ("cell", "rank")}
     root.create_array(
         "tokens", shape=(n_cells, plan.width), dtype=dtype, fill_value=vocab.pad_token, **grid
     )
@@ -292,7 +292,7 @@ def _write_block(
     """Write one ranked block (whole chunks only), then mark it done."""
     tokens, values, lengths = part
     opts = None if "://" not in url or url.startswith("file://") else dict(storage_options)
-    root = zarr.open_group(url, mode="r+", storage_options=opts)
+    root: Any = zarr.open_group(url, mode="r+", storage_options=opts)
     r1 = r0 + tokens.shape[0]
     root["tokens"][r0:r1, :] = tokens
     root["values"][r0:r1, :] = values
@@ -324,7 +324,7 @@ def write_encoding(
 
     run = compute or default_compute
     url = store_url(path)
-    root = _open_or_create(plan, url, storage_options)
+    root: Any = _open_or_create(plan, url, storage_options)
     done = np.asarray(root["block_done"][:], dtype=bool)
     todo = [b for b in range(plan.store.n_blocks) if not done[b]]
     graph = encoding_graph(plan, url, todo, storage_options=storage_options)
@@ -403,7 +403,7 @@ class EncodingStore:
     attrs: dict[str, Any]
     storage_options: Mapping[str, Any] | None = None
 
-    def _group(self) -> zarr.Group:
+    def _group(self) -> Any:
         return open_flow_group(self.url, KIND, storage_options=self.storage_options)
 
     @cached_property

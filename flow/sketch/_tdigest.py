@@ -273,7 +273,8 @@ def _compress(
         mins = x[starts]
         maxs = x[np.append(starts[1:], n_items) - 1] if n_items else np.zeros(0)
     else:
-        assert mn is not None and mx is not None
+        assert mn is not None
+        assert mx is not None
         weights = np.add.reduceat(w, starts) if n_items else np.zeros(0, np.int64)
         sums = np.add.reduceat(x * w, starts) if n_items else np.zeros(0)
         mins = np.minimum.reduceat(mn, starts) if n_items else np.zeros(0)

@@ -62,8 +62,9 @@ DEFAULT_CUTOFF = 2048
 REFERENCE_INPUT_SIZE = 2048
 """Attention cost is relative to this input size: cost(L) = (L / 2048) ** 2."""
 
-MAX_GROUPS = 1000
-"""Most distinct values a ``group_by`` column may have (it is meant for labels like cell_type)."""
+MAX_GROUPS = 256
+"""Most distinct values a ``group_by`` column may have: it is meant for labels like cell_type
+(each cell-block task holds a groups x tokens count table)."""
 
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
@@ -107,12 +108,40 @@ def _gene_tokens(table: dict[str, np.ndarray]) -> np.ndarray:
     )
 
 
-def _close(word: str, candidates: Sequence[str], n: int = 5) -> list[str]:
-    """Up to ``n`` close matches of ``word`` (case-insensitive) among ``candidates``."""
+def _shortlist(word: str, candidates: list[str], size: int) -> list[int]:
+    """Indices of at most ``size`` candidates that look like ``word`` (vectorized, no loops).
+
+    Half by the longest common prefix + suffix, half by the characters equal at the same
+    position counted from the start and from the end; ties go to candidates of similar length.
+    """
+    width = max(len(word), *(len(c) for c in candidates))
+    runs = np.zeros(len(candidates), dtype=np.int64)
+    same = np.zeros(len(candidates), dtype=np.int64)
+    for w, cands in ((word, candidates), (word[::-1], [c[::-1] for c in candidates])):
+        grid = np.asarray(cands, dtype=f"<U{width}").view(np.uint32).reshape(len(cands), width)
+        probe = np.asarray([w], dtype=f"<U{width}").view(np.uint32)
+        eq = (grid == probe) & (probe != 0)
+        runs += np.where(eq.all(axis=1), width, eq.argmin(axis=1))
+        same += np.count_nonzero(eq, axis=1)
+    gap = np.abs(np.array([len(c) for c in candidates]) - len(word))
+    half = max(1, size // 2)
+    by_run = np.lexsort((gap, -runs))[:half]
+    by_same = np.lexsort((gap, -same))[:half]
+    return sorted(set(by_run.tolist()) | set(by_same.tolist()))
+
+
+def _close(word: str, candidates: Sequence[str], n: int = 5, *, shortlist: int = 200) -> list[str]:
+    """Up to ``n`` close matches of ``word`` (case-insensitive) among ``candidates``.
+
+    Many candidates (barcodes of a large store) are first narrowed to a ``shortlist``, so an
+    error message never takes seconds.
+    """
     lowered = {c.lower(): c for c in candidates if c}
-    return [
-        lowered[m] for m in difflib.get_close_matches(word.lower(), list(lowered), n=n, cutoff=0.6)
-    ]
+    keys = list(lowered)
+    probe = word.lower()
+    if len(keys) > shortlist and probe:
+        keys = [keys[i] for i in _shortlist(probe, keys, shortlist)]
+    return [lowered[m] for m in difflib.get_close_matches(probe, keys, n=n, cutoff=0.6)]
 
 
 def resolve_cell(enc: EncodingStore, cell: int | str) -> int:
@@ -444,23 +473,31 @@ def gene_drop(
 
 
 def _dropped_block(
-    tokens: np.ndarray, codes: np.ndarray, *, n_groups: int, n_tokens: int, pad: int
+    tokens: list[np.ndarray] | np.ndarray,
+    codes: np.ndarray,
+    *,
+    n_groups: int,
+    n_tokens: int,
+    pad: int,
 ) -> np.ndarray:
-    """Per (group, token): passing cells of this block holding the token in this rank chunk.
+    """Per (group, token): passing cells of one cell block holding the token at these ranks.
 
-    ``codes`` is each cell's group (0 .. n_groups-1), -1 for cells that do not pass.
-    Returns a ``(1, 1, n_groups, n_tokens)`` int64 block.
+    ``tokens`` is the block's rank chunks (a list: they are counted one by one, never
+    concatenated); ``codes`` each cell's group (0 .. n_groups-1), -1 for cells that do not
+    pass. Returns a ``(1, n_groups, n_tokens)`` int64 block.
     """
     keep = codes >= 0
-    kept = tokens[keep]
-    if n_groups == 1:
-        flat = kept.ravel().astype(np.intp)
-    else:
-        group = np.repeat(codes[keep].astype(np.intp), kept.shape[1])
-        flat = group * n_tokens + kept.ravel().astype(np.intp)
-    counts = np.bincount(flat, minlength=n_groups * n_tokens).reshape(n_groups, n_tokens)
+    group = codes[keep].astype(np.intp) * n_tokens
+    counts = np.zeros(n_groups * n_tokens, dtype=np.int64)
+    for chunk in tokens if isinstance(tokens, list) else [tokens]:
+        kept = chunk[keep]
+        flat = kept.astype(np.intp)
+        if n_groups > 1:
+            flat += group[:, None]
+        counts += np.bincount(flat.ravel(), minlength=n_groups * n_tokens)
+    counts = counts.reshape(n_groups, n_tokens)
     counts[:, pad] = 0  # the pad token fills ranks past each cell's length: not a gene
-    return counts.astype(np.int64)[None, None]
+    return counts[None]
 
 
 @dataclass(frozen=True)
@@ -604,8 +641,9 @@ def drop_rates(
 ) -> DropRates:
     """Per-gene drop counts at ``cutoff`` for all genes at once (lazy).
 
-    One out-of-core reduction over ``tokens[:, cutoff:]``: a bincount of the tokens of passing
-    cells in each ``(cell block, rank chunk)``, tree-summed (``split_every``). Rank chunks that
+    One out-of-core reduction over ``tokens[:, cutoff:]``: per cell block, a bincount of the
+    tokens of passing cells over its rank chunks at or past ``cutoff`` (one chunk in memory at
+    a time), tree-summed over blocks (``split_every``). Rank chunks that
     lie wholly below ``cutoff`` are not in the graph, so they are never read; the chunk that
     holds rank ``cutoff`` is read whole when ``cutoff`` is not a multiple of the rank chunk;
     ``values`` is never read. Graph size is O(number of chunks read). Nothing is computed
@@ -648,17 +686,18 @@ def drop_rates(
         lazy_codes = da.from_array(
             codes, chunks=(tail.chunks[0],), name=f"flow-cell-groups-{tokenize(codes)}"
         )
-        per_block = da.blockwise(
+        per_block = da.blockwise(  # one task per cell block, over its rank chunks >= L
             _dropped_block,
-            "ijgt",
+            "igt",
             tail,
             "ij",
             lazy_codes,
             "i",
             new_axes={"g": n_groups, "t": n_tokens},
-            adjust_chunks={"i": 1, "j": 1},
+            adjust_chunks={"i": 1},
+            concatenate=False,
             dtype=np.int64,
-            meta=np.empty((0, 0, 0, 0), dtype=np.int64),
+            meta=np.empty((0, 0, 0), dtype=np.int64),
             name=f"{name}-chunk",
             n_groups=n_groups,
             n_tokens=n_tokens,
@@ -668,7 +707,7 @@ def drop_rates(
             per_block,
             np.sum,
             np.sum,
-            axis=(0, 1),
+            axis=0,
             split_every=split_every,
             dtype=np.int64,
             meta=np.empty((0, 0), dtype=np.int64),

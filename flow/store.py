@@ -186,7 +186,28 @@ def _read_block(
     indptr = np.asarray(x["indptr"][r0 : r1 + 1], dtype=np.int64) - p0
     data = np.asarray(x["data"][p0:p1], dtype=np.dtype(dtype_str))
     indices = np.asarray(x["indices"][p0:p1], dtype=np.int32)
+    _check_block(data, indices, indptr, url, b)
     return sp.csr_matrix((data, indices, indptr), shape=(r1 - r0, n_genes))
+
+
+def _check_block(
+    data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, url: str, b: int
+) -> None:
+    """Detect missing or corrupt chunks: Zarr reads a missing chunk as zeros, silently.
+
+    A count store holds no zero counts and strictly increasing gene indices within a cell, so
+    a zero value or a non-increasing index inside a row means the block's data is damaged.
+    """
+    rising = np.diff(indices.astype(np.int64)) > 0
+    rising[indptr[1:-1][(indptr[1:-1] > 0) & (indptr[1:-1] < indices.size)] - 1] = (
+        True  # row starts
+    )
+    if (data == 0).any() or not rising.all():
+        msg = (
+            f"{url}: block {b} of the counts is damaged (missing or corrupt chunks in X/data or "
+            "X/indices). Convert the input again."
+        )
+        raise InputError(msg)
 
 
 # --------------------------------------------------------------------------- writing
@@ -421,7 +442,11 @@ def _write_counts(
     )
     x = root.create_group("X")
     x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
-    sharded: dict[str, Any] = {"chunks": (_CHUNK,), "shards": (_SHARD,), "compressors": COUNT_CODECS}
+    sharded: dict[str, Any] = {
+        "chunks": (_CHUNK,),
+        "shards": (_SHARD,),
+        "compressors": COUNT_CODECS,
+    }
     data = x.create_array("data", shape=(0,), dtype=dtype, **sharded)
     indices = x.create_array("indices", shape=(0,), dtype=np.int32, **sharded)
     hasher = content_hasher()
@@ -495,13 +520,7 @@ def _write_counts(
         categories=list(dict.fromkeys(s.info.path for s in sources)),
     )
     for name in carried:
-        parts = [
-            src.info.obs[name].to_numpy()
-            if name in src.info.obs.columns
-            else np.full(src.info.n_cells, None, dtype=object)
-            for src in sources
-        ]
-        obs[_obs_column_name(name)] = _carried_column(parts)
+        obs[_obs_column_name(name)] = _carried_column(name, sources)
     var = pd.DataFrame({"gene_symbol": symbols.astype(str)}, index=pd.Index(gene_ids.astype(str)))
     _write_frames(root, obs, var)
 
@@ -530,12 +549,27 @@ def _write_counts(
     return open_counts(url, storage_options=storage_options)
 
 
-def _carried_column(parts: list[np.ndarray]) -> np.ndarray:
-    """Concatenate one obs column of several sources into a type anndata can store."""
-    values = np.concatenate([np.asarray(p) for p in parts])
-    if values.dtype == object:
-        return np.asarray(["" if v is None else str(v) for v in values], dtype=object)
-    return values
+def _carried_column(name: str, sources: Sequence[Source]) -> np.ndarray:
+    """One obs column over all sources; a source without it fills it in.
+
+    The fill is 1 for ``filter_pass`` (no column means every cell passes, as in Geneformer),
+    NaN for numbers and "" for text; booleans and numbers stay numbers when no fill is needed.
+    """
+    present = [
+        np.asarray(s.info.obs[name].to_numpy()) for s in sources if name in s.info.obs.columns
+    ]
+    numeric = all(p.dtype.kind in "biuf" for p in present)
+    fill: Any = 1 if name == "filter_pass" else (np.nan if numeric else "")
+    parts = [
+        np.asarray(s.info.obs[name].to_numpy())
+        if name in s.info.obs.columns
+        else np.full(s.info.n_cells, fill, dtype=object if not numeric else None)
+        for s in sources
+    ]
+    values = np.concatenate(parts)
+    if numeric:
+        return values
+    return np.asarray(["" if v is None else str(v) for v in values], dtype=object)
 
 
 def _write_frames(root: zarr.Group, obs: pd.DataFrame, var: pd.DataFrame) -> None:

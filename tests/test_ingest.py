@@ -327,6 +327,9 @@ def test_formats_detected(pbmc_inputs, derived):
     assert detect_format(derived["zarr3"]) == "anndata-zarr"
     assert detect_format(derived["zarr2"]) == "anndata-zarr"
     assert set(FORMATS) == {"h5ad", "10x-h5", "10x-mtx", "loom", "anndata-zarr"}
+    named_h5 = derived["csr"].parent / "anndata.h5"  # an h5ad named .h5: told by its contents
+    shutil.copy(derived["csr"], named_h5)
+    assert detect_format(named_h5) == "h5ad"
 
 
 @pytest.mark.data
@@ -471,6 +474,9 @@ def test_10x_h5_keeps_gene_expression(pbmc_inputs, tmp_path):
     assert "Antibody Capture x5" in " ".join(src.info.notes)
     got = convert(path, tmp_path / "x.zarr", block_size=300)
     assert_same_csr(got.X, x)
+    assert open_source(path, genome="GRCh38").info.n_genes == len(ids)
+    with pytest.raises(InputError, match=r"ab\.h5: has no genome 'mm10'; its genomes: GRCh38"):
+        open_source(path, genome="mm10")
 
 
 # --------------------------------------------------------------------------- several inputs
@@ -777,6 +783,49 @@ def test_malformed_mtx(tmp_path):
         open_source(folder)
 
 
+def test_corrupt_zarr_chunk(tmp_path):
+    x = sp.random(2000, 300, density=0.3, format="csr", random_state=0)
+    x.data = np.ceil(x.data * 10)
+    obs, var = (
+        pd.DataFrame(index=[f"c{i}" for i in range(2000)]),
+        pd.DataFrame(index=[f"G{i}" for i in range(300)]),
+    )
+    path = tmp_path / "bad.zarr"
+    with quiet_anndata_writes(), ad.settings.override(zarr_write_format=3):
+        ad.AnnData(X=x, obs=obs, var=var).write_zarr(path)
+    chunk = sorted(
+        p for p in (path / "X" / "data").rglob("*") if p.is_file() and p.name != "zarr.json"
+    )[0]
+    with open(chunk, "r+b") as fh:
+        fh.seek(10)
+        fh.write(b"garbage!" * 4)
+    with pytest.raises(InputError, match=r"bad\.zarr: reading the counts failed.*corrupt"):
+        write_counts([open_source(path)], tmp_path / "x.zarr")
+    _assert_unfinished(tmp_path / "x.zarr")
+
+
+def test_mtx_file_path_prefix_and_feature_types(tmp_path):
+    """GEO-style prefixed files, the matrix file given directly, antibody features dropped."""
+    x = sp.csr_matrix(np.array([[1, 0, 5], [0, 2, 0], [3, 0, 7]]))
+    folder = write_mtx_dir(
+        tmp_path / "geo",
+        x,
+        ["G1", "G2", "AB1"],
+        ["a", "b", "c"],
+        symbols=["A", "B", "CD3"],
+        types=["Gene Expression", "Gene Expression", "Antibody Capture"],
+    )
+    for name in ("matrix.mtx.gz", "features.tsv.gz", "barcodes.tsv.gz"):
+        (folder / name).rename(folder / f"GSM1_{name}")
+    src = open_source(folder / "GSM1_matrix.mtx.gz")
+    assert src.info.format == "10x-mtx"
+    assert src.info.gene_ids.tolist() == ["G1", "G2"]
+    assert src.info.gene_symbols.tolist() == ["A", "B"]
+    assert "Antibody Capture x1" in src.info.notes[0]
+    write_counts([src], tmp_path / "x.zarr")
+    assert_same_csr(read_store(tmp_path / "x.zarr").X, x[:, :2])
+
+
 def test_missing_gene_ids(tmp_path):
     x = sp.csr_matrix(np.eye(3, dtype=np.int64))
     folder = write_mtx_dir(tmp_path / "m", x, ["G1", "G2", "G3"], ["a", "b", "c"])
@@ -795,6 +844,11 @@ def test_missing_gene_ids(tmp_path):
         InputError, match=r"blank\.h5ad: 1 of 3 gene IDs.*missing \(first at position 1\)"
     ):
         open_source(h5ad)
+    noindex = write_csr_h5ad(tmp_path / "noindex.h5ad", x, ["G1", "G2", "G3"], ["a", "b", "c"])
+    with h5py.File(noindex, "a") as f:
+        del f["var/_index"]
+    with pytest.raises(InputError, match=r"noindex\.h5ad: reading the metadata failed"):
+        open_source(noindex)
     h5 = tmp_path / "noid.h5"
     with h5py.File(h5, "w") as f:
         m = f.create_group("matrix")

@@ -372,9 +372,12 @@ def test_write_drop_rates_by_suffix(synth: Case, tmp_path: Path) -> None:
         q.write_drop_rates(rates, tmp_path / "r.xlsx")
 
 
-def test_group_by_unknown_column(synth: Case) -> None:
+def test_group_by_unknown_column_or_too_many_groups(synth: Case, monkeypatch: Any) -> None:
     with pytest.raises(InputError, match="carried columns are"):
         q.drop_rates(synth.enc, group_by="nope")
+    monkeypatch.setattr(q, "MAX_GROUPS", 3)
+    with pytest.raises(InputError, match="distinct values among passing cells"):
+        q.drop_rates(synth.enc, group_by="cell_type")
 
 
 # --------------------------------------------------------------------------------------------

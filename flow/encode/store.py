@@ -193,9 +193,6 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     store, vocab = plan.store, plan.vocab
     n_cells, bs = int(store.attrs["n_cells"]), store.block_size
     root = create_flow_group(url, KIND, SCHEMA_VERSION, storage_options=storage_options)
-    meta = flow_attrs(root)
-    meta["plan"] = plan.fingerprint
-    root.attrs["flow"] = meta
     cell_chunk = max(1, min(bs, n_cells))
     rank_chunk = min(plan.rank_chunk, plan.width)
     dtype = vocab.token_dtype
@@ -262,6 +259,10 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     _write_1d(root, "token_gene_id", gene_of_token.astype(str), "token", n_tokens)
     _write_1d(root, "token_symbol", symbol_of_token.astype(str), "token", n_tokens)
     _write_1d(root, "token_median", median_of_token, "token", n_tokens)
+    # The plan is recorded last: a store killed while being laid out is created afresh on rerun.
+    meta = flow_attrs(root)
+    meta["plan"] = plan.fingerprint
+    root.attrs["flow"] = meta
     return root
 
 
@@ -352,6 +353,7 @@ def write_encoding(
         n_genes_kept=plan.gene_map.n_kept,
         n_duplicates_summed=plan.gene_map.n_duplicates_summed,
         n_vocab_genes_without_median=plan.n_without_median,
+        blocks_written_last_run=len(todo),
         flow_version=__version__,
     )
     return open_encoding(url, storage_options=storage_options)

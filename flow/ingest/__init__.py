@@ -138,8 +138,8 @@ def open_source(
         10x HDF5: the genome to read (Cell Ranger 2 files with several genomes need it).
     read_size
         How much one read takes: cells for row-wise layouts (CSR, dense, loom; default: the
-        block size, or 64 MB of dense values), entries for CSC and Matrix Market (default
-        1,048,576). Results do not depend on it.
+        block size, or 64 MB of dense values), entries for CSC (default 1,048,576) and
+        Matrix Market (default 262,144). Results do not depend on it.
     temp_dir
         Where CSC and unsorted Matrix Market inputs are transposed (default: the system's
         temporary directory). The source's ``info.notes`` say when this happens.

@@ -53,7 +53,9 @@ __all__ = [
     "AnnDataSource",
     "as_str_array",
     "carried_column",
+    "check_ids",
     "guard_reads",
+    "input_errors",
     "open_h5",
     "open_h5ad",
     "select_columns",
@@ -90,28 +92,37 @@ def open_h5(path: str) -> Iterator[h5py.File]:
         yield fh
 
 
-def guard_reads(
-    path: str,
-    blocks: Iterator[sp.csr_matrix],
-    errors: tuple[type[Exception], ...] = (OSError,),
-) -> Iterator[sp.csr_matrix]:
-    """Pass ``blocks`` through, turning read failures of the input into :class:`InputError`.
+@contextlib.contextmanager
+def input_errors(
+    path: str, what: str, errors: tuple[type[Exception], ...] = (OSError,)
+) -> Iterator[None]:
+    """Turn read failures of the input (``errors``) into an :class:`InputError` naming it.
 
-    Operating-system errors with an errno (disk full while transposing, permissions) are not
-    the input's fault and propagate unchanged.
+    A full disk or quota while transposing through temporary files is not the input's fault
+    and propagates unchanged.
     """
     try:
-        yield from blocks
+        yield
     except FlowError:
         raise
     except errors as err:
         if isinstance(err, OSError) and err.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT):
             raise
         msg = (
-            f"{path}: reading the counts failed ({type(err).__name__}: {err}). The file is "
+            f"{path}: reading {what} failed ({type(err).__name__}: {err}). The file is "
             "truncated or corrupt: re-download or re-export it."
         )
         raise InputError(msg) from err
+
+
+def guard_reads(
+    path: str,
+    blocks: Iterator[sp.csr_matrix],
+    errors: tuple[type[Exception], ...] = (OSError,),
+) -> Iterator[sp.csr_matrix]:
+    """Pass ``blocks`` through :func:`input_errors`."""
+    with input_errors(path, "the counts", errors):
+        yield from blocks
 
 
 def _is_missing(value: object) -> bool:
@@ -127,8 +138,11 @@ def as_str_array(values: Any, *, missing: str | None = "") -> np.ndarray:
         return np.char.decode(arr, "utf-8", errors="replace").astype(object)
     if arr.dtype.kind == "U":
         return arr.astype(object)
+    items = arr.ravel().tolist()
+    if all(type(v) is str for v in items):  # the common case: nothing to decode or fill
+        return np.asarray(items, dtype=object).reshape(arr.shape)
     out = np.empty(arr.shape, dtype=object)
-    for i, v in enumerate(arr.ravel().tolist()):
+    for i, v in enumerate(items):
         if _is_missing(v):
             out[i] = missing
         elif isinstance(v, bytes):
@@ -278,7 +292,7 @@ class AnnDataSource:
         self._temp_dir = temp_dir
         self._read_errors = read_errors
         notes: list[str] = []
-        with open_root() as root:
+        with input_errors(path, "the metadata", (*read_errors, KeyError)), open_root() as root:
             self._key = _matrix_key(root, path, layer=layer, use_raw=use_raw)
             self._layout, n_cells, n_genes, self._nnz, self._dtype = _matrix_layout(
                 root[self._key], path, self._key

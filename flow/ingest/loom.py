@@ -22,7 +22,14 @@ from .._io import file_fingerprint
 from ..errors import InputError
 from ._source import SourceInfo
 from ._transpose import dense_row_pieces, dense_rows_per_read, rebatch
-from .h5ad import as_str_array, check_ids, guard_reads, open_h5, select_columns
+from .h5ad import (
+    as_str_array,
+    check_ids,
+    guard_reads,
+    input_errors,
+    open_h5,
+    select_columns,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -69,7 +76,7 @@ class LoomSource:
     ) -> None:
         self._read_size = read_size
         notes: list[str] = []
-        with open_h5(path) as fh:
+        with input_errors(path, "the metadata", (OSError, KeyError)), open_h5(path) as fh:
             if "matrix" not in fh or not hasattr(fh["matrix"], "shape"):
                 msg = f"{path}: has no /matrix dataset, so it is not a loom file."
                 raise InputError(msg)

@@ -37,14 +37,13 @@ from .._io import content_hasher, file_fingerprint
 from ..errors import InputError
 from ._source import SourceInfo
 from ._transpose import (
-    ENTRIES_PER_READ,
     bucket_transpose,
     csr_row_pieces,
     filter_columns,
     rebatch,
     transpose_disk_bytes,
 )
-from .h5ad import as_str_array, check_ids, guard_reads, open_h5
+from .h5ad import as_str_array, check_ids, guard_reads, input_errors, open_h5
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -59,6 +58,8 @@ _MTX_NAMES = ("matrix.mtx.gz", "matrix.mtx")
 _FEATURE_NAMES = ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv")
 _BARCODE_NAMES = ("barcodes.tsv.gz", "barcodes.tsv")
 _ARROW_BLOCK_BYTES = 1 << 20
+#: Entries per parsed piece of a Matrix Market file (about 4 MB per column).
+_MTX_ENTRIES_PER_READ = 1 << 18
 
 
 def _feature_filter(
@@ -84,6 +85,11 @@ def _feature_filter(
                 f"kept the {int(keep.sum())} '{GENE_EXPRESSION}' features of {len(ids)}; "
                 f"dropped {dropped}."
             )
+    if genome is None and genomes is not None and len(set(genomes.tolist())) > 1:
+        notes.append(
+            f"features of several genomes kept ({', '.join(sorted(set(genomes.tolist())))}); "
+            "pass genome= to keep one."
+        )
     if genome is not None:
         if genomes is None:
             msg = f"{path}: has no per-feature genome, so genome={genome!r} cannot be applied."
@@ -125,7 +131,7 @@ class TenxH5Source:
         self._read_size = read_size
         notes: list[str] = []
         fix = "The file is not a complete Cell Ranger HDF5 matrix: re-download or re-export it."
-        with open_h5(path) as fh:
+        with input_errors(path, "the metadata", (OSError, KeyError)), open_h5(path) as fh:
             if "matrix" in fh and "features" in fh["matrix"]:
                 self._group = "matrix"
                 features = fh["matrix/features"]
@@ -383,7 +389,7 @@ class TenxMtxSource:
         read_size: int | None = None,
         temp_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._read_size = read_size or ENTRIES_PER_READ
+        self._read_size = read_size or _MTX_ENTRIES_PER_READ
         self._temp_dir = temp_dir
         self._scan: _Scan | None = None
         if os.path.isdir(path):
@@ -579,7 +585,7 @@ class TenxMtxSource:
                 g = self._col_map[g]
                 keep = g >= 0
                 g, c, v = g[keep], c[keep], v[keep]
-            yield c, g, v
+            yield c.astype(np.int32), g.astype(np.int32), v  # in range: checked above
         self._check_count(count)
 
     # ---------------------------------------------------------------- blocks
@@ -656,10 +662,10 @@ class TenxMtxSource:
     ) -> sp.csr_matrix:
         if parts:
             rows = np.concatenate([p[0] for p in parts]) - b0
-            cols = np.concatenate([p[1] for p in parts]).astype(np.int32)
+            cols = np.concatenate([p[1] for p in parts])
             vals = np.concatenate([p[2] for p in parts])
         else:
-            rows, cols = np.empty(0, np.int64), np.empty(0, np.int32)
+            rows, cols = np.empty(0, np.int32), np.empty(0, np.int32)
             vals = np.empty(0, self._value_dtype())
         indptr = np.searchsorted(rows, np.arange(b1 - b0 + 1), side="left")
         return sp.csr_matrix((vals, cols, indptr), shape=(b1 - b0, self.info.n_genes))
@@ -680,7 +686,7 @@ def open_10x_mtx(
         and ``barcodes.tsv[.gz]``, or the matrix file itself (files may share a prefix, as in
         ``GSM123_matrix.mtx.gz`` / ``GSM123_barcodes.tsv.gz``).
     read_size
-        Entries per parsed piece (default 1,048,576).
+        Entries per parsed piece (default 262,144).
     temp_dir
         Where unsorted files are transposed (default: the system's temporary directory).
 

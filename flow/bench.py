@@ -1,0 +1,245 @@
+"""Benchmarks: cells/s and peak memory of every stage at several sizes (``python -m flow.bench``).
+
+Each stage runs as its own ``flow`` command in a subprocess, the way a user runs it; the
+resident memory of the whole process tree (the command and its local Dask workers) is sampled
+every 50 ms and its peak reported. Inputs are seeded synthetic data made by :mod:`flow.datasets`.
+
+Example::
+
+    python -m flow.bench --cells 100000 1000000 --genes-per-cell 1000 --out bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["main", "run_stage", "write_h5ad"]
+
+STAGES = ("convert", "medians", "medians-exact", "tokenize", "export", "drop-rates")
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_stage(argv: Sequence[str], *, env: dict[str, str] | None = None) -> dict[str, float]:
+    """Run one command; return its wall time (s) and the peak RSS of its process tree (bytes)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _tree_rss(proc.pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    done.set()
+    sampler.join()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        msg = f"{' '.join(argv)} failed ({proc.returncode}):\n{out}"
+        raise RuntimeError(msg)
+    return {"seconds": seconds, "peak_rss": float(peak)}
+
+
+def write_h5ad(
+    path: str, n_cells: int, n_genes: int, *, seed: int, mean_genes: float, block: int = 4096
+) -> None:
+    """Write a synthetic CSR h5ad block by block with h5py (out of core)."""
+    import h5py
+    import pandas as pd
+
+    from .datasets import synthetic_counts
+
+    src = synthetic_counts(n_cells, n_genes, seed=seed, mean_genes=mean_genes)
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        x = f.create_group("X")
+        x.attrs.update(
+            {
+                "encoding-type": "csr_matrix",
+                "encoding-version": "0.1.0",
+                "shape": (n_cells, n_genes),
+            }
+        )
+        data = x.create_dataset(
+            "data", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1 << 18,)
+        )
+        indices = x.create_dataset(
+            "indices", shape=(0,), maxshape=(None,), dtype="int32", chunks=(1 << 18,)
+        )
+        indptr = np.zeros(n_cells + 1, dtype=np.int64)
+        row = 0
+        for blk in src.iter_blocks(block):
+            n0 = data.shape[0]
+            data.resize((n0 + blk.nnz,))
+            indices.resize((n0 + blk.nnz,))
+            data[n0:] = blk.data.astype(np.int32)
+            indices[n0:] = blk.indices
+            indptr[row + 1 : row + 1 + blk.shape[0]] = blk.indptr[1:] + n0
+            row += blk.shape[0]
+        x.create_dataset("indptr", data=indptr)
+    import anndata as ad
+
+    with h5py.File(path, "a") as f:
+        obs = pd.DataFrame(
+            {"cell_type": src.info.obs["cell_type"].astype(str).to_numpy()},
+            index=pd.Index(src.info.barcodes.astype(str)),
+        )
+        var = pd.DataFrame(
+            {"gene_symbol": src.info.gene_symbols.astype(str)},
+            index=pd.Index(src.info.gene_ids.astype(str)),
+        )
+        ad.io.write_elem(f, "obs", obs)
+        ad.io.write_elem(f, "var", var)
+
+
+def _fmt(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmarks and print a Markdown table (and write JSON with --out)."""
+    p = argparse.ArgumentParser(prog="python -m flow.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--cells", type=int, nargs="+", default=[20_000, 100_000])
+    p.add_argument("--genes", type=int, default=20_000)
+    p.add_argument("--genes-per-cell", type=float, default=1_000.0)
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
+    p.add_argument(
+        "--workers", type=int, default=1, help="local cluster workers (default 1 process)"
+    )
+    p.add_argument("--threads", type=int, default=2, help="threads per worker (default 2)")
+    p.add_argument("--memory-limit", default="4GiB")
+    p.add_argument(
+        "--workdir", default=None, help="where to write (default: a temporary directory)"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the data written")
+    p.add_argument("--out", default=None, help="append results as JSON lines to this file")
+    args = p.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    flow = [sys.executable, "-m", "flow.cli"]
+    cluster = [
+        "--workers",
+        str(args.workers),
+        "--threads-per-worker",
+        str(args.threads),
+        "--memory-limit",
+        args.memory_limit,
+        "-q",
+    ]
+    root = args.workdir or tempfile.mkdtemp(prefix="flow-bench-")
+    rows = []
+    for n in args.cells:
+        work = os.path.join(root, f"n{n}")
+        os.makedirs(work, exist_ok=True)
+        store, enc = os.path.join(work, "counts.zarr"), os.path.join(work, "encoding.zarr")
+        med = os.path.join(work, "medians.zarr")
+        result: dict[str, Any] = {
+            "cells": n,
+            "genes": args.genes,
+            "genes_per_cell": args.genes_per_cell,
+        }
+        t = time.perf_counter()
+        if "convert" in stages:
+            h5ad = os.path.join(work, "input.h5ad")
+            write_h5ad(h5ad, n, args.genes, seed=1, mean_genes=args.genes_per_cell)
+            result["generate_h5ad_s"] = time.perf_counter() - t
+            result["convert"] = run_stage([*flow, "convert", h5ad, "-o", store, "-q"])
+            os.remove(h5ad)
+        else:
+            from .datasets import write_synthetic
+
+            write_synthetic(store, n, args.genes, seed=1, mean_genes=args.genes_per_cell)
+            result["generate_store_s"] = time.perf_counter() - t
+        commands = {
+            "medians": [*flow, "medians", store, "-o", med, *cluster],
+            "medians-exact": [
+                *flow,
+                "medians",
+                store,
+                "-o",
+                med + ".exact",
+                "--method",
+                "exact",
+                *cluster,
+            ],
+            "tokenize": [*flow, "tokenize", store, "-o", enc, "--medians", med, *cluster],
+            "export": [
+                *flow,
+                "export",
+                enc,
+                "-o",
+                os.path.join(work, "dataset"),
+                "--preset",
+                "V2",
+                *cluster,
+            ],
+            "drop-rates": [
+                *flow,
+                "drop-rates",
+                enc,
+                "--cutoff",
+                "2048",
+                "-o",
+                os.path.join(work, "rates.csv"),
+                *cluster,
+            ],
+        }
+        for stage, cmd in commands.items():
+            if stage in stages:
+                result[stage] = run_stage(cmd)
+        rows.append(result)
+        if args.out:
+            with open(args.out, "a") as fh:
+                fh.write(json.dumps(result) + "\n")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps(result), file=sys.stderr)
+    print("| cells | stage | seconds | cells/s | peak RSS (MiB) |\n|---:|---|---:|---:|---:|")
+    for r in rows:
+        for stage in stages:
+            if stage in r:
+                s = r[stage]
+                print(
+                    f"| {_fmt(r['cells'])} | {stage} | {s['seconds']:.1f} | {_fmt(r['cells'] / s['seconds'])} | "
+                    f"{_fmt(s['peak_rss'] / 2**20)} |"
+                )
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

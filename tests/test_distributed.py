@@ -1,0 +1,400 @@
+"""The pipeline on a real ``distributed`` cluster: a ``dask scheduler`` and two ``dask worker``
+processes started here, driven through the ``flow`` command line with ``--scheduler``.
+
+Results must be byte-identical to a local run, also when a worker is killed mid-run; the
+dashboard of a run answers while it runs; progress bars show without ``-q`` and not with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import zarr
+
+from flow import pipeline
+from flow.datasets import synthetic_counts, write_synthetic
+
+pytestmark = pytest.mark.distributed
+
+BIN = Path(sys.executable).parent  # the virtual environment's scripts: flow, dask
+FLOW = os.fspath(BIN / "flow")
+DASK = os.fspath(BIN / "dask")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_flow(*args: Any, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the ``flow`` command; fail the test with its output when it fails."""
+    proc = subprocess.run(
+        [FLOW, *map(str, args)], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert proc.returncode == 0, f"flow {args[0]} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def stored_files(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """SHA-256 of every stored object under ``url`` (chunks and metadata), by relative path.
+
+    The root ``zarr.json`` (its attributes record where inputs were) and ``state.json`` of
+    an exported dataset (its fingerprint hashes the output path) are left out.
+    """
+    import fsspec
+
+    options = dict(storage_options or {}) if "://" in url else {}
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    out = {}
+    for path in fs.find(root):
+        rel = posixpath.relpath(path, root)
+        if rel not in ("zarr.json", "state.json"):
+            out[rel] = hashlib.sha256(fs.cat_file(path)).hexdigest()
+    return out
+
+
+def array_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every array of a Zarr store, decoded: (dtype, shape, chunks, SHA-256 of the values)."""
+    opts = dict(storage_options or {}) if "://" in url else None
+    group = zarr.open_group(url, mode="r", storage_options=opts)
+    out = {}
+    for name, node in group.members(max_depth=None):
+        if isinstance(node, zarr.Array):
+            values = node[...]
+            if values.dtype.kind in "OTU":  # strings: compare the text
+                data = "\x00".join(map(str, np.ravel(values).tolist())).encode()
+            else:
+                data = np.ascontiguousarray(values).tobytes()
+            out[name] = (str(values.dtype), values.shape, node.chunks, hashlib.sha256(data).hexdigest())
+    return out
+
+
+def flow_meta(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A store's ``attrs["flow"]`` without what says where it or its inputs are."""
+    opts = dict(storage_options or {}) if "://" in url else None
+    meta = dict(zarr.open_group(url, mode="r", storage_options=opts).attrs["flow"])
+    for key in ("counts_url", "blocks_written_last_run"):
+        meta.pop(key, None)
+    if "stores" in meta:  # a median set: the count stores it covers
+        meta["stores"] = [{k: v for k, v in s.items() if k != "url"} for s in meta["stores"]]
+    return meta
+
+
+def assert_same_store(got: str, want: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Both Zarr stores hold the same arrays, byte for byte (decoded and as stored), and the
+    same flow attributes (block grid, fingerprints, parameters) but for locations."""
+    arrays = array_bytes(got, storage_options)
+    assert arrays, f"no arrays in {got}"
+    assert arrays == array_bytes(want)
+    assert stored_files(got, storage_options) == stored_files(want)
+    meta = flow_meta(got, storage_options)
+    assert meta["complete"] is True
+    assert meta == flow_meta(want)
+
+
+def assert_same_dataset(got: str, want: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Both exported datasets hold the same Arrow shards and metadata, byte for byte."""
+    files = stored_files(got, storage_options)
+    assert any(name.endswith(".arrow") for name in files)
+    assert files == stored_files(want)
+
+
+def write_h5ad(path: Path, n_cells: int, n_genes: int, *, seed: int) -> Path:
+    """A synthetic h5ad input (raw counts, a cell type and a filter_pass column)."""
+    import anndata as ad
+
+    src = synthetic_counts(n_cells, n_genes, seed=seed, mean_genes=150)
+    x = sp.vstack(list(src.iter_blocks(n_cells)), format="csr")
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(src.info.obs["cell_type"].to_numpy()),
+            "filter_pass": (np.arange(n_cells) % 10 != 3).astype(np.int8),
+        },
+        index=pd.Index(src.info.barcodes.astype(str)),
+    )
+    var = pd.DataFrame(
+        {"gene_symbol": src.info.gene_symbols.astype(str)},
+        index=pd.Index(src.info.gene_ids.astype(str)),
+    )
+    ad.AnnData(X=x, obs=obs, var=var).write_h5ad(path)
+    return path
+
+
+def block_done(encoding: Path) -> np.ndarray | None:
+    """The ``block_done`` flags of an encoding store being written (None if not there yet)."""
+    try:
+        return np.asarray(zarr.open_array(encoding / "block_done", mode="r")[:], dtype=bool)
+    except Exception:  # not created yet, or being created right now
+        return None
+
+
+def wait_for_blocks(encoding: Path, proc: subprocess.Popen[Any], *, timeout: float = 120) -> int:
+    """Wait until some but not all blocks of ``encoding`` are done; return how many are."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = block_done(encoding)
+        if done is not None and 0 < done.sum() < done.size:
+            return int(done.sum())
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    pytest.fail(f"no block of {encoding} was written within {timeout} s")
+
+
+# --------------------------------------------------------------------------- the cluster
+
+
+@dataclass
+class Cluster:
+    """A scheduler and its workers, each a ``dask`` process of its own."""
+
+    address: str
+    scheduler: subprocess.Popen[bytes]
+    workers: list[subprocess.Popen[bytes]]
+    logs: Path
+
+
+def _start(cmd: list[str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a process and everything it started (its own process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # children (the nanny's worker) too
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=15)
+
+
+def _wait_for_log(proc: subprocess.Popen[bytes], log: Path, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in log.read_text(errors="replace"):
+            return
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    pytest.fail(f"{text!r} not in {log} within {timeout} s:\n{log.read_text(errors='replace')}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """``dask scheduler`` + two ``dask worker`` processes (1 thread, 1 GiB each) on localhost."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        scheduler = _start(
+            [DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+            tmp / "scheduler.log",
+            tmp,
+        )
+        procs.append(scheduler)
+        _wait_for_log(scheduler, tmp / "scheduler.log", "Scheduler at:", 60)
+        workers = []
+        for i in range(2):
+            log = tmp / f"worker-{i}.log"
+            cmd = [DASK, "worker", address, "--nthreads", "1", "--memory-limit", "1GiB"]
+            cmd += ["--name", f"worker-{i}", "--local-directory", os.fspath(tmp / f"w{i}")]
+            workers.append(_start(cmd, log, tmp))
+            procs.append(workers[-1])
+        for i, worker in enumerate(workers):
+            _wait_for_log(worker, tmp / f"worker-{i}.log", "Registered to:", 60)
+        yield Cluster(address, scheduler, workers, tmp)
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def worker_processes(cluster: Cluster) -> list[int]:
+    """PIDs of the worker processes the nannies (the ``dask worker`` processes) started."""
+    import psutil
+
+    pids = []
+    for nanny in cluster.workers:
+        children = psutil.Process(nanny.pid).children()
+        pids += [c.pid for c in children if "spawn_main" in " ".join(c.cmdline())]
+    return pids
+
+
+# --------------------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def small_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3,000 cells x 500 genes h5ad input."""
+    return write_h5ad(tmp_path_factory.mktemp("input") / "cells.h5ad", 3_000, 500, seed=7)
+
+
+@pytest.fixture(scope="module")
+def local_run(small_input: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The whole pipeline on a local cluster of one worker process (flow's Python API)."""
+    from flow.cluster import flow_client
+
+    out = tmp_path_factory.mktemp("local")
+    paths = {n: os.fspath(out / n) for n in ("counts.zarr", "medians.zarr", "encoding.zarr", "dataset")}
+    with flow_client(n_workers=1, threads_per_worker=1, memory_limit="1GiB", quiet=True):
+        pipeline.convert([small_input], paths["counts.zarr"], block_size=500)
+        pipeline.medians([paths["counts.zarr"]], paths["medians.zarr"])
+        pipeline.tokenize(paths["counts.zarr"], paths["encoding.zarr"], medians=paths["medians.zarr"])
+        pipeline.export(paths["encoding.zarr"], paths["dataset"])
+    return paths
+
+
+@dataclass
+class Big:
+    """A larger count store (several seconds of work), its medians and a local encoding."""
+
+    counts: Path
+    medians: Path
+    encoding: Path
+    n_blocks: int
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Big:
+    """20,000 cells x 2,000 genes in 40 blocks of 500; medians and encoding run in process."""
+    tmp = tmp_path_factory.mktemp("big")
+    store = write_synthetic(tmp / "counts.zarr", 20_000, 2_000, seed=3, block_size=500)
+    pipeline.medians([tmp / "counts.zarr"], tmp / "medians.zarr")
+    pipeline.tokenize(tmp / "counts.zarr", tmp / "encoding.zarr", medians=tmp / "medians.zarr")
+    return Big(tmp / "counts.zarr", tmp / "medians.zarr", tmp / "encoding.zarr", store.n_blocks)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.slow
+def test_cluster_run_is_byte_identical_to_local_run(
+    cluster: Cluster, small_input: Path, local_run: dict[str, str], tmp_path: Path
+) -> None:
+    """convert, medians, tokenize and export with --scheduler give the local run's bytes."""
+    sched = ("--scheduler", cluster.address)
+    counts, medians, encoding, dataset = (
+        tmp_path / n for n in ("counts.zarr", "medians.zarr", "encoding.zarr", "dataset")
+    )
+    quiet = [
+        run_flow("convert", small_input, "-o", counts, "--block-size", 500, *sched, "-q"),
+        run_flow("medians", counts, "-o", medians, *sched, "-q"),
+    ]
+    loud = run_flow("tokenize", counts, "-o", encoding, "--medians", medians, *sched)
+    quiet.append(run_flow("export", encoding, "-o", dataset, *sched, "-q"))
+    for proc in quiet:  # -q: the result line(s) only, nothing on standard error
+        assert proc.stderr == ""
+        assert proc.stdout.strip()
+    assert f"Connected to scheduler {cluster.address}; dashboard: http://" in loud.stderr
+    assert "% Completed" in loud.stderr  # the progress bar
+    assert loud.stdout.startswith("encoding store ")
+    for name in ("counts.zarr", "medians.zarr", "encoding.zarr"):
+        assert_same_store(os.fspath(tmp_path / name), local_run[name])
+    assert_same_dataset(os.fspath(dataset), local_run["dataset"])
+
+
+@pytest.mark.slow
+def test_killed_worker_is_rescheduled_with_identical_output(
+    cluster: Cluster, big: Big, tmp_path: Path
+) -> None:
+    """SIGKILL of a worker process while tokenize runs: the run completes, same bytes."""
+    import psutil
+
+    encoding = tmp_path / "encoding.zarr"
+    cmd = [FLOW, "tokenize", big.counts, "-o", encoding, "--medians", big.medians]
+    cmd += ["--scheduler", cluster.address, "-q"]
+    proc = subprocess.Popen(
+        list(map(os.fspath, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        n_done = wait_for_blocks(encoding, proc)
+        victims = worker_processes(cluster)
+        assert len(victims) == 2
+        os.kill(victims[0], signal.SIGKILL)
+        assert n_done < big.n_blocks
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert not psutil.pid_exists(victims[0]) or psutil.Process(victims[0]).status() == "zombie"
+    assert_same_store(os.fspath(encoding), os.fspath(big.encoding))
+    # the nanny noticed and restarted its worker
+    deadline = time.monotonic() + 60
+    while len(worker_processes(cluster)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert victims[0] not in worker_processes(cluster)
+    print("\n".join((cluster.logs / n).read_text() for n in ("scheduler.log", "worker-0.log")))
+
+
+def test_dashboard_answers_and_progress_bar_shows(big: Big, tmp_path: Path) -> None:
+    """Without -q: the dashboard link is printed and answers 200 while the run goes on; a
+    progress bar is drawn on standard error; standard output has the result line only."""
+    cmd = [FLOW, "medians", big.counts, "-o", tmp_path / "medians.zarr"]
+    cmd += ["--workers", "1", "--threads-per-worker", "1", "--memory-limit", "1GiB"]
+    proc = subprocess.Popen(
+        list(map(os.fspath, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    lines: list[str] = []
+    link_seen = threading.Event()
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # universal newlines: each "\r" redraw is a line
+            lines.append(line)
+            if "dashboard: " in line:
+                link_seen.set()
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert link_seen.wait(120), "".join(lines)
+        link = next(ln for ln in lines if "dashboard: " in ln).split("dashboard: ", 1)[1].strip()
+        assert link.startswith("http://")
+        with urllib.request.urlopen(link, timeout=60) as response:
+            status = response.status
+            page = response.read()
+        assert proc.poll() is None, "the run ended before its dashboard was checked"
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(lines)
+    assert status == 200
+    assert b"<html" in page.lower()
+    err = "".join(lines)
+    assert "% Completed" in err
+    assert out.strip().splitlines() == [out.strip()]
+    assert out.startswith("median set -> ")

@@ -1,0 +1,449 @@
+"""The encoding stage end to end: rank wiring (flow.encode.rank), the encoding store
+(flow.encode.store) and the tokenize/export pipeline functions, on small count stores.
+
+Exactness of the kernel itself is tested in ``test_rank_kernel.py``; here every store is checked
+against the plain-Python reference (``tests/reference.py``) cell by cell.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import zarr
+from dask.array.utils import same_keys
+from helpers import no_compute
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import reference_rank_cell
+
+from flow import pipeline
+from flow.datasets import synthetic_counts, write_synthetic
+from flow.encode.rank import rank_cells
+from flow.encode.store import encoding_graph, open_encoding, plan_encoding, write_encoding
+from flow.errors import IncompleteStoreError, VocabularyError
+from flow.ingest._source import SourceInfo
+from flow.medians import MedianSet
+from flow.store import open_counts, write_counts
+from flow.vocab import Vocabulary
+
+datasets = pytest.importorskip("datasets")
+
+SPECIAL = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
+PAD, CLS, EOS = 0, 2, 3
+CELL_ARRAYS = ("tokens", "values", "length", "token_cells")  # independent of the block grid
+ARRAYS = (*CELL_ARRAYS, "block_done", "block_token_cells")
+
+SMALL = settings(
+    max_examples=4,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def vocab_and_medians(
+    gene_ids: np.ndarray, seed: int, *, fraction: float = 0.8, levels: int = 3
+) -> tuple[Vocabulary, MedianSet]:
+    """A vocabulary of about ``fraction`` of the genes, tokens shuffled (so token order is not
+    column order), and medians from ``levels`` values (so equal values, i.e. ties, are common)."""
+    rng = np.random.default_rng(seed)
+    n = gene_ids.size
+    chosen = np.sort(rng.choice(n, size=max(1, int(np.ceil(fraction * n))), replace=False))
+    vocab = Vocabulary(gene_ids[chosen], rng.permutation(chosen.size) + 4, SPECIAL)
+    medians = rng.choice(np.linspace(0.5, 2.5, levels), size=n)
+    median_set = MedianSet(
+        gene_ids.astype(object), medians, np.full(n, -1), None, "imported", None, ()
+    )
+    return vocab, median_set
+
+
+def encode(store, vocab, median_set, path, **kwargs):
+    """Plan and write an encoding store (the tokenize stage, on the current scheduler)."""
+    return write_encoding(plan_encoding(store, median_set, vocab, **kwargs), path)
+
+
+def reference_rankings(counts, n_counts, gene_ids, vocab, median_set) -> list[np.ndarray]:
+    """Per cell, the reference ranking of its detected vocabulary genes (one column per gene)."""
+    tokens = vocab.token_of(gene_ids)
+    med = dict(zip(median_set.gene_ids.tolist(), median_set.medians.tolist(), strict=True))
+    in_vocab = tokens >= 0
+    meds = np.array([med[g] for g in gene_ids[in_vocab]])
+    return [
+        reference_rank_cell(row[in_vocab], float(n), meds, tokens[in_vocab])
+        for row, n in zip(counts, n_counts, strict=True)
+    ]
+
+
+def read_arrays(path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(os.fspath(path), mode="r")
+    return {name: np.asarray(root[name][:]) for name in ARRAYS}
+
+
+def assert_same_bytes(a: dict[str, np.ndarray], b: dict[str, np.ndarray], names=ARRAYS) -> None:
+    for name in names:
+        assert a[name].dtype == b[name].dtype, name
+        assert a[name].shape == b[name].shape, name
+        assert a[name].tobytes() == b[name].tobytes(), name
+
+
+class ArraySource:
+    """An in-memory :class:`flow.ingest.Source`: any counts, gene IDs and cell metadata."""
+
+    def __init__(self, counts: np.ndarray, gene_ids, obs: pd.DataFrame | None = None) -> None:
+        self.counts = sp.csr_matrix(np.asarray(counts, dtype=np.int32))
+        n_cells, n_genes = self.counts.shape
+        self.info = SourceInfo(
+            path="memory",
+            format="h5ad",
+            n_cells=n_cells,
+            n_genes=n_genes,
+            gene_ids=np.asarray(gene_ids, dtype=object),
+            gene_symbols=None,
+            barcodes=np.array([f"c{i}" for i in range(n_cells)], dtype=object),
+            obs=obs if obs is not None else pd.DataFrame(index=range(n_cells)),
+            fingerprint=f"memory-{hash(self.counts.data.tobytes())}",
+        )
+
+    def iter_blocks(self, n_cells: int) -> Iterator[sp.csr_matrix]:
+        for start in range(0, self.counts.shape[0], n_cells):
+            yield self.counts[start : start + n_cells]
+
+
+# ----------------------------------------------------------------------------------------------
+# properties on synthetic stores
+# ----------------------------------------------------------------------------------------------
+
+
+@st.composite
+def small_matrices(draw):
+    n_cells = draw(st.integers(1, 70))
+    n_genes = draw(st.integers(6, 30))
+    mean_genes = draw(st.integers(1, max(1, n_genes // 2)))
+    return {
+        "n_cells": n_cells,
+        "n_genes": n_genes,
+        "mean_genes": mean_genes,
+        "seed": draw(st.integers(0, 2**16)),
+        "fraction": draw(st.sampled_from([0.6, 0.8, 1.0])),
+        "levels": draw(st.sampled_from([1, 3, 50])),
+        "odd_block": draw(st.integers(1, n_cells)),
+    }
+
+
+@SMALL
+@given(case=small_matrices())
+def test_any_block_size_gives_identical_stores(case):
+    """Block sizes 7, 64, the whole matrix and a drawn one: byte-identical arrays, each equal to
+    the reference, rankings permutations of the detected vocabulary genes, values non-increasing."""
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        sizes = sorted({7, 64, case["n_cells"], case["odd_block"]})
+        for bs in sizes:
+            store = write_synthetic(
+                f"{tmp}/counts-{bs}.zarr",
+                case["n_cells"],
+                case["n_genes"],
+                seed=case["seed"],
+                mean_genes=case["mean_genes"],
+                block_size=bs,
+            )
+            assert store.block_size == bs
+            vocab, median_set = vocab_and_medians(
+                store.var.index.to_numpy(dtype=str),
+                case["seed"],
+                fraction=case["fraction"],
+                levels=case["levels"],
+            )
+            enc = encode(store, vocab, median_set, f"{tmp}/enc-{bs}.zarr")
+            assert enc.tokens.chunks[0] == store.counts.chunks[0]  # writers own whole blocks
+            results.append(read_arrays(f"{tmp}/enc-{bs}.zarr"))
+        for other in results[1:]:
+            assert_same_bytes(results[0], other, CELL_ARRAYS)
+
+        # against the reference, and the invariants spelled out
+        got = results[0]
+        counts = synthetic_counts(
+            case["n_cells"], case["n_genes"], seed=case["seed"], mean_genes=case["mean_genes"]
+        ).to_dense()
+        gene_ids = store.var.index.to_numpy(dtype=str)
+        n_counts = counts.sum(axis=1)
+        expected = reference_rankings(counts, n_counts, gene_ids, vocab, median_set)
+        tokens_of_genes = vocab.token_of(gene_ids)
+        for i, ref in enumerate(expected):
+            n = int(got["length"][i])
+            ranked = got["tokens"][i, :n]
+            np.testing.assert_array_equal(ranked, ref)
+            detected = tokens_of_genes[(counts[i] > 0) & (tokens_of_genes >= 0)]
+            assert sorted(ranked.tolist()) == sorted(detected.tolist())  # a permutation
+            assert (got["tokens"][i, n:] == PAD).all()
+            values = got["values"][i]
+            assert (np.diff(values[:n]) <= 0).all() and (values[:n] > 0).all()
+            assert (values[n:] == 0).all()
+        assert got["block_done"].all()
+        expressed = np.zeros(vocab.n_tokens, np.int64)
+        for ref in expected:
+            expressed[ref] += 1
+        np.testing.assert_array_equal(got["token_cells"], expressed)
+
+
+@SMALL
+@given(
+    n_cells=st.integers(1, 40),
+    mean_genes=st.integers(1, 14),
+    input_size=st.integers(3, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_v2_export_wraps_the_first_genes_in_cls_and_eos(n_cells, mean_genes, input_size, seed):
+    """V2 semantics at a small input size: <cls>, the first min(n, input_size - 2) genes, <eos>."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = write_synthetic(f"{tmp}/c.zarr", n_cells, 30, seed=seed, mean_genes=mean_genes)
+        vocab, median_set = vocab_and_medians(store.var.index.to_numpy(dtype=str), seed)
+        enc = encode(store, vocab, median_set, f"{tmp}/e.zarr")
+        pipeline.export(f"{tmp}/e.zarr", f"{tmp}/ds", preset="V2", input_size=input_size)
+        ds = datasets.load_from_disk(f"{tmp}/ds")
+        tokens = np.asarray(enc.tokens.compute())
+        assert len(ds) == n_cells
+        for i, (ids, length) in enumerate(zip(ds["input_ids"], ds["length"], strict=True)):
+            n = min(int(enc.lengths[i]), input_size - 2)
+            assert ids[0] == CLS and ids[-1] == EOS
+            assert ids[1:-1] == tokens[i, :n].tolist()
+            assert length == n + 2
+        # V1 semantics at the same size: the first min(n, input_size) genes, no special tokens
+        pipeline.export(f"{tmp}/e.zarr", f"{tmp}/v1", preset=None, input_size=input_size)
+        v1 = datasets.load_from_disk(f"{tmp}/v1")
+        for i, ids in enumerate(v1["input_ids"]):
+            assert ids == tokens[i, : min(int(enc.lengths[i]), input_size)].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# cell semantics: filter_pass, cells without vocabulary genes, carried columns, gene IDs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def handmade(tmp_path):
+    """A count store with everything awkward: IDs with versions and lower case, an exact
+    duplicate ID, genes outside the vocabulary, a cell with only such genes, an empty cell,
+    cells failing filter_pass, and carried columns of three types."""
+    gene_ids = [
+        "ENSG00000000001",
+        "ensg00000000002.7",  # lower case + version: ENSG00000000002
+        "ENSG00000000003",
+        "ENSG00000000003",  # exact duplicate: summed
+        "ENSG00000000004.1",
+        "ENSG00000000005",
+        "ENSG99999999998",  # not in the vocabulary
+        "ENSG99999999999",  # not in the vocabulary
+    ]
+    counts = np.array(
+        [
+            [3, 1, 1, 1, 0, 2, 5, 0],
+            [0, 0, 0, 0, 0, 0, 4, 4],  # only non-vocabulary genes: kept, length 0
+            [1, 1, 1, 0, 1, 1, 0, 0],  # fails filter_pass
+            [0, 0, 0, 0, 0, 0, 0, 0],  # no counts at all: kept, length 0
+            [7, 0, 2, 2, 1, 0, 0, 9],
+            [1, 2, 0, 3, 4, 1, 1, 1],  # fails filter_pass
+        ]
+    )
+    obs = pd.DataFrame(
+        {
+            "filter_pass": [1, 1, 0, 1, 1, 0],
+            "donor": ["a", "b", "c", "d", "e", "f"],
+            "score": [0.5, 1.5, 2.5, 3.5, 4.5, 5.5],
+            "batch": np.array([1, 1, 2, 2, 3, 3], dtype=np.int64),
+        }
+    )
+    store = write_counts([ArraySource(counts, gene_ids, obs)], tmp_path / "c.zarr", block_size=4)
+    vocab = Vocabulary(
+        ["ENSG00000000005", "ENSG00000000001", "ENSG00000000004", "ENSG00000000003", "ENSG00000000002"],
+        [4, 5, 6, 7, 8],
+        SPECIAL,
+    )
+    medians = {"ENSG00000000001": 2.0, "ENSG00000000002": 0.5, "ENSG00000000003": 1.0,
+               "ENSG00000000004": 0.25, "ENSG00000000005": 1.0}  # fmt: skip
+    median_set = MedianSet(
+        np.array(list(medians), dtype=object), np.array(list(medians.values())),
+        np.full(5, -1), None, "imported", None, (),
+    )  # fmt: skip
+    # what the reference sees: duplicate summed, IDs normalised, unknown genes gone
+    collapsed = np.stack(
+        [counts[:, 0], counts[:, 1], counts[:, 2] + counts[:, 3], counts[:, 4], counts[:, 5]], 1
+    )
+    ids = ["ENSG00000000001", "ENSG00000000002", "ENSG00000000003", "ENSG00000000004", "ENSG00000000005"]
+    expected = [
+        reference_rank_cell(row, float(n), [medians[g] for g in ids], vocab.token_of(ids))
+        for row, n in zip(collapsed, counts.sum(axis=1), strict=True)
+    ]
+    return {
+        "store": store, "vocab": vocab, "median_set": median_set, "expected": expected,
+        "obs": obs, "path": tmp_path,
+    }  # fmt: skip
+
+
+def test_gene_ids_normalised_and_duplicates_summed(handmade):
+    enc = encode(handmade["store"], handmade["vocab"], handmade["median_set"], handmade["path"] / "e.zarr")
+    tokens = np.asarray(enc.tokens.compute())
+    for i, ref in enumerate(handmade["expected"]):
+        np.testing.assert_array_equal(tokens[i, : enc.lengths[i]], ref)
+    assert enc.attrs["n_genes_kept"] == 5
+    assert enc.attrs["n_duplicates_summed"] == 1
+    np.testing.assert_array_equal(enc.lengths, [4, 0, 5, 0, 3, 5])
+
+
+def test_filter_pass_empty_cells_and_carried_columns(handmade):
+    path = handmade["path"]
+    enc = encode(handmade["store"], handmade["vocab"], handmade["median_set"], path / "e.zarr")
+    keep = handmade["obs"]["filter_pass"].to_numpy().astype(bool)
+    # token_cells counts passing cells only
+    expressed = np.zeros(handmade["vocab"].n_tokens, np.int64)
+    for ref, k in zip(handmade["expected"], keep, strict=True):
+        if k:
+            expressed[ref] += 1
+    np.testing.assert_array_equal(enc.token_table()["cells"], expressed)
+    # empty cells are kept, with length 0, and counted in the summary
+    assert "2 passing cells with no vocabulary gene (kept with length 0)" in (
+        pipeline.describe_encoding(enc)
+    )
+    assert "(4 passing filter)" in pipeline.describe_encoding(enc)
+    # export: failing cells excluded, carried columns present and aligned
+    for preset, head, tail in (("V1", [], []), ("V2", [CLS], [EOS])):
+        pipeline.export(path / "e.zarr", path / preset, preset=preset)
+        ds = datasets.load_from_disk(os.fspath(path / preset))
+        assert len(ds) == int(keep.sum())
+        for name in ("donor", "score", "batch"):
+            assert name in ds.column_names
+            assert ds[name] == handmade["obs"][name][keep].tolist()
+        for ids, ref in zip(ds["input_ids"], np.array(handmade["expected"], dtype=object)[keep], strict=True):
+            assert ids == [*head, *ref.tolist(), *tail]
+        assert [len(x) for x in ds["input_ids"]][1] == len(head) + len(tail)  # the empty cell
+
+
+def test_too_few_vocabulary_genes_is_an_error(tmp_path):
+    """Symbols instead of Ensembl IDs: a VocabularyError that says what to do."""
+    source = ArraySource(np.eye(6, dtype=np.int32) + 1, ["CD3E", "MS4A1", "LYZ", "NKG7", "GNLY", "PPBP"])
+    store = write_counts([source], tmp_path / "c.zarr")
+    vocab, median_set = vocab_and_medians(
+        np.array([f"ENSG{i:011d}" for i in range(6)]), 0, fraction=1.0
+    )
+    with pytest.raises(VocabularyError, match="gene symbols"):
+        plan_encoding(store, median_set, vocab)
+
+
+# ----------------------------------------------------------------------------------------------
+# the graph: lazy, deterministic, bounded
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("enc") / "counts.zarr"
+    return write_synthetic(path, 300, 40, seed=3, mean_genes=12, block_size=25)
+
+
+def _ranked(store, vocab, median_set):
+    plan = plan_encoding(store, median_set, vocab)
+    return plan, rank_cells(
+        store.counts, plan.n_counts, plan.gene_map, plan.medians, width=plan.width, pad=PAD
+    )
+
+
+def test_graph_is_lazy_and_deterministic(synthetic_store, tmp_path):
+    vocab, median_set = vocab_and_medians(synthetic_store.var.index.to_numpy(dtype=str), 1)
+    with no_compute():
+        plan, a = _ranked(synthetic_store, vocab, median_set)
+        _, b = _ranked(synthetic_store, vocab, median_set)
+        graph = encoding_graph(plan, os.fspath(tmp_path / "e.zarr"), range(synthetic_store.n_blocks))
+    for x, y in ((a.tokens, b.tokens), (a.values, b.values), (a.lengths, b.lengths)):
+        assert same_keys(x, y)
+        assert x.name.startswith("flow-rank-")
+    assert graph.key.startswith("flow-tokenize-")
+    # declared chunks, dtype and meta hold for every block
+    tokens, values, lengths = dask.compute(a.tokens, a.values, a.lengths)
+    assert tokens.dtype == vocab.token_dtype and values.dtype == np.float32
+    assert lengths.dtype == np.int32
+    assert tokens.shape == (300, plan.width) == values.shape
+
+
+@pytest.mark.parametrize("block_size", [10, 40])
+def test_graph_size_grows_with_blocks_only(tmp_path, block_size):
+    store = write_synthetic(tmp_path / "c.zarr", 200, 30, seed=1, mean_genes=8, block_size=block_size)
+    vocab, median_set = vocab_and_medians(store.var.index.to_numpy(dtype=str), 2)
+    plan, ranked = _ranked(store, vocab, median_set)
+    n_blocks = store.n_blocks
+    for arr in (ranked.tokens, ranked.values, ranked.lengths):
+        assert len(arr.__dask_graph__()) <= 4 * n_blocks + 1
+    graph = encoding_graph(plan, os.fspath(tmp_path / "e.zarr"), range(n_blocks))
+    assert len(graph.__dask_graph__()) <= 6 * n_blocks + 2
+
+
+# ----------------------------------------------------------------------------------------------
+# resume
+# ----------------------------------------------------------------------------------------------
+
+
+def test_resume_recomputes_only_unfinished_blocks(synthetic_store, tmp_path):
+    vocab, median_set = vocab_and_medians(synthetic_store.var.index.to_numpy(dtype=str), 5)
+    path = tmp_path / "e.zarr"
+    encode(synthetic_store, vocab, median_set, path)
+    original = read_arrays(path)
+    pristine = tmp_path / "pristine.zarr"
+    shutil.copytree(path, pristine)
+
+    # a "killed" run: some blocks not done, their rows zeroed, the store not complete
+    lost = [1, 4, 11]
+    root = zarr.open_group(os.fspath(path), mode="r+")
+    bs = synthetic_store.block_size
+    for b in lost:
+        root["block_done"][b] = False
+        root["tokens"][b * bs : (b + 1) * bs, :] = 0
+        root["values"][b * bs : (b + 1) * bs, :] = 0
+        root["length"][b * bs : (b + 1) * bs] = 0
+        root["block_token_cells"][b, :] = 0
+    meta = dict(root.attrs["flow"])
+    meta["complete"] = False
+    root.attrs["flow"] = meta
+    with pytest.raises(IncompleteStoreError, match="rerun"):
+        open_encoding(path)
+
+    written: list[int] = []
+
+    def recording_compute(graph):
+        keys = [k for k in graph.__dask_graph__() if isinstance(k, tuple) and "write" in k[0]]
+        written.extend(sorted(k[1] for k in keys))
+        return dask.compute(graph)
+
+    write_encoding(plan_encoding(synthetic_store, median_set, vocab), path, compute=recording_compute)
+    assert written == lost
+    assert_same_bytes(read_arrays(path), original)
+    for name in ("tokens", "values", "length"):  # the chunk files themselves, byte for byte
+        _assert_tree_equal(path / name, pristine / name)
+    assert open_encoding(path).attrs["complete"]
+
+
+def _assert_tree_equal(a: Path, b: Path) -> None:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_rerun_of_a_finished_store_gives_the_same_bytes(synthetic_store, tmp_path):
+    vocab, median_set = vocab_and_medians(synthetic_store.var.index.to_numpy(dtype=str), 6)
+    encode(synthetic_store, vocab, median_set, tmp_path / "a.zarr")
+    encode(synthetic_store, vocab, median_set, tmp_path / "a.zarr")
+    encode(open_counts(synthetic_store.url), vocab, median_set, tmp_path / "b.zarr")
+    assert_same_bytes(read_arrays(tmp_path / "a.zarr"), read_arrays(tmp_path / "b.zarr"))

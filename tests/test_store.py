@@ -1,0 +1,199 @@
+"""The count store and the synthetic data generator."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flow import (
+    IncompleteStoreError,
+    InputError,
+    SchemaError,
+    StoreNotFoundError,
+    open_counts,
+    write_counts,
+)
+from flow._io import create_flow_group
+from flow.datasets import synthetic_counts, write_synthetic
+from flow.ingest._source import SourceInfo
+from helpers import no_compute
+
+
+@dataclass
+class ArraySource:
+    """A Source over an in-memory matrix (test input)."""
+
+    matrix: sp.csr_matrix
+    path: str = "memory.h5ad"
+    barcodes: list[str] | None = None
+    obs: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def __post_init__(self) -> None:
+        n, g = self.matrix.shape
+        self.info = SourceInfo(
+            path=self.path,
+            format="h5ad",
+            n_cells=n,
+            n_genes=g,
+            gene_ids=np.array([f"ENSG{i:011d}" for i in range(g)], dtype=object),
+            gene_symbols=None,
+            barcodes=np.array(self.barcodes or [f"c{i}" for i in range(n)], dtype=object),
+            obs=self.obs,
+            fingerprint="test",
+        )
+
+    def iter_blocks(self, n_cells):
+        for i in range(0, self.matrix.shape[0], 3):  # odd read size: the writer re-blocks
+            yield self.matrix[i : i + 3]
+
+
+def _dense(store) -> np.ndarray:
+    return np.asarray(
+        sp.vstack([store.counts.blocks[i, 0].compute() for i in range(store.n_blocks)]).todense()
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    x=st.integers(1, 40).flatmap(
+        lambda n: st.lists(
+            st.lists(st.integers(0, 5), min_size=6, max_size=6), min_size=n, max_size=n
+        )
+    ),
+    block_size=st.integers(1, 50),
+)
+def test_any_block_size_gives_the_same_content(tmp_path_factory, x, block_size):
+    matrix = sp.csr_matrix(np.array(x, dtype=np.int64))
+    path = tmp_path_factory.mktemp("s") / "s.zarr"
+    store = write_counts([ArraySource(matrix)], path, block_size=block_size)
+    assert store.counts.chunks[0] == tuple(
+        min(block_size, len(x) - s) for s in range(0, len(x), block_size)
+    )
+    np.testing.assert_array_equal(_dense(store), matrix.toarray())
+    back = ad.read_zarr(path)
+    np.testing.assert_array_equal(back.X.toarray(), matrix.toarray())
+    np.testing.assert_array_equal(back.obs["n_counts"], matrix.toarray().sum(axis=1))
+    np.testing.assert_array_equal(back.obs["n_genes"], (matrix.toarray() > 0).sum(axis=1))
+    assert store.attrs["dtype"] == "uint16"
+
+
+def test_explicit_zeros_dropped_and_wider_dtype(tmp_path):
+    m = sp.csr_matrix(
+        (np.array([0, 70_000, 3]), np.array([0, 1, 2]), np.array([0, 2, 3])), shape=(2, 3)
+    )
+    store = write_counts([ArraySource(m)], tmp_path / "a.zarr")
+    assert store.attrs["dtype"] == "uint32"
+    assert store.attrs["nnz"] == 2
+    np.testing.assert_array_equal(_dense(store), m.toarray())
+
+
+def test_non_integer_counts(tmp_path):
+    m = sp.csr_matrix(np.array([[0.5, 2.0], [1.0, 0.0]]))
+    with pytest.raises(
+        InputError, match=r"memory\.h5ad: non-integer count 0\.5 at cell 0.*allow-non-integer"
+    ):
+        write_counts([ArraySource(m)], tmp_path / "a.zarr")
+    with pytest.raises(IncompleteStoreError, match="flow convert"):
+        open_counts(tmp_path / "a.zarr")  # what was half-written is not mistaken for a store
+    store = write_counts([ArraySource(m)], tmp_path / "b.zarr", allow_non_integer=True)
+    assert store.attrs["dtype"] == "float32"
+    np.testing.assert_array_equal(_dense(store), m.toarray())
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [(-1.0, "negative"), (np.nan, "NaN or infinite"), (np.inf, "NaN or infinite")],
+)
+def test_bad_counts_name_file_and_cell(tmp_path, value, kind):
+    m = sp.csr_matrix(np.array([[1.0, 2.0], [3.0, 4.0], [5.0, value]]))
+    with pytest.raises(InputError, match=f"memory.h5ad: {kind} count .* at cell 2"):
+        write_counts([ArraySource(m)], tmp_path / "a.zarr")
+
+
+def test_several_sources_and_duplicate_barcodes(tmp_path):
+    a = ArraySource(
+        sp.csr_matrix(np.eye(3, dtype=np.int32)),
+        path="a.h5ad",
+        barcodes=["x", "y", "z"],
+        obs=pd.DataFrame({"filter_pass": [1, 0, 1]}),
+    )
+    b = ArraySource(
+        sp.csr_matrix(2 * np.eye(3, dtype=np.int32)), path="b.h5ad", barcodes=["x", "q", "r"]
+    )
+    with pytest.warns(UserWarning, match="1 duplicate cell barcodes"):
+        store = write_counts([a, b], tmp_path / "ab.zarr", block_size=4)
+    obs = store.obs
+    assert list(obs.index) == ["x", "y", "z", "x-1", "q", "r"]
+    assert list(obs["source"]) == ["a.h5ad"] * 3 + ["b.h5ad"] * 3
+    assert list(obs["filter_pass"][:3]) == [1, 0, 1]
+    np.testing.assert_array_equal(_dense(store), np.vstack([np.eye(3), 2 * np.eye(3)]))
+
+
+def test_opening_reads_no_counts(tmp_path):
+    store = write_synthetic(tmp_path / "s.zarr", 300, 50, seed=1, mean_genes=10, block_size=100)
+    shutil.rmtree(tmp_path / "s.zarr" / "X" / "data" / "c")  # any read of counts now fails
+    with no_compute():
+        reopened = open_counts(tmp_path / "s.zarr")
+        graph = reopened.counts[:150]
+    assert reopened.counts.shape == (300, 50)
+    assert reopened.obs.shape[0] == 300
+    assert graph.shape == (150, 50)
+    with pytest.raises(InputError, match="block [01] of the counts is damaged"):
+        graph.compute()  # reading counts does need them: the graph is real
+    assert store.fingerprint == reopened.fingerprint
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(StoreNotFoundError):
+        open_counts(tmp_path / "missing.zarr")
+    create_flow_group(tmp_path / "other.zarr", "medians", 1)
+    with pytest.raises(SchemaError, match="not a flow counts store"):
+        open_counts(tmp_path / "other.zarr")
+    create_flow_group(tmp_path / "half.zarr", "counts", 1)
+    with pytest.raises(IncompleteStoreError, match="unfinished"):
+        open_counts(tmp_path / "half.zarr")
+
+
+def test_synthetic_data_looks_like_droplets():
+    src = synthetic_counts(3000, 2000, seed=5, mean_genes=300)
+    x = src.to_dense()
+    detected = (x > 0).sum(axis=1)
+    assert 200 < np.median(detected) < 400  # mean_genes sets the depth
+    means = x.mean(axis=0)
+    assert means.max() > 50 * np.median(means[means > 0])  # heavy-tailed gene means
+    var = x.var(axis=0)
+    top = means > 1
+    assert np.median(var[top] / means[top]) > 1.5  # overdispersed (negative binomial), not Poisson
+    types = src.info.obs["cell_type"]
+    assert 0.02 < (types == "doublet").mean() < 0.08
+    assert types.nunique() == 7  # six types and doublets
+    totals = x.sum(axis=1)
+    assert totals.max() > 3 * np.median(totals)  # library-size spread
+
+
+def test_synthetic_data_independent_of_read_size():
+    src = synthetic_counts(1100, 100, seed=2, mean_genes=20)
+    a = sp.vstack(list(src.iter_blocks(7)))
+    b = sp.vstack(list(src.iter_blocks(1100)))
+    assert (a != b).nnz == 0
+    c = sp.vstack(list(synthetic_counts(1100, 100, seed=3, mean_genes=20).iter_blocks(500)))
+    assert (a != c).nnz > 0
+
+
+def test_flow_info(tmp_path, capsys):
+    from flow.cli import main
+
+    write_synthetic(tmp_path / "s.zarr", 500, 80, seed=1, mean_genes=20, block_size=200)
+    assert main(["info", str(tmp_path / "s.zarr")]) == 0
+    out = capsys.readouterr().out
+    assert "500 x 80" in out
+    assert "blocks: 3 of 200 cells" in out
+    assert "detected genes per cell" in out

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +55,7 @@ __all__ = ["DEFAULT_BLOCK_SIZE", "CountStore", "open_counts", "write_counts"]
 KIND = "counts"
 SCHEMA_VERSION = 1
 DEFAULT_BLOCK_SIZE = 4096
-_SHARD = 1 << 24  # values per data/indices shard (one object per 16M nonzeros)
+_SHARD = 1 << 22  # values per data/indices shard: one object per 4M nonzeros; the writer buffers one
 _CHUNK = 1 << 18  # values per inner chunk
 _CARRIED_RESERVED = ("n_counts", "n_genes", "source")
 
@@ -84,7 +84,7 @@ class CountStore:
     url: str
     counts: da.Array
     attrs: dict[str, Any]
-    storage_options: Mapping[str, Any] | None = None
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)  # credentials
 
     @property
     def block_size(self) -> int:

@@ -17,12 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from dask.delayed import Delayed
-from helpers import no_compute
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flow.errors import ChunkingError, InputError
 from flow.export import model_input_block, write_model_dataset
+
+from helpers import no_compute
 
 datasets = pytest.importorskip("datasets")
 

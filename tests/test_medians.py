@@ -10,11 +10,12 @@ import dask
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from helpers import no_compute
 
 from flow import medians as med
 from flow.datasets import write_synthetic
 from flow.errors import VocabularyError
+
+from helpers import no_compute
 
 
 def reference_medians(store) -> np.ndarray:

@@ -6,9 +6,10 @@ import re
 import tomllib
 
 import yaml
-from conftest import REPO
 
 import flow
+
+from conftest import REPO
 
 
 def _name(req: str) -> str:

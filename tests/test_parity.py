@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,11 +67,12 @@ from typing import Any
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from reference import reference_rank_cell
 
 from flow import pipeline
 from flow._pickle import load_dict
 from flow.encode.store import open_encoding
+
+from reference import reference_rank_cell
 
 datasets = pytest.importorskip("datasets")
 

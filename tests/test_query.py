@@ -27,7 +27,6 @@ import pytest
 import scipy.sparse as sp
 import zarr
 from dask.array.utils import same_keys
-from helpers import no_compute
 from zarr.storage import LocalStore, WrapperStore
 
 import flow.query as q
@@ -40,6 +39,8 @@ from flow.ingest._source import SourceInfo
 from flow.medians import MedianSet
 from flow.store import write_counts
 from flow.vocab import vocabulary_from_genes
+
+from helpers import no_compute
 
 N_CELLS, N_GENES, MEAN_GENES, BLOCK = 300, 8000, 4500, 64
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

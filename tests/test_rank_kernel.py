@@ -10,11 +10,12 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as npst
-from reference import reference_rank_cell, upstream_rank_cell
 
 import flow.encode._kernels as K
 from flow.encode._kernels import normalized_values, rank_block
 from flow.errors import InputError
+
+from reference import reference_rank_cell, upstream_rank_cell
 
 PAD = 0
 

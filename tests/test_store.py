@@ -24,6 +24,7 @@ from flow import (
 from flow._io import create_flow_group
 from flow.datasets import synthetic_counts, write_synthetic
 from flow.ingest._source import SourceInfo
+
 from helpers import no_compute
 
 
@@ -146,7 +147,7 @@ def test_opening_reads_no_counts(tmp_path):
     assert reopened.counts.shape == (300, 50)
     assert reopened.obs.shape[0] == 300
     assert graph.shape == (150, 50)
-    with pytest.raises(InputError, match="block [01] of the counts is damaged"):
+    with pytest.raises(InputError, match=r"block [01] of the counts is damaged"):
         graph.compute()  # reading counts does need them: the graph is real
     assert store.fingerprint == reopened.fingerprint
 

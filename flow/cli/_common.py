@@ -15,18 +15,40 @@ from ..errors import InputError
 __all__ = ["client_from_args", "storage_options"]
 
 
+#: Keys whose values are credentials: kept as given (never turned into numbers), never echoed.
+_CREDENTIAL_KEYS = frozenset({"key", "secret", "token", "password", "username", "profile"})
+
+
+def _option_value(key: str, value: str) -> Any:
+    """``true``/``false`` as booleans and whole numbers as ints (fsspec expects them typed)."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if key not in _CREDENTIAL_KEYS and value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
 def storage_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``--storage-option KEY=VALUE`` pairs as a dict (values stay strings)."""
+    """``--storage-option KEY=VALUE`` pairs as fsspec storage options.
+
+    ``endpoint_url`` goes into ``client_kwargs`` (s3fs); a dotted key nests
+    (``client_kwargs.region_name=eu-west-1``, ``config_kwargs.s3.addressing_style=path``);
+    ``true``/``false`` become booleans and whole numbers ints, except for credentials.
+    """
     opts: dict[str, Any] = {}
     for item in args.storage_option:
         key, sep, value = item.partition("=")
-        if not sep:
-            msg = f"--storage-option takes KEY=VALUE; got {item!r}."
+        if not sep or not key:
+            msg = "--storage-option takes KEY=VALUE (the value given is not shown: it may be a credential)."
             raise InputError(msg)
-        if key == "endpoint_url":
-            opts.setdefault("client_kwargs", {})["endpoint_url"] = value
-        else:
-            opts[key] = value
+        path = ["client_kwargs", "endpoint_url"] if key == "endpoint_url" else key.split(".")
+        where = opts
+        for part in path[:-1]:
+            where = where.setdefault(part, {})
+            if not isinstance(where, dict):
+                msg = f"--storage-option {key}: {part} is given both as a value and as a group."
+                raise InputError(msg)
+        where[path[-1]] = _option_value(path[-1], value)
     return opts
 
 

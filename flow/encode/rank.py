@@ -63,6 +63,11 @@ def _take(part: tuple[np.ndarray, ...], i: int) -> np.ndarray:
     return part[i]
 
 
+def _take_lengths(parts: list[tuple[np.ndarray, ...]]) -> np.ndarray:
+    # ``parts``: the blocks of one cell block along the (single-chunk) rank axis, unconcatenated
+    return parts[0][2]
+
+
 def rank_cells(
     counts: da.Array,
     n_counts: np.ndarray,
@@ -132,11 +137,14 @@ def rank_cells(
         meta=np.empty((0, 0), np.float32),
         name=f"flow-rank-values-{tok}",
     )
-    lengths = blocks.map_blocks(
-        _take,
-        2,
-        drop_axis=1,
-        chunks=(cell_chunks,),
+    # Not map_blocks(drop_axis=1): dropping an axis concatenates the blocks along it, and these
+    # blocks are tuples, not arrays. blockwise with concatenate=False hands over the list.
+    lengths = da.blockwise(
+        _take_lengths,
+        "i",
+        blocks,
+        "ij",
+        concatenate=False,
         dtype=np.int32,
         meta=np.empty((0,), np.int32),
         name=f"flow-rank-lengths-{tok}",

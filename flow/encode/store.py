@@ -30,7 +30,7 @@ import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -276,6 +276,7 @@ def _write_1d(root: zarr.Group, name: str, values: np.ndarray, dim: str, chunk: 
             dtype=dtype,
             chunks=(max(1, min(chunk, values.size)),),
             dimension_names=(dim,),
+            overwrite=True,  # token_cells again, when a run stopped before marking complete
         )
         if values.size:
             arr[:] = values
@@ -403,7 +404,7 @@ class EncodingStore:
 
     url: str
     attrs: dict[str, Any]
-    storage_options: Mapping[str, Any] | None = None
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)  # credentials
 
     def _group(self) -> Any:
         return open_flow_group(self.url, KIND, storage_options=self.storage_options)
@@ -455,7 +456,9 @@ class EncodingStore:
         """The store as a lazy :class:`xarray.Dataset` (dimensions cell, rank, token, block)."""
         import xarray as xr
 
-        return xr.open_zarr(self.url, consolidated=False, storage_options=self.storage_options)
+        remote = "://" in self.url and not self.url.startswith("file://")
+        options = dict(self.storage_options or {}) if remote else None
+        return xr.open_zarr(self.url, consolidated=False, storage_options=options)
 
 
 def open_encoding(

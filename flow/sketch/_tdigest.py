@@ -23,7 +23,7 @@ each value as a weight-1 centroid, so its quantiles are exact.
 **Merge** (:func:`merge`). The parts' centroids are sorted by ``(gene, mean, part,
 position)`` (same packed-key sort) and re-binned by ``floor(n_bins * (2 * before + w) /
 (2 * n))`` where ``before`` is the gene's weight before the centroid and ``w`` its weight.
-Genes are processed in ranges of about a million centroids to bound memory; every gene's
+Genes are processed in ranges of about 131,000 centroids (bounded memory, cache-sized); each gene's
 result is independent of the ranges. Counts are exact; the same parts in the same order
 give identical bytes on any platform (integer binning, fully tie-broken sorts, fixed
 summation order).
@@ -107,7 +107,7 @@ DEFAULT_COMPRESSION: Final = 200.0
 TARGET_SUM: Final = 10_000.0
 """Normalized value of a count: ``(count / n_counts) * TARGET_SUM``."""
 
-_CHUNK_ITEMS: Final = 1 << 20
+_CHUNK_ITEMS: Final = 1 << 17
 """Centroids per gene range in merges and queries (bounds temporary memory)."""
 
 _POS_FINITE_MAX: Final = 0x7FF0_0000_0000_0000  # bits of +inf: positive finite floats are below

@@ -1,0 +1,191 @@
+"""The ``flow`` command line, called in-process through :func:`flow.cli.main`.
+
+Commands that compute start a one-worker, one-thread local cluster (``--workers 1
+--threads-per-worker 1``), as a user on a small machine would; ``-q`` keeps them silent.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flow import __version__
+from flow.cli import build_parser, main
+from flow.datasets import synthetic_counts
+from flow.encode.store import open_encoding
+
+datasets = pytest.importorskip("datasets")
+
+CLUSTER = ["--workers", "1", "--threads-per-worker", "1", "-q"]
+N_CELLS, N_GENES = 150, 120
+
+
+def write_h5ad(path, *, symbols: bool = False) -> str:
+    """A small h5ad of synthetic counts (Ensembl IDs, or symbols), with filter_pass and a label."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    counts = synthetic_counts(N_CELLS, N_GENES, seed=11, mean_genes=40).to_dense()
+    genes = [f"GENE{g}" if symbols else f"ENSG{100_000 + 7 * g:011d}" for g in range(N_GENES)]
+    obs = pd.DataFrame(
+        {
+            "filter_pass": (np.arange(N_CELLS) % 10 != 0).astype(np.int64),  # every 10th fails
+            "cell_label": [f"type{i % 3}" for i in range(N_CELLS)],
+        },
+        index=[f"cell{i}" for i in range(N_CELLS)],
+    )
+    adata = ad.AnnData(sp.csr_matrix(counts.astype(np.int32)), obs=obs, var=pd.DataFrame(index=genes))
+    adata.write_h5ad(path)
+    return os.fspath(path)
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture(scope="module")
+def h5ad(tmp_path_factory) -> str:
+    return write_h5ad(tmp_path_factory.mktemp("cli") / "small.h5ad")
+
+
+# ----------------------------------------------------------------------------------------------
+# the stages one by one, then run
+# ----------------------------------------------------------------------------------------------
+
+
+def test_stages_then_run(capsys, tmp_path, h5ad):
+    counts, med, enc, ds = (os.fspath(tmp_path / n) for n in ("c.zarr", "m.zarr", "e.zarr", "ds"))
+
+    status, out, _ = run_cli(capsys, "convert", h5ad, "-o", counts, "-q")
+    assert status == 0
+    assert f"{N_CELLS:,} x {N_GENES:,}" in out
+
+    status, out, _ = run_cli(capsys, "info", counts)
+    assert status == 0
+    assert f"count store {counts}" in out and "blocks: 1 of 4,096 cells" in out
+
+    status, out, _ = run_cli(capsys, "medians", counts, "-o", med, *CLUSTER)
+    assert status == 0
+    assert f"median set -> {med}" in out
+
+    status, out, _ = run_cli(capsys, "tokenize", counts, "-o", enc, "--medians", med, *CLUSTER)
+    assert status == 0
+    assert f"{N_CELLS:,} cells ({N_CELLS - 15:,} passing filter)" in out
+
+    status, out, _ = run_cli(capsys, "export", enc, "-o", ds, "--preset", "V2", *CLUSTER)
+    assert status == 0
+    assert ds in out
+    stages = datasets.load_from_disk(ds)
+    encoding = open_encoding(enc)
+    tokens = np.asarray(encoding.tokens.compute())
+    keep = np.arange(N_CELLS) % 10 != 0
+    assert len(stages) == keep.sum()
+    special = encoding.attrs["special"]
+    for ids, row, n in zip(
+        stages["input_ids"], tokens[keep], encoding.lengths[keep], strict=True
+    ):
+        assert ids == [special["<cls>"], *row[:n].tolist(), special["<eos>"]]
+    assert stages["cell_label"] == [f"type{i % 3}" for i in np.flatnonzero(keep)]
+
+    # run: the same four steps in one command gives the same dataset
+    outdir = os.fspath(tmp_path / "run")
+    status, out, err = run_cli(capsys, "run", h5ad, "-o", outdir, "--preset", "V2", *CLUSTER)
+    assert status == 0
+    assert f"dataset: {os.path.join(outdir, 'dataset')}" in out
+    assert "tokenize ->" in err  # what it did, on standard error
+    ran = datasets.load_from_disk(os.path.join(outdir, "dataset"))
+    assert ran["input_ids"] == stages["input_ids"]
+    assert ran.column_names == stages.column_names
+
+
+def test_export_v1_and_parquet(capsys, tmp_path, h5ad):
+    """export's default preset is V1 (no special tokens); --input-size alone means no preset."""
+    import pyarrow.parquet as pq
+
+    outdir = tmp_path / "run"
+    status, _, _ = run_cli(capsys, "run", h5ad, "-o", outdir, "--input-size", "5", *CLUSTER)
+    assert status == 0
+    ds = datasets.load_from_disk(os.fspath(outdir / "dataset"))
+    encoding = open_encoding(outdir / "encoding.zarr")
+    tokens = np.asarray(encoding.tokens.compute())[np.arange(N_CELLS) % 10 != 0]
+    assert ds["input_ids"] == [row[: min(5, int((row != 0).sum()))].tolist() for row in tokens]
+    status, _, _ = run_cli(
+        capsys, "export", outdir / "encoding.zarr", "-o", tmp_path / "pq", "--format", "parquet",
+        *CLUSTER,
+    )  # fmt: skip
+    assert status == 0
+    table = pq.read_table(tmp_path / "pq")
+    assert table.num_rows == len(ds)
+    assert max(len(x) for x in table.column("input_ids").to_pylist()) <= 2048
+
+
+# ----------------------------------------------------------------------------------------------
+# help, version, bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def _subcommands() -> list[str]:
+    parser = build_parser()
+    (sub,) = (a for a in parser._actions if a.dest == "command")
+    return list(sub.choices)
+
+
+def test_every_subcommand_is_covered():
+    assert {"convert", "info", "medians", "tokenize", "export", "run"} <= set(_subcommands())
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_help(capsys, command):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert f"usage: flow {command}" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"flow {__version__}"
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tokenize", "store.zarr"])  # -o and --medians missing
+    assert exc.value.code == 2
+    assert "required" in capsys.readouterr().err
+
+
+def test_missing_store(capsys, tmp_path):
+    status, _, err = run_cli(capsys, "info", tmp_path / "nothing.zarr")
+    assert status == 1
+    assert "flow info: error: No flow counts store at" in err
+    assert "nothing.zarr" in err
+
+
+def test_missing_input_file(capsys, tmp_path):
+    status, _, err = run_cli(capsys, "convert", tmp_path / "nothing.h5ad", "-o", tmp_path / "c.zarr")
+    assert status == 1
+    assert "flow convert: error:" in err and "nothing.h5ad" in err
+
+
+def test_symbols_instead_of_ensembl_ids(capsys, tmp_path, h5ad):
+    """A store with gene symbols against an Ensembl vocabulary: exit 1, and the fix is named."""
+    good, med = os.fspath(tmp_path / "good.zarr"), os.fspath(tmp_path / "m.zarr")
+    assert run_cli(capsys, "convert", h5ad, "-o", good, "-q")[0] == 0
+    assert run_cli(capsys, "medians", good, "-o", med, "--method", "exact", *CLUSTER)[0] == 0
+    symbols = write_h5ad(tmp_path / "symbols.h5ad", symbols=True)
+    bad = os.fspath(tmp_path / "symbols.zarr")
+    assert run_cli(capsys, "convert", symbols, "-o", bad, "-q")[0] == 0
+    status, _, err = run_cli(
+        capsys, "tokenize", bad, "-o", tmp_path / "e.zarr", "--medians", med, *CLUSTER
+    )
+    assert status == 1
+    assert err.startswith("flow tokenize: error: Only 0 of 120 store gene IDs")
+    assert "gene symbols" in err and "ensembl_mapping_dict" in err
+    assert "Traceback" not in err

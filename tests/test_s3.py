@@ -1,0 +1,273 @@
+"""The pipeline on object storage: a real S3 protocol server (moto's server mode) on localhost.
+
+Count stores, median sets, encoding stores and exported datasets are read and written at
+``s3://`` URLs, from Python (``storage_options=``) and from the command line
+(``--storage-option``, credentials from the environment), with the same bytes as a local run.
+Inputs are read from local files: ``flow convert`` reads local inputs only, so the count store
+is written to S3 from a local h5ad.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import posixpath
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import zarr
+
+from flow import pipeline
+from flow.cli._common import storage_options as parse_storage_options
+from flow.datasets import synthetic_counts
+from flow.encode.store import open_encoding
+from flow.store import open_counts
+
+FLOW = os.fspath(Path(sys.executable).parent / "flow")
+BUCKET = "flow-test"
+KEY_ID = "testing"
+SECRET = "testing-secret-7c1e5a"  # distinctive, so that a leak into any output is found
+
+
+@dataclass
+class S3:
+    """A running S3 server and the options that reach it."""
+
+    endpoint: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Python storage options with explicit credentials."""
+        return {"client_kwargs": {"endpoint_url": self.endpoint}, "key": KEY_ID, "secret": SECRET}
+
+    def url(self, *parts: str) -> str:
+        return posixpath.join(f"s3://{BUCKET}", *parts)
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3]:
+    """moto's S3 server on a free localhost port with one bucket; dummy credentials in the
+    environment (inherited by the ``flow`` commands and their local clusters)."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    werkzeug = logging.getLogger("werkzeug")  # one log line per request otherwise
+    level = werkzeug.level
+    werkzeug.setLevel(logging.ERROR)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+            yield S3(endpoint)
+        finally:
+            server.stop()
+            werkzeug.setLevel(level)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def stored_files(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """SHA-256 of every stored object under ``url`` but the root ``zarr.json`` (its attributes
+    say where the store and its inputs are) and an export's ``state.json`` (fingerprint)."""
+    import fsspec
+
+    options = dict(storage_options or {}) if "://" in url else {}
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    fs.invalidate_cache()
+    out = {}
+    for path in fs.find(root):
+        rel = posixpath.relpath(path, root)
+        if rel not in ("zarr.json", "state.json"):
+            out[rel] = hashlib.sha256(fs.cat_file(path)).hexdigest()
+    return out
+
+
+def array_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every array of a Zarr store, decoded: (dtype, shape, chunks, SHA-256 of the values)."""
+    opts = dict(storage_options or {}) if "://" in url else None
+    group = zarr.open_group(url, mode="r", storage_options=opts)
+    out = {}
+    for name, node in group.members(max_depth=None):
+        if isinstance(node, zarr.Array):
+            values = node[...]
+            if values.dtype.kind in "OTU":
+                data = "\x00".join(map(str, np.ravel(values).tolist())).encode()
+            else:
+                data = np.ascontiguousarray(values).tobytes()
+            out[name] = (
+                str(values.dtype),
+                values.shape,
+                node.chunks,
+                hashlib.sha256(data).hexdigest(),
+            )
+    return out
+
+
+def flow_meta(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A store's ``attrs["flow"]`` without what says where it or its inputs are."""
+    opts = dict(storage_options or {}) if "://" in url else None
+    meta = dict(zarr.open_group(url, mode="r", storage_options=opts).attrs["flow"])
+    meta.pop("counts_url", None)
+    if "stores" in meta:
+        meta["stores"] = [{k: v for k, v in s.items() if k != "url"} for s in meta["stores"]]
+    return meta
+
+
+def assert_same(got: str, want: str, storage_options: Mapping[str, Any]) -> None:
+    """An S3 store (or exported dataset) holds the local one's bytes."""
+    files = stored_files(got, storage_options)
+    assert files, f"nothing at {got}"
+    assert files == stored_files(want)
+    if not want.endswith("dataset"):
+        assert array_bytes(got, storage_options) == array_bytes(want)
+        assert flow_meta(got, storage_options) == flow_meta(want)
+
+
+def write_h5ad(path: Path, n_cells: int, n_genes: int, *, seed: int) -> Path:
+    """A synthetic h5ad input (raw counts, a cell type and a filter_pass column)."""
+    import anndata as ad
+
+    src = synthetic_counts(n_cells, n_genes, seed=seed, mean_genes=120)
+    x = sp.vstack(list(src.iter_blocks(n_cells)), format="csr")
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(src.info.obs["cell_type"].to_numpy()),
+            "filter_pass": (np.arange(n_cells) % 7 != 2).astype(np.int8),
+        },
+        index=pd.Index(src.info.barcodes.astype(str)),
+    )
+    var = pd.DataFrame(
+        {"gene_symbol": src.info.gene_symbols.astype(str)},
+        index=pd.Index(src.info.gene_ids.astype(str)),
+    )
+    ad.AnnData(X=x, obs=obs, var=var).write_h5ad(path)
+    return path
+
+
+STAGES = ("counts.zarr", "medians.zarr", "encoding.zarr", "dataset")
+
+
+def run_python(h5ad: Path, out: str, storage_options: Mapping[str, Any] | None) -> dict[str, str]:
+    """convert, medians, tokenize and export through flow's Python API."""
+    paths = {name: posixpath.join(out, name) for name in STAGES}
+    so = storage_options
+    pipeline.convert([h5ad], paths["counts.zarr"], block_size=400, storage_options=so)
+    pipeline.medians([paths["counts.zarr"]], paths["medians.zarr"], storage_options=so)
+    pipeline.tokenize(
+        paths["counts.zarr"],
+        paths["encoding.zarr"],
+        medians=paths["medians.zarr"],
+        storage_options=so,
+    )
+    pipeline.export(paths["encoding.zarr"], paths["dataset"], storage_options=so)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The input file, and the whole pipeline run locally on it."""
+    tmp = tmp_path_factory.mktemp("s3-local")
+    h5ad = write_h5ad(tmp / "cells.h5ad", 2_000, 400, seed=11)
+    return h5ad, run_python(h5ad, os.fspath(tmp / "out"), None)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_storage_option_parsing() -> None:
+    """``--storage-option`` values: endpoint_url into client_kwargs, dotted keys nest, booleans
+    and numbers are typed, credentials stay strings."""
+
+    def parse(*items: str) -> dict[str, Any]:
+        return parse_storage_options(argparse.Namespace(storage_option=list(items)))
+
+    assert parse("endpoint_url=http://127.0.0.1:9000", "anon=false", "key=0123") == {
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"},
+        "anon": False,
+        "key": "0123",
+    }
+    assert parse(
+        "client_kwargs.region_name=eu-west-1", "config_kwargs.s3.addressing_style=path"
+    ) == {
+        "client_kwargs": {"region_name": "eu-west-1"},
+        "config_kwargs": {"s3": {"addressing_style": "path"}},
+    }
+    assert parse("default_block_size=1048576", "requester_pays=True") == {
+        "default_block_size": 1048576,
+        "requester_pays": True,
+    }
+    from flow.errors import InputError
+
+    with pytest.raises(InputError, match="KEY=VALUE") as info:
+        parse(SECRET)
+    assert SECRET not in str(info.value)
+
+
+@pytest.mark.distributed
+def test_python_api_on_s3_equals_local(s3: S3, local: tuple[Path, dict[str, str]]) -> None:
+    """All four stages through the Python API with s3:// URLs and storage_options."""
+    h5ad, want = local
+    got = run_python(h5ad, s3.url("python"), s3.options)
+    for name in STAGES:
+        assert_same(got[name], want[name], s3.options)
+    store = open_counts(got["counts.zarr"], storage_options=s3.options)
+    enc = open_encoding(got["encoding.zarr"], storage_options=s3.options)
+    assert store.url == s3.url("python", "counts.zarr")
+    for obj in (store, enc):  # the objects do not show credentials
+        assert SECRET not in repr(obj)
+    ds = enc.dataset()
+    assert ds["tokens"].dims == ("cell", "rank")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_cli_on_s3_equals_local(s3: S3, local: tuple[Path, dict[str, str]]) -> None:
+    """All four stages through the command line, credentials from the environment; the
+    secret appears in no output."""
+    h5ad, want = local
+    url = {name: s3.url("cli", name) for name in STAGES}
+    opts = ["--storage-option", f"endpoint_url={s3.endpoint}"]
+    cluster = ["--workers", "1", "--threads-per-worker", "1", "--memory-limit", "1GiB"]
+    commands = [
+        ["convert", h5ad, "-o", url["counts.zarr"], "--block-size", "400"],
+        ["info", url["counts.zarr"]],
+        ["medians", url["counts.zarr"], "-o", url["medians.zarr"], *cluster],
+        ["tokenize", url["counts.zarr"], "-o", url["encoding.zarr"]]
+        + ["--medians", url["medians.zarr"], *cluster],
+        ["export", url["encoding.zarr"], "-o", url["dataset"], *cluster],
+    ]
+    outputs = []
+    for args in commands:
+        proc = subprocess.run(
+            [FLOW, *map(str, args), *opts],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode == 0, f"flow {args[0]}:\n{proc.stdout}\n{proc.stderr}"
+        outputs.append(proc.stdout + proc.stderr)
+    assert f"count store {url['counts.zarr']}" in outputs[1]
+    assert "dashboard: http://" in outputs[2]  # without -q: the local cluster's dashboard
+    for text in outputs:
+        assert SECRET not in text
+    for name in STAGES:
+        assert_same(url[name], want[name], s3.options)

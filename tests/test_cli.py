@@ -37,7 +37,9 @@ def write_h5ad(path, *, symbols: bool = False) -> str:
         },
         index=[f"cell{i}" for i in range(N_CELLS)],
     )
-    adata = ad.AnnData(sp.csr_matrix(counts.astype(np.int32)), obs=obs, var=pd.DataFrame(index=genes))
+    adata = ad.AnnData(
+        sp.csr_matrix(counts.astype(np.int32)), obs=obs, var=pd.DataFrame(index=genes)
+    )
     adata.write_h5ad(path)
     return os.fspath(path)
 
@@ -67,7 +69,8 @@ def test_stages_then_run(capsys, tmp_path, h5ad):
 
     status, out, _ = run_cli(capsys, "info", counts)
     assert status == 0
-    assert f"count store {counts}" in out and "blocks: 1 of 4,096 cells" in out
+    assert f"count store {counts}" in out
+    assert "blocks: 1 of 4,096 cells" in out
 
     status, out, _ = run_cli(capsys, "medians", counts, "-o", med, *CLUSTER)
     assert status == 0
@@ -86,9 +89,7 @@ def test_stages_then_run(capsys, tmp_path, h5ad):
     keep = np.arange(N_CELLS) % 10 != 0
     assert len(stages) == keep.sum()
     special = encoding.attrs["special"]
-    for ids, row, n in zip(
-        stages["input_ids"], tokens[keep], encoding.lengths[keep], strict=True
-    ):
+    for ids, row, n in zip(stages["input_ids"], tokens[keep], encoding.lengths[keep], strict=True):
         assert ids == [special["<cls>"], *row[:n].tolist(), special["<eos>"]]
     assert stages["cell_label"] == [f"type{i % 3}" for i in np.flatnonzero(keep)]
 
@@ -169,9 +170,12 @@ def test_missing_store(capsys, tmp_path):
 
 
 def test_missing_input_file(capsys, tmp_path):
-    status, _, err = run_cli(capsys, "convert", tmp_path / "nothing.h5ad", "-o", tmp_path / "c.zarr")
+    status, _, err = run_cli(
+        capsys, "convert", tmp_path / "nothing.h5ad", "-o", tmp_path / "c.zarr"
+    )
     assert status == 1
-    assert "flow convert: error:" in err and "nothing.h5ad" in err
+    assert "flow convert: error:" in err
+    assert "nothing.h5ad" in err
 
 
 def test_symbols_instead_of_ensembl_ids(capsys, tmp_path, h5ad):
@@ -187,5 +191,6 @@ def test_symbols_instead_of_ensembl_ids(capsys, tmp_path, h5ad):
     )
     assert status == 1
     assert err.startswith("flow tokenize: error: Only 0 of 120 store gene IDs")
-    assert "gene symbols" in err and "ensembl_mapping_dict" in err
+    assert "gene symbols" in err
+    assert "ensembl_mapping_dict" in err
     assert "Traceback" not in err

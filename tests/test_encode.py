@@ -191,7 +191,8 @@ def test_any_block_size_gives_identical_stores(case):
             assert sorted(ranked.tolist()) == sorted(detected.tolist())  # a permutation
             assert (got["tokens"][i, n:] == PAD).all()
             values = got["values"][i]
-            assert (np.diff(values[:n]) <= 0).all() and (values[:n] > 0).all()
+            assert (np.diff(values[:n]) <= 0).all()
+            assert (values[:n] > 0).all()
             assert (values[n:] == 0).all()
         assert got["block_done"].all()
         expressed = np.zeros(vocab.n_tokens, np.int64)
@@ -219,7 +220,8 @@ def test_v2_export_wraps_the_first_genes_in_cls_and_eos(n_cells, mean_genes, inp
         assert len(ds) == n_cells
         for i, (ids, length) in enumerate(zip(ds["input_ids"], ds["length"], strict=True)):
             n = min(int(enc.lengths[i]), input_size - 2)
-            assert ids[0] == CLS and ids[-1] == EOS
+            assert ids[0] == CLS
+            assert ids[-1] == EOS
             assert ids[1:-1] == tokens[i, :n].tolist()
             assert length == n + 2
         # V1 semantics at the same size: the first min(n, input_size) genes, no special tokens
@@ -269,7 +271,13 @@ def handmade(tmp_path):
     )
     store = write_counts([ArraySource(counts, gene_ids, obs)], tmp_path / "c.zarr", block_size=4)
     vocab = Vocabulary(
-        ["ENSG00000000005", "ENSG00000000001", "ENSG00000000004", "ENSG00000000003", "ENSG00000000002"],
+        [
+            "ENSG00000000005",
+            "ENSG00000000001",
+            "ENSG00000000004",
+            "ENSG00000000003",
+            "ENSG00000000002",
+        ],
         [4, 5, 6, 7, 8],
         SPECIAL,
     )
@@ -283,7 +291,13 @@ def handmade(tmp_path):
     collapsed = np.stack(
         [counts[:, 0], counts[:, 1], counts[:, 2] + counts[:, 3], counts[:, 4], counts[:, 5]], 1
     )
-    ids = ["ENSG00000000001", "ENSG00000000002", "ENSG00000000003", "ENSG00000000004", "ENSG00000000005"]
+    ids = [
+        "ENSG00000000001",
+        "ENSG00000000002",
+        "ENSG00000000003",
+        "ENSG00000000004",
+        "ENSG00000000005",
+    ]
     expected = [
         reference_rank_cell(row, float(n), [medians[g] for g in ids], vocab.token_of(ids))
         for row, n in zip(collapsed, counts.sum(axis=1), strict=True)
@@ -295,7 +309,9 @@ def handmade(tmp_path):
 
 
 def test_gene_ids_normalised_and_duplicates_summed(handmade):
-    enc = encode(handmade["store"], handmade["vocab"], handmade["median_set"], handmade["path"] / "e.zarr")
+    enc = encode(
+        handmade["store"], handmade["vocab"], handmade["median_set"], handmade["path"] / "e.zarr"
+    )
     tokens = np.asarray(enc.tokens.compute())
     for i, ref in enumerate(handmade["expected"]):
         np.testing.assert_array_equal(tokens[i, : enc.lengths[i]], ref)
@@ -327,14 +343,18 @@ def test_filter_pass_empty_cells_and_carried_columns(handmade):
         for name in ("donor", "score", "batch"):
             assert name in ds.column_names
             assert ds[name] == handmade["obs"][name][keep].tolist()
-        for ids, ref in zip(ds["input_ids"], np.array(handmade["expected"], dtype=object)[keep], strict=True):
+        for ids, ref in zip(
+            ds["input_ids"], np.array(handmade["expected"], dtype=object)[keep], strict=True
+        ):
             assert ids == [*head, *ref.tolist(), *tail]
         assert [len(x) for x in ds["input_ids"]][1] == len(head) + len(tail)  # the empty cell
 
 
 def test_too_few_vocabulary_genes_is_an_error(tmp_path):
     """Symbols instead of Ensembl IDs: a VocabularyError that says what to do."""
-    source = ArraySource(np.eye(6, dtype=np.int32) + 1, ["CD3E", "MS4A1", "LYZ", "NKG7", "GNLY", "PPBP"])
+    source = ArraySource(
+        np.eye(6, dtype=np.int32) + 1, ["CD3E", "MS4A1", "LYZ", "NKG7", "GNLY", "PPBP"]
+    )
     store = write_counts([source], tmp_path / "c.zarr")
     vocab, median_set = vocab_and_medians(
         np.array([f"ENSG{i:011d}" for i in range(6)]), 0, fraction=1.0
@@ -366,14 +386,17 @@ def test_graph_is_lazy_and_deterministic(synthetic_store, tmp_path):
     with no_compute():
         plan, a = _ranked(synthetic_store, vocab, median_set)
         _, b = _ranked(synthetic_store, vocab, median_set)
-        graph = encoding_graph(plan, os.fspath(tmp_path / "e.zarr"), range(synthetic_store.n_blocks))
+        graph = encoding_graph(
+            plan, os.fspath(tmp_path / "e.zarr"), range(synthetic_store.n_blocks)
+        )
     for x, y in ((a.tokens, b.tokens), (a.values, b.values), (a.lengths, b.lengths)):
         assert same_keys(x, y)
         assert x.name.startswith("flow-rank-")
     assert graph.key.startswith("flow-tokenize-")
     # declared chunks, dtype and meta hold for every block
     tokens, values, lengths = dask.compute(a.tokens, a.values, a.lengths)
-    assert tokens.dtype == vocab.token_dtype and values.dtype == np.float32
+    assert tokens.dtype == vocab.token_dtype
+    assert values.dtype == np.float32
     assert lengths.dtype == np.int32
     assert tokens.shape == (300, plan.width) == values.shape
 
@@ -382,7 +405,9 @@ def test_graph_is_lazy_and_deterministic(synthetic_store, tmp_path):
 def test_graph_size_grows_with_blocks_only(tmp_path, block_size):
     """A constant number of tasks per cell block (read, n_counts, rank, take, write): none per
     gene or per cell; the shared inputs (gene map, medians, block offsets) enter once."""
-    store = write_synthetic(tmp_path / "c.zarr", 200, 30, seed=1, mean_genes=8, block_size=block_size)
+    store = write_synthetic(
+        tmp_path / "c.zarr", 200, 30, seed=1, mean_genes=8, block_size=block_size
+    )
     vocab, median_set = vocab_and_medians(store.var.index.to_numpy(dtype=str), 2)
     plan, ranked = _ranked(store, vocab, median_set)
     n = store.n_blocks
@@ -427,7 +452,9 @@ def test_resume_recomputes_only_unfinished_blocks(synthetic_store, tmp_path):
         written.extend(sorted(k[1] for k in keys))
         return dask.compute(graph)
 
-    write_encoding(plan_encoding(synthetic_store, median_set, vocab), path, compute=recording_compute)
+    write_encoding(
+        plan_encoding(synthetic_store, median_set, vocab), path, compute=recording_compute
+    )
     assert written == lost
     assert_same_bytes(read_arrays(path), original)
     for name in ("tokens", "values", "length"):  # the chunk files themselves, byte for byte

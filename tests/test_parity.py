@@ -299,7 +299,9 @@ def cache() -> Cache:
     return Cache()
 
 
-def upstream_result(cache: Cache, shared_data: Path, dicts, name: str, preset: str, arithmetic: str):
+def upstream_result(
+    cache: Cache, shared_data: Path, dicts, name: str, preset: str, arithmetic: str
+):
     _, reader, upstream_file = INPUTS[name]
     matrix = cache.get_or(("matrix", upstream_file), lambda: reader(shared_data / upstream_file))
     d = dicts[preset]
@@ -357,7 +359,9 @@ def flow_result(cache, tmp_path_factory, shared_data, dict_paths, name, preset):
     source = shared_data / INPUTS[name][0]
     return cache.get_or(
         ("flow", name, preset),
-        lambda: run_flow(tmp_path_factory.mktemp("parity"), name, preset, source, dict_paths[preset]),
+        lambda: run_flow(
+            tmp_path_factory.mktemp("parity"), name, preset, source, dict_paths[preset]
+        ),
     )
 
 
@@ -427,7 +431,8 @@ def test_input_ids_equal_upstream_up_to_ties(
         expected = np.asarray(upstream_input_ids(up.tokens[i], preset, token_dict))
         ids = got["input_ids"][i]
         if DICTS[preset]["special"]:
-            assert ids[0] == token_dict["<cls>"] and ids[-1] == token_dict["<eos>"]
+            assert ids[0] == token_dict["<cls>"]
+            assert ids[-1] == token_dict["<eos>"]
             assert ids.size == expected.size
             ids, expected = ids[1:-1], expected[1:-1]
         differ_input += differs_only_within_ties(ids, expected, value)
@@ -454,7 +459,10 @@ def test_equals_reference_exactly(
         start, end = x.indptr[i], x.indptr[i + 1]
         cols = x.indices[start:end]
         expected = reference_rank_cell(
-            x.data[start:end], float(matrix.n_counts[i]), up.column_medians[cols], up.column_tokens[cols]
+            x.data[start:end],
+            float(matrix.n_counts[i]),
+            up.column_medians[cols],
+            up.column_tokens[cols],
         )
         n = int(got["lengths"][i])
         assert n == expected.size
@@ -479,4 +487,7 @@ def test_mtx_and_h5ad_are_the_same_matrix(cache, tmp_path_factory, shared_data, 
 
     a = flow_result(cache, tmp_path_factory, shared_data, dict_paths, "pbmc3k-mtx", "V1")
     b = flow_result(cache, tmp_path_factory, shared_data, dict_paths, "pbmc3k-h5ad", "V1")
-    assert open_counts(a["paths"]["counts"]).fingerprint == open_counts(b["paths"]["counts"]).fingerprint
+    assert (
+        open_counts(a["paths"]["counts"]).fingerprint
+        == open_counts(b["paths"]["counts"]).fingerprint
+    )

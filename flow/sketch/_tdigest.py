@@ -535,8 +535,8 @@ def from_csr(
     TypeError
         If ``block`` is not a scipy.sparse CSR matrix or array.
     ValueError
-        If ``n_counts`` does not have one entry per row, or a value is not positive and
-        finite (a negative count, or a cell with counts whose ``n_counts`` is <= 0).
+        If ``n_counts`` does not have one entry per row or is not positive and finite for a
+        cell with counts, or a count is negative.
 
     Examples
     --------
@@ -557,7 +557,15 @@ def from_csr(
         block = block.copy()
         block.sum_duplicates()
     data, genes = block.data, block.indices
-    per_value = np.repeat(nc, np.diff(block.indptr))
+    nnz = np.diff(block.indptr)
+    bad_rows = np.flatnonzero((nnz > 0) & ~((nc > 0) & (nc < np.inf)))
+    if bad_rows.size:
+        msg = (
+            f"n_counts must be positive and finite for cells with counts; got "
+            f"{nc[bad_rows[:5]].tolist()} at rows {bad_rows[:5].tolist()}."
+        )
+        raise ValueError(msg)
+    per_value = np.repeat(nc, nnz)
     keep = data != 0
     if not keep.all():
         data, genes, per_value = data[keep], genes[keep], per_value[keep]
@@ -795,22 +803,26 @@ def _quantile(d: Digests, q: float) -> F64:
     np.cumsum(d.weights, out=cw[1:])
     gfirst = cw[d.offsets]  # rank of each gene's first value, counted over all genes
     centre2 = 2 * cw[:-1] + d.weights - 1  # twice each centroid's centre rank: increasing
-    t = q * (counts - 1)  # target rank within the gene
-    t2 = 2.0 * (gfirst[:-1][g] + t[g])  # exact for q = 0.5
-    i = np.searchsorted(centre2, t2, side="right") - 1  # last centre <= target
+    t = q * (counts[g] - 1)  # target rank within the gene
+    base2 = 2 * gfirst[:-1][g]
+    i = np.searchsorted(centre2, base2 + 2.0 * t, side="right") - 1  # last centre <= target
     c0, c1 = d.offsets[g], d.offsets[g + 1] - 1
     before, after = i < c0, i >= c1
     ia, ib = np.clip(i, c0, c1), np.clip(i + 1, c0, c1)
-    # below the first centre interpolate from (rank 0, min), above the last to (n - 1, max)
-    xa = np.where(before, 2 * gfirst[g], centre2[ia]).astype(np.float64)
-    xb = np.where(after, 2 * (gfirst[g] + counts[g] - 1), centre2[ib]).astype(np.float64)
+    # ranks within the gene (exact integers); below the first centre interpolate from
+    # (rank 0, min), above the last one to (rank n - 1, max)
+    xa = np.where(before, 0, centre2[ia] - base2).astype(np.float64)
+    xb = np.where(after, 2 * (counts[g] - 1), centre2[ib] - base2).astype(np.float64)
     ya = np.where(before, d.mins[c0], d.means[ia])
     yb = np.where(after, d.maxs[c1], d.means[ib])
     span = xb - xa
-    f = np.divide(t2 - xa, span, out=np.zeros_like(span), where=span > 0)
+    f = np.divide(2.0 * t - xa, span, out=np.zeros_like(span), where=span > 0)
     np.clip(f, 0.0, 1.0, out=f)
     est = ya * (1.0 - f) + yb * f  # (ya + yb) / 2 exactly when f = 1/2, like numpy's median
-    lo, hi = _rank_bounds(d, np.floor(t).astype(np.int64), np.ceil(t).astype(np.int64))
+    k_lo = np.zeros(d.n_genes, np.int64)
+    k_hi = np.zeros(d.n_genes, np.int64)
+    k_lo[g], k_hi[g] = np.floor(t), np.ceil(t)
+    lo, hi = _rank_bounds(d, k_lo, k_hi)
     out[g] = np.clip(est, lo[g], hi[g])
     return out
 

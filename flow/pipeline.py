@@ -44,6 +44,7 @@ def convert(
             gene_id_column=gene_id_column,
             obs_columns=list(obs_columns) if obs_columns is not None else None,
             genome=genome,
+            storage_options=storage_options,
         )
         for p in inputs
     ]

@@ -487,17 +487,24 @@ def _dropped_block(
     pass. Returns a ``(1, n_groups, n_tokens)`` int64 block.
     """
     keep = codes >= 0
-    group = codes[keep].astype(np.intp) * n_tokens
     counts = np.zeros(n_groups * n_tokens, dtype=np.int64)
     for chunk in tokens if isinstance(tokens, list) else [tokens]:
-        kept = chunk[keep]
-        flat = kept.astype(np.intp)
-        if n_groups > 1:
-            flat += group[:, None]
-        counts += np.bincount(flat.ravel(), minlength=n_groups * n_tokens)
-    counts = counts.reshape(n_groups, n_tokens)
-    counts[:, pad] = 0  # the pad token fills ranks past each cell's length: not a gene
-    return counts[None]
+        if not chunk.shape[1]:
+            continue
+        # rows are pad-filled past their length: a row whose first entry here is the pad
+        # token has no gene in this chunk (most rows, far past the cutoff)
+        live = keep & (chunk[:, 0] != pad)
+        if not live.any():
+            continue
+        kept = chunk[live]
+        if n_groups == 1:
+            counts += np.bincount(kept.ravel(), minlength=n_tokens)
+        else:
+            flat = kept.astype(np.intp) + codes[live].astype(np.intp)[:, None] * n_tokens
+            counts += np.bincount(flat.ravel(), minlength=n_groups * n_tokens)
+    table = counts.reshape(n_groups, n_tokens)
+    table[:, pad] = 0  # the pad token fills ranks past each cell's length: not a gene
+    return table[None]
 
 
 @dataclass(frozen=True)

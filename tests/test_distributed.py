@@ -402,10 +402,10 @@ def test_dashboard_answers_and_progress_bar_shows(big: Big, tmp_path: Path) -> N
         assert link_seen.wait(120), "".join(lines)
         link = next(ln for ln in lines if "dashboard: " in ln).split("dashboard: ", 1)[1].strip()
         assert link.startswith("http://")
-        with urllib.request.urlopen(link, timeout=60) as response:
+        assert proc.poll() is None, "the run ended before its dashboard was checked"
+        with urllib.request.urlopen(link, timeout=60) as response:  # served by the run itself
             status = response.status
             page = response.read()
-        assert proc.poll() is None, "the run ended before its dashboard was checked"
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:

@@ -27,7 +27,7 @@ from flow import pipeline
 from flow.datasets import synthetic_counts, write_synthetic
 from flow.encode.rank import rank_cells
 from flow.encode.store import encoding_graph, open_encoding, plan_encoding, write_encoding
-from flow.errors import IncompleteStoreError, VocabularyError
+from flow.errors import IncompleteStoreError, InputError, VocabularyError
 from flow.ingest._source import SourceInfo
 from flow.medians import MedianSet
 from flow.store import open_counts, write_counts
@@ -350,6 +350,33 @@ def test_filter_pass_empty_cells_and_carried_columns(handmade):
         assert [len(x) for x in ds["input_ids"]][1] == len(head) + len(tail)  # the empty cell
 
 
+@pytest.mark.parametrize(
+    ("column", "kept"),
+    [
+        ([1, 0, 1, 1], [True, False, True, True]),
+        ([True, False, False, True], [True, False, False, True]),
+        ([1.0, np.nan, 0.0, 2.0], [True, False, False, False]),  # upstream keeps == 1 only
+        (["True", "False", "1", "0"], [True, False, True, False]),  # not astype(bool)
+        (["yes", "no", "TRUE", ""], [True, False, True, False]),
+    ],
+)
+def test_filter_pass_values(tmp_path, column, kept):
+    source = ArraySource(np.ones((4, 6), np.int32), [f"ENSG{i:011d}" for i in range(6)],
+                         pd.DataFrame({"filter_pass": column}))  # fmt: skip
+    store = write_counts([source], tmp_path / "c.zarr")
+    vocab, median_set = vocab_and_medians(store.var.index.to_numpy(dtype=str), 0, fraction=1.0)
+    np.testing.assert_array_equal(plan_encoding(store, median_set, vocab).keep, kept)
+
+
+def test_filter_pass_of_unknown_text_is_an_error(tmp_path):
+    source = ArraySource(np.ones((2, 6), np.int32), [f"ENSG{i:011d}" for i in range(6)],
+                         pd.DataFrame({"filter_pass": ["pass", "fail"]}))  # fmt: skip
+    store = write_counts([source], tmp_path / "c.zarr")
+    vocab, median_set = vocab_and_medians(store.var.index.to_numpy(dtype=str), 0, fraction=1.0)
+    with pytest.raises(InputError, match=r"filter_pass.*\['fail', 'pass'\]"):
+        plan_encoding(store, median_set, vocab)
+
+
 def test_too_few_vocabulary_genes_is_an_error(tmp_path):
     """Symbols instead of Ensembl IDs: a VocabularyError that says what to do."""
     source = ArraySource(
@@ -460,6 +487,29 @@ def test_resume_recomputes_only_unfinished_blocks(synthetic_store, tmp_path):
     for name in ("tokens", "values", "length"):  # the chunk files themselves, byte for byte
         _assert_tree_equal(path / name, pristine / name)
     assert open_encoding(path).attrs["complete"]
+
+
+def test_resume_refuses_a_store_of_other_cells(tmp_path):
+    """Same counts, another filter_pass: an unfinished store of the old cells is not resumed
+    (the counts fingerprint does not cover obs; the plan's does)."""
+    counts = np.arange(1, 25, dtype=np.int32).reshape(4, 6) % 5
+    genes = [f"ENSG{i:011d}" for i in range(6)]
+    old = write_counts([ArraySource(counts, genes, pd.DataFrame({"filter_pass": [1, 1, 1, 1]}))],
+                       tmp_path / "old.zarr", block_size=2)  # fmt: skip
+    new = write_counts([ArraySource(counts, genes, pd.DataFrame({"filter_pass": [1, 0, 1, 0]}))],
+                       tmp_path / "new.zarr", block_size=2)  # fmt: skip
+    assert old.fingerprint == new.fingerprint
+    vocab, median_set = vocab_and_medians(np.array(genes), 0, fraction=1.0)
+    path = tmp_path / "e.zarr"
+    encode(old, vocab, median_set, path)
+    root = zarr.open_group(os.fspath(path), mode="r+")
+    root["block_done"][1] = False
+    meta = dict(root.attrs["flow"])
+    meta["complete"] = False
+    root.attrs["flow"] = meta
+    enc = encode(new, vocab, median_set, path)
+    np.testing.assert_array_equal(enc.cell_column("filter_pass"), [True, False, True, False])
+    assert enc.token_table()["cells"].sum() == (counts[[0, 2]] > 0).sum()
 
 
 def _assert_tree_equal(a: Path, b: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any
 
 from .. import query, report
@@ -114,8 +116,12 @@ def _open(args: argparse.Namespace) -> Any:
 
 
 def _emit(text: str | None) -> None:
-    if text is not None:
-        print(text, end="" if text.endswith("\n") else "\n")
+    if text is None:
+        return
+    try:
+        print(text, end="" if text.endswith("\n") else "\n", flush=True)
+    except BrokenPipeError:  # `flow dropped ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _dropped(args: argparse.Namespace) -> int:

@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 import dask.array as da
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BloscShuffle
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
+from zarr.codecs import BloscCodec, BloscShuffle
 
 from .. import __version__
 from .._io import create_flow_group, flow_attrs, mark_complete, open_flow_group, store_url
-from ..errors import VocabularyError
+from ..errors import InputError, VocabularyError
 from .rank import rank_cells
 
 if TYPE_CHECKING:
@@ -123,6 +123,33 @@ def _vocab_with_medians(
     return restricted, med[ok], int((~ok).sum())
 
 
+_TRUE = frozenset({"1", "true", "t", "yes", "y"})
+_FALSE = frozenset({"0", "false", "f", "no", "n", ""})
+
+
+def _parse_filter_pass(values: np.ndarray, where: str) -> np.ndarray:
+    """``filter_pass`` as booleans: 1/True keeps a cell (upstream keeps ``== 1``).
+
+    Numbers: exactly 1 keeps (NaN, 0 and anything else drop). Text: ``1``/``true``/``yes``
+    keep, ``0``/``false``/``no``/empty drop (any case), anything else is an error, because
+    ``astype(bool)`` would keep every non-empty string, ``"False"`` and ``"0"`` included.
+    """
+    if values.dtype.kind == "b":
+        return values.astype(bool)
+    if values.dtype.kind in "iuf":
+        return np.asarray(values == 1)
+    text = np.array([str(v).strip().lower() for v in values.tolist()], dtype=object)
+    known = np.isin(text, list(_TRUE | _FALSE))
+    if not known.all():
+        bad = sorted({str(v) for v in values[~known].tolist()})[:5]
+        msg = (
+            f"{where}: obs column 'filter_pass' has values {bad} that are neither 1/True "
+            "(keep the cell) nor 0/False (drop it). Fix the column in the input."
+        )
+        raise InputError(msg)
+    return np.isin(text, list(_TRUE))
+
+
 def plan_encoding(
     store: CountStore,
     medians: MedianSet,
@@ -143,10 +170,11 @@ def plan_encoding(
         msg = f"{store.url}: no obs column {n_counts_column!r}; columns are {list(obs.columns)}."
         raise VocabularyError(msg)
     keep = (
-        obs["filter_pass"].to_numpy().astype(bool)
+        _parse_filter_pass(obs["filter_pass"].to_numpy(), store.url)
         if "filter_pass" in obs.columns
         else np.ones(len(obs), bool)
     )
+    n_counts = obs[n_counts_column].to_numpy(dtype=np.float64)
     width = max(1, int(obs["n_genes"].max()) if len(obs) else 1)
     params = {
         "counts": store.fingerprint,
@@ -156,6 +184,8 @@ def plan_encoding(
         if gene_mapping is None
         else hashlib.sha256(json.dumps(sorted(gene_mapping.items())).encode()).hexdigest(),
         "n_counts_column": n_counts_column,
+        # the cells' totals and filter come from obs, which the counts fingerprint does not cover
+        "cells": hashlib.sha256(n_counts.tobytes() + keep.tobytes()).hexdigest(),
         "width": width,
         "rank_chunk": rank_chunk,
         "schema_version": SCHEMA_VERSION,
@@ -165,7 +195,7 @@ def plan_encoding(
         gene_map,
         usable,
         med[order],
-        obs[n_counts_column].to_numpy(dtype=np.float64),
+        n_counts,
         keep,
         width,
         rank_chunk,

@@ -6,6 +6,11 @@ does not grow with the input. Where a format forces more (CSC AnnData matrices, 
 files not sorted by cell) the reader transposes through temporary files and says so in
 ``source.info.notes``.
 
+Every format can also be read from an fsspec URL (``s3://bucket/x.h5ad``, ``gs://...``,
+``https://...``, ``memory://...``, ``file:///abs/path``) with ``storage_options``: HDF5 files
+(h5ad, 10x h5, loom) are read range by range through a file object, AnnData Zarr chunk by
+chunk, and 10x MEX files streamed (the one format read whole, which its notes say).
+
 Examples
 --------
 >>> import os, tempfile, numpy as np, scipy.sparse as sp, scipy.io
@@ -25,13 +30,14 @@ Examples
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
+from ._fs import basename, exists, is_url, isdir, listdir
 from ._source import Source, SourceInfo
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Mapping, Sequence
 
 __all__ = ["FORMATS", "Source", "SourceInfo", "detect_format", "open_source"]
 
@@ -54,11 +60,11 @@ def _unknown(path: str, why: str) -> InputError:
     )
 
 
-def _sniff_h5(path: str) -> str:
+def _sniff_h5(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """``"h5ad"`` or ``"10x-h5"`` for an HDF5 file named ``.h5``/``.hdf5``, from its contents."""
     from .h5ad import open_h5
 
-    with open_h5(path) as fh:
+    with open_h5(path, storage_options) as fh:
         if fh.attrs.get("encoding-type") == "anndata" or ("X" in fh and "obs" in fh):
             return "h5ad"
         if "matrix" in fh and hasattr(fh["matrix"], "shape"):  # a dataset: loom's layout
@@ -66,8 +72,19 @@ def _sniff_h5(path: str) -> str:
     return "10x-h5"
 
 
-def detect_format(path: str | os.PathLike[str]) -> str:
+def _missing(path: str) -> InputError:
+    if is_url(path):
+        return InputError(f"{path}: not found (no such file, directory or object).")
+    return InputError(f"{path}: no such file or directory.")
+
+
+def detect_format(
+    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> str:
     """The format of an input, from its name (and, for ``.h5``, its contents).
+
+    ``path`` may be an fsspec URL, looked at with ``storage_options`` (a directory is listed;
+    an ``.h5`` file's first HDF5 metadata is read).
 
     Raises
     ------
@@ -75,12 +92,12 @@ def detect_format(path: str | os.PathLike[str]) -> str:
         The path does not exist, or its format is not one flow reads (the message lists them).
     """
     text = os.fspath(path)
-    if not os.path.exists(text):
-        msg = f"{text}: no such file or directory."
-        raise InputError(msg)
-    name = os.path.basename(text.rstrip("/" + os.sep)).lower()
-    if os.path.isdir(text):
-        entries = set(os.listdir(text))
+    options = dict(storage_options or {}) if is_url(text) else None
+    if not exists(text, options):
+        raise _missing(text)
+    name = basename(text).lower()
+    if isdir(text, options):
+        entries = set(listdir(text, options))
         if entries & {"matrix.mtx", "matrix.mtx.gz"}:
             return "10x-mtx"
         if name.endswith(".zarr") or entries & {"zarr.json", ".zgroup"}:
@@ -94,7 +111,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
     if name.endswith((".mtx", ".mtx.gz")):
         return "10x-mtx"
     if name.endswith((".h5", ".hdf5")):
-        return _sniff_h5(text)
+        return _sniff_h5(text, options)
     raise _unknown(text, "has an extension flow does not know")
 
 
@@ -109,6 +126,7 @@ def open_source(
     genome: str | None = None,
     read_size: int | None = None,
     temp_dir: str | os.PathLike[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Source:
     """Open an input count matrix as a :class:`Source`; reads its metadata only.
 
@@ -120,7 +138,8 @@ def open_source(
     ----------
     path
         An ``.h5ad`` file, a Cell Ranger ``.h5`` file, a 10x MEX directory (or its
-        ``matrix.mtx[.gz]``), a ``.loom`` file or an AnnData ``.zarr`` directory.
+        ``matrix.mtx[.gz]``), a ``.loom`` file or an AnnData ``.zarr`` directory: a local
+        path or an fsspec URL (``s3://``, ``gs://``, ``https://``, ``file://``, ...).
     format
         One of :data:`FORMATS`; detected from ``path`` when not given.
     layer
@@ -142,7 +161,11 @@ def open_source(
         Matrix Market (default 262,144). Results do not depend on it.
     temp_dir
         Where CSC and unsorted Matrix Market inputs are transposed (default: the system's
-        temporary directory). The source's ``info.notes`` say when this happens.
+        temporary directory, also for URL inputs). The source's ``info.notes`` say when this
+        happens.
+    storage_options
+        fsspec options for a URL ``path`` (credentials, ``client_kwargs={"endpoint_url":
+        ...}``, ...); ignored for local paths. They never appear in messages.
 
     Returns
     -------
@@ -154,16 +177,17 @@ def open_source(
     InputError
         Unknown format (the message lists the supported ones), a file that cannot be read,
         options that do not apply to the format, missing gene IDs, wrong layer name, barcodes
-        not matching the matrix, or an empty matrix. The message names the file.
+        not matching the matrix, or an empty matrix; for a URL also one that is not found,
+        refused or unreachable with the given options. The message names the file.
     """
     text = os.fspath(path)
+    options = dict(storage_options or {}) if is_url(text) else None
     if format is None:
-        fmt = detect_format(text)
+        fmt = detect_format(text, storage_options=options)
     elif format in FORMATS:
         fmt = format
-        if not os.path.exists(text):
-            msg = f"{text}: no such file or directory."
-            raise InputError(msg)
+        if not exists(text, options):
+            raise _missing(text)
     else:
         raise _unknown(text, f"format={format!r} is not a format flow reads")
     if isinstance(obs_columns, str):
@@ -193,6 +217,7 @@ def open_source(
             obs_columns=obs_columns,
             read_size=read_size,
             temp_dir=temp_dir,
+            storage_options=options,
         )
     if fmt == "loom":
         from .loom import open_loom
@@ -203,14 +228,15 @@ def open_source(
             gene_id_column=gene_id_column,
             obs_columns=obs_columns,
             read_size=read_size,
+            storage_options=options,
         )
     if fmt == "10x-h5":
         from .tenx import open_10x_h5
 
-        return open_10x_h5(text, genome=genome, read_size=read_size)
+        return open_10x_h5(text, genome=genome, read_size=read_size, storage_options=options)
     from .tenx import open_10x_mtx
 
-    return open_10x_mtx(text, read_size=read_size, temp_dir=temp_dir)
+    return open_10x_mtx(text, read_size=read_size, temp_dir=temp_dir, storage_options=options)
 
 
 def _check_options(

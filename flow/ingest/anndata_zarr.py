@@ -2,7 +2,8 @@
 
 The AnnData encoding is the same as in ``.h5ad``, so this is :class:`flow.ingest.h5ad.AnnDataSource`
 over a read-only ``zarr.Group``: opening reads metadata only; each block reads only its cells'
-chunks.
+chunks. A store at a URL (``s3://...``) is opened with ``zarr.open_group(url,
+storage_options=...)`` and read chunk by chunk in the same way.
 """
 
 from __future__ import annotations
@@ -13,23 +14,29 @@ from typing import TYPE_CHECKING, Any
 
 from .._io import content_hasher
 from ..errors import InputError
+from ._fs import filesystem, is_url, isdir, redact, remote_errors
 from .h5ad import AnnDataSource
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
 
 __all__ = ["open_anndata_zarr", "store_fingerprint"]
 
 _METADATA_FILES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json")
 
 
-def store_fingerprint(path: str) -> str:
+def store_fingerprint(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
     """Fingerprint a Zarr directory without reading its chunks.
 
     Hashes every file's relative path and size, and the full text of the metadata documents
     (``zarr.json``, ``.zarray``, ``.zattrs``, ``.zgroup``, ``.zmetadata``). Hashing chunk
     contents too would cost as much as converting the store.
+
+    A URL is listed through fsspec (one recursive listing gives the sizes) and only its
+    metadata documents are read; the same store gives the same fingerprint on a local disk.
     """
+    if is_url(path):
+        return _url_store_fingerprint(path, storage_options)
     h = content_hasher()
     for root, dirs, files in os.walk(path):
         dirs.sort()
@@ -43,18 +50,46 @@ def store_fingerprint(path: str) -> str:
     return h.hexdigest()
 
 
+def _url_store_fingerprint(url: str, storage_options: Mapping[str, Any] | None) -> str:
+    """:func:`store_fingerprint` of a store behind an fsspec URL (same order as ``os.walk``)."""
+    fs, root = filesystem(url, storage_options)
+    root = root.rstrip("/")
+    with remote_errors(url, storage_options, "listing the store"):
+        found = fs.find(root, detail=True)
+        files = []
+        for full, entry in found.items():
+            rel = str(full)[len(root) :].lstrip("/")
+            parts = rel.split("/")
+            # os.walk visits a folder's files (sorted) before its sub-folders (sorted)
+            order = [(1, d) for d in parts[:-1]] + [(0, parts[-1])]
+            files.append((order, rel, str(full), int(entry["size"])))
+        files.sort()
+        wanted = [full for _, rel, full, _ in files if rel.rsplit("/", 1)[-1] in _METADATA_FILES]
+        documents = fs.cat(wanted) if wanted else {}
+        h = content_hasher()
+        for _, rel, full, size in files:
+            h.update(f"{rel}\0{size}\0".encode())
+            if full in documents:
+                h.update(documents[full])
+    return h.hexdigest()
+
+
 @contextlib.contextmanager
-def _open_zarr(path: str) -> Iterator[Any]:
+def _open_zarr(path: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[Any]:
     import zarr
 
     try:
-        group = zarr.open_group(path, mode="r")
+        if is_url(path):
+            group = zarr.open_group(path, mode="r", storage_options=dict(storage_options or {}))
+        else:
+            group = zarr.open_group(path, mode="r")
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
+        detail = redact(f"{type(err).__name__}: {err}", storage_options, keep=path)
         msg = (
-            f"{path}: cannot be opened as a Zarr group ({type(err).__name__}: {err}). Pass the "
+            f"{path}: cannot be opened as a Zarr group ({detail}). Pass the "
             "folder written by anndata's write_zarr."
         )
-        raise InputError(msg) from err
+        raise InputError(msg) from (None if storage_options else err)
     yield group
 
 
@@ -67,11 +102,13 @@ def open_anndata_zarr(
     obs_columns: Sequence[str] | None = None,
     read_size: int | None = None,
     temp_dir: str | os.PathLike[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> AnnDataSource:
     """Open an AnnData Zarr store as a :class:`~flow.ingest.Source` (reads metadata only).
 
     See :func:`flow.ingest.open_source` for the parameters; they mean what they mean for
-    ``.h5ad`` (:func:`flow.ingest.h5ad.open_h5ad`). The store is opened read-only.
+    ``.h5ad`` (:func:`flow.ingest.h5ad.open_h5ad`). The store is opened read-only; a URL
+    (``s3://...``) with ``storage_options``, read chunk by chunk, never downloaded whole.
 
     Raises
     ------
@@ -80,10 +117,11 @@ def open_anndata_zarr(
         match the matrix, an empty matrix, or chunks that cannot be decoded.
     """
     text = os.fspath(path)
-    if not os.path.isdir(text):
+    options = dict(storage_options or {}) if is_url(text) else None
+    if not isdir(text, options):
         msg = f"{text}: no such Zarr directory."
         raise InputError(msg)
-    with _open_zarr(text) as root:
+    with _open_zarr(text, options) as root:
         if root.attrs.get("encoding-type") != "anndata":
             msg = (
                 f"{text}: is a Zarr group but not an AnnData store (no encoding-type 'anndata'). "
@@ -93,8 +131,8 @@ def open_anndata_zarr(
     return AnnDataSource(
         text,
         format="anndata-zarr",
-        open_root=lambda: _open_zarr(text),
-        fingerprint=store_fingerprint(text),
+        open_root=lambda: _open_zarr(text, options),
+        fingerprint=store_fingerprint(text, options),
         layer=layer,
         use_raw=use_raw,
         gene_id_column=gene_id_column,
@@ -102,4 +140,5 @@ def open_anndata_zarr(
         read_size=read_size,
         temp_dir=temp_dir,
         read_errors=(OSError, ValueError, RuntimeError, KeyError),
+        storage_options=options,
     )

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._io import file_fingerprint
 from ..errors import FlowError, InputError
+from ._fs import H5_BLOCK_SIZE, fingerprint, is_url, open_input, redact
 from ._source import SourceInfo
 from ._transpose import (
     ENTRIES_PER_READ,
@@ -41,7 +41,7 @@ from ._transpose import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from contextlib import AbstractContextManager
 
     import h5py
@@ -73,33 +73,50 @@ ALWAYS_CARRIED = ("filter_pass", "n_counts")
 
 
 @contextlib.contextmanager
-def open_h5(path: str) -> Iterator[h5py.File]:
-    """Open an HDF5 file read-only; a file HDF5 cannot open is an :class:`InputError`."""
+def open_h5(path: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[h5py.File]:
+    """Open an HDF5 file read-only; a file HDF5 cannot open is an :class:`InputError`.
+
+    A URL is opened with fsspec (``storage_options``) and handed to h5py as a file object
+    with a read-ahead of :data:`~flow.ingest._fs.H5_BLOCK_SIZE`: HDF5 reads only the byte
+    ranges it needs. Both are closed on exit, so each use opens its own handle.
+    """
     import h5py
 
-    try:
-        fh = h5py.File(path, "r")
-    except FileNotFoundError as err:
-        msg = f"{path}: no such file."
-        raise InputError(msg) from err
-    except OSError as err:
-        msg = (
-            f"{path}: cannot be opened as HDF5 ({err}). The file is truncated, corrupt or not "
-            "HDF5: re-download or re-export it."
-        )
-        raise InputError(msg) from err
-    with fh:
+    with contextlib.ExitStack() as stack:
+        try:
+            if is_url(path):  # missing or unreachable: InputError from open_input
+                raw = stack.enter_context(
+                    open_input(path, storage_options, block_size=H5_BLOCK_SIZE)
+                )
+                fh = h5py.File(raw, "r")
+            else:
+                fh = h5py.File(path, "r")
+        except FileNotFoundError as err:
+            msg = f"{path}: no such file."
+            raise InputError(msg) from err
+        except OSError as err:
+            msg = (
+                f"{path}: cannot be opened as HDF5 ({redact(str(err), storage_options, keep=path)}"
+                "). The file is truncated, corrupt or not HDF5: re-download or re-export it."
+            )
+            raise InputError(msg) from (None if storage_options else err)
+        stack.enter_context(fh)
         yield fh
 
 
 @contextlib.contextmanager
 def input_errors(
-    path: str, what: str, errors: tuple[type[Exception], ...] = (OSError,)
+    path: str,
+    what: str,
+    errors: tuple[type[Exception], ...] = (OSError,),
+    *,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Iterator[None]:
     """Turn read failures of the input (``errors``) into an :class:`InputError` naming it.
 
     A full disk or quota while transposing through temporary files is not the input's fault
-    and propagates unchanged.
+    and propagates unchanged. ``storage_options`` (of a URL input) never appear in the
+    message.
     """
     try:
         yield
@@ -108,20 +125,24 @@ def input_errors(
     except errors as err:
         if isinstance(err, OSError) and err.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT):
             raise
+        detail = redact(f"{type(err).__name__}: {err}", storage_options, keep=path)
+        remote = " (or the connection to it failed)" if is_url(path) else ""
         msg = (
-            f"{path}: reading {what} failed ({type(err).__name__}: {err}). The file is "
-            "truncated or corrupt: re-download or re-export it."
+            f"{path}: reading {what} failed ({detail}). The file is truncated or "
+            f"corrupt{remote}: re-download or re-export it."
         )
-        raise InputError(msg) from err
+        raise InputError(msg) from (None if storage_options else err)
 
 
 def guard_reads(
     path: str,
     blocks: Iterator[sp.csr_matrix],
     errors: tuple[type[Exception], ...] = (OSError,),
+    *,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Iterator[sp.csr_matrix]:
     """Pass ``blocks`` through :func:`input_errors`."""
-    with input_errors(path, "the counts", errors):
+    with input_errors(path, "the counts", errors, storage_options=storage_options):
         yield from blocks
 
 
@@ -270,6 +291,9 @@ class AnnDataSource:
         See :func:`flow.ingest.open_source`.
     read_errors
         Exceptions raised by reads of a damaged input (turned into :class:`InputError`).
+    storage_options
+        The fsspec options of a URL input: used by ``open_root``, only kept here to hide
+        them from messages.
     """
 
     def __init__(
@@ -286,13 +310,20 @@ class AnnDataSource:
         read_size: int | None = None,
         temp_dir: str | os.PathLike[str] | None = None,
         read_errors: tuple[type[Exception], ...] = (OSError,),
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._open_root = open_root
         self._read_size = read_size
         self._temp_dir = temp_dir
         self._read_errors = read_errors
+        self._storage_options = storage_options
         notes: list[str] = []
-        with input_errors(path, "the metadata", (*read_errors, KeyError)), open_root() as root:
+        with (
+            input_errors(
+                path, "the metadata", (*read_errors, KeyError), storage_options=storage_options
+            ),
+            open_root() as root,
+        ):
             self._key = _matrix_key(root, path, layer=layer, use_raw=use_raw)
             self._layout, n_cells, n_genes, self._nnz, self._dtype = _matrix_layout(
                 root[self._key], path, self._key
@@ -340,7 +371,12 @@ class AnnDataSource:
         if n_cells < 1:
             msg = f"n_cells must be >= 1; got {n_cells}."
             raise ValueError(msg)
-        return guard_reads(self.info.path, self._blocks(n_cells), self._read_errors)
+        return guard_reads(
+            self.info.path,
+            self._blocks(n_cells),
+            self._read_errors,
+            storage_options=self._storage_options,
+        )
 
     def _blocks(self, n_cells: int) -> Iterator[sp.csr_matrix]:
         info = self.info
@@ -513,11 +549,13 @@ def open_h5ad(
     obs_columns: Sequence[str] | None = None,
     read_size: int | None = None,
     temp_dir: str | os.PathLike[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> AnnDataSource:
     """Open an ``.h5ad`` file as a :class:`~flow.ingest.Source` (reads metadata only).
 
     See :func:`flow.ingest.open_source` for the parameters. The file is opened read-only with
-    h5py, once for the metadata and once per :meth:`~AnnDataSource.iter_blocks` pass.
+    h5py, once for the metadata and once per :meth:`~AnnDataSource.iter_blocks` pass. A URL
+    (``s3://...``) is read through fsspec with ``storage_options``, range by range.
 
     Raises
     ------
@@ -526,17 +564,19 @@ def open_h5ad(
         matrix, an empty matrix, or an encoding flow does not read.
     """
     text = os.fspath(path)
-    with open_h5(text):  # report an unreadable file before fingerprinting it
+    options = dict(storage_options or {}) if is_url(text) else None
+    with open_h5(text, options):  # report an unreadable file before fingerprinting it
         pass
     return AnnDataSource(
         text,
         format="h5ad",
-        open_root=lambda: open_h5(text),
-        fingerprint=file_fingerprint(text),
+        open_root=lambda: open_h5(text, options),
+        fingerprint=fingerprint(text, options),
         layer=layer,
         use_raw=use_raw,
         gene_id_column=gene_id_column,
         obs_columns=obs_columns,
         read_size=read_size,
         temp_dir=temp_dir,
+        storage_options=options,
     )

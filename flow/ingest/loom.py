@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._io import file_fingerprint
 from ..errors import InputError
+from ._fs import fingerprint, is_url
 from ._source import SourceInfo
 from ._transpose import dense_row_pieces, dense_rows_per_read, rebatch
 from .h5ad import (
@@ -32,7 +32,7 @@ from .h5ad import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Iterator, Mapping, Sequence
 
     import scipy.sparse as sp
 
@@ -73,10 +73,17 @@ class LoomSource:
         gene_id_column: str | None = None,
         obs_columns: Sequence[str] | None = None,
         read_size: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._read_size = read_size
+        self._storage_options = storage_options
         notes: list[str] = []
-        with input_errors(path, "the metadata", (OSError, KeyError)), open_h5(path) as fh:
+        with (
+            input_errors(
+                path, "the metadata", (OSError, KeyError), storage_options=storage_options
+            ),
+            open_h5(path, storage_options) as fh,
+        ):
             if "matrix" not in fh or not hasattr(fh["matrix"], "shape"):
                 msg = f"{path}: has no /matrix dataset, so it is not a loom file."
                 raise InputError(msg)
@@ -168,7 +175,7 @@ class LoomSource:
             gene_symbols=symbols,
             barcodes=barcodes,
             obs=pd.DataFrame(data, index=pd.RangeIndex(n_cells)),
-            fingerprint=file_fingerprint(path),
+            fingerprint=fingerprint(path, storage_options),
             notes=notes,
         )
 
@@ -180,14 +187,16 @@ class LoomSource:
         if n_cells < 1:
             msg = f"n_cells must be >= 1; got {n_cells}."
             raise ValueError(msg)
-        return guard_reads(self.info.path, self._blocks(n_cells))
+        return guard_reads(
+            self.info.path, self._blocks(n_cells), storage_options=self._storage_options
+        )
 
     def _blocks(self, n_cells: int) -> Iterator[sp.csr_matrix]:
         info = self.info
         width = dense_rows_per_read(info.n_genes, self._dtype.itemsize, n_cells, self._read_size)
         if self._read_size is None and width >= self._chunk_cols:
             width -= width % self._chunk_cols  # whole chunks per read
-        with open_h5(info.path) as fh:
+        with open_h5(info.path, self._storage_options) as fh:
             matrix: Any = fh[self._key]
             pieces = dense_row_pieces(
                 matrix, n_rows=info.n_cells, rows_per_read=width, transpose=True
@@ -202,6 +211,7 @@ def open_loom(
     gene_id_column: str | None = None,
     obs_columns: Sequence[str] | None = None,
     read_size: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> LoomSource:
     """Open a loom file read-only as a :class:`~flow.ingest.Source` (reads attributes only).
 
@@ -218,6 +228,9 @@ def open_loom(
         are carried whenever present.
     read_size
         Cells per read (default: as many as fit in 64 MB, in whole chunks).
+    storage_options
+        fsspec options when ``path`` is a URL (``s3://...``); ignored for local paths. A URL
+        is read range by range (only the chunks of each column slab), never downloaded whole.
 
     Raises
     ------
@@ -225,10 +238,12 @@ def open_loom(
         Not HDF5 or truncated, no /matrix, no such layer, no gene IDs, attributes whose length
         does not match the matrix, or an empty matrix.
     """
+    text = os.fspath(path)
     return LoomSource(
-        os.fspath(path),
+        text,
         layer=layer,
         gene_id_column=gene_id_column,
         obs_columns=obs_columns,
         read_size=read_size,
+        storage_options=dict(storage_options or {}) if is_url(text) else None,
     )

@@ -23,8 +23,8 @@ we know produces); files that need general whitespace splitting fall back to pan
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import gzip
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -33,8 +33,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .._io import content_hasher, file_fingerprint
+from .._io import content_hasher
 from ..errors import InputError
+from ._fs import basename, fingerprint, is_url, isdir, join, listdir, open_input, redact, split
 from ._source import SourceInfo
 from ._transpose import (
     bucket_transpose,
@@ -46,7 +47,7 @@ from ._transpose import (
 from .h5ad import as_str_array, check_ids, guard_reads, input_errors, open_h5
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable, Iterator, Mapping
 
     import h5py
 
@@ -58,6 +59,8 @@ _MTX_NAMES = ("matrix.mtx.gz", "matrix.mtx")
 _FEATURE_NAMES = ("features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv")
 _BARCODE_NAMES = ("barcodes.tsv.gz", "barcodes.tsv")
 _ARROW_BLOCK_BYTES = 1 << 20
+#: Read-ahead when a Matrix Market file or TSV is streamed from a URL.
+_STREAM_BLOCK_SIZE = 8 << 20
 #: Entries per parsed piece of a Matrix Market file (about 4 MB per column).
 _MTX_ENTRIES_PER_READ = 1 << 18
 
@@ -127,11 +130,18 @@ class TenxH5Source:
         *,
         genome: str | None = None,
         read_size: int | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._read_size = read_size
+        self._storage_options = storage_options
         notes: list[str] = []
         fix = "The file is not a complete Cell Ranger HDF5 matrix: re-download or re-export it."
-        with input_errors(path, "the metadata", (OSError, KeyError)), open_h5(path) as fh:
+        with (
+            input_errors(
+                path, "the metadata", (OSError, KeyError), storage_options=storage_options
+            ),
+            open_h5(path, storage_options) as fh,
+        ):
             if "matrix" in fh and "features" in fh["matrix"]:
                 self._group = "matrix"
                 features = fh["matrix/features"]
@@ -193,7 +203,7 @@ class TenxH5Source:
             gene_symbols=symbols,
             barcodes=barcodes,
             obs=pd.DataFrame(index=pd.RangeIndex(n_cells)),
-            fingerprint=file_fingerprint(path),
+            fingerprint=fingerprint(path, storage_options),
             notes=notes,
         )
 
@@ -205,11 +215,13 @@ class TenxH5Source:
         if n_cells < 1:
             msg = f"n_cells must be >= 1; got {n_cells}."
             raise ValueError(msg)
-        return guard_reads(self.info.path, self._blocks(n_cells))
+        return guard_reads(
+            self.info.path, self._blocks(n_cells), storage_options=self._storage_options
+        )
 
     def _blocks(self, n_cells: int) -> Iterator[sp.csr_matrix]:
         info = self.info
-        with open_h5(info.path) as fh:
+        with open_h5(info.path, self._storage_options) as fh:
             group = fh[self._group]
             pieces: Iterable[sp.csr_matrix] = csr_row_pieces(
                 group["data"],
@@ -228,7 +240,11 @@ class TenxH5Source:
 
 
 def open_10x_h5(
-    path: str | os.PathLike[str], *, genome: str | None = None, read_size: int | None = None
+    path: str | os.PathLike[str],
+    *,
+    genome: str | None = None,
+    read_size: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> TenxH5Source:
     """Open a Cell Ranger HDF5 matrix (``filtered_feature_bc_matrix.h5``); reads metadata only.
 
@@ -241,6 +257,9 @@ def open_10x_h5(
         Cell Ranger 3+ files: keep only this genome's features (multi-species references).
     read_size
         Cells per read (default: the block size).
+    storage_options
+        fsspec options when ``path`` is a URL (``s3://...``); ignored for local paths. A URL
+        is read range by range (metadata, then each block's rows), never downloaded whole.
 
     Raises
     ------
@@ -248,7 +267,13 @@ def open_10x_h5(
         Not HDF5 or truncated, not a Cell Ranger layout, several genomes and none chosen, no
         gene IDs, barcodes not matching the matrix, or an empty matrix.
     """
-    return TenxH5Source(os.fspath(path), genome=genome, read_size=read_size)
+    text = os.fspath(path)
+    return TenxH5Source(
+        text,
+        genome=genome,
+        read_size=read_size,
+        storage_options=dict(storage_options or {}) if is_url(text) else None,
+    )
 
 
 # --------------------------------------------------------------------------- 10x MEX
@@ -273,14 +298,12 @@ class _NeedsWhitespaceParser(Exception):
     """Internal: the lines are not single-space separated; parse with pandas instead."""
 
 
-def _open_binary(path: str) -> Any:
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def _read_mtx_header(path: str) -> _MtxHeader:
+def _read_mtx_header(path: str, storage_options: Mapping[str, Any] | None) -> _MtxHeader:
     fix = "Pass a Matrix Market coordinate file as written by Cell Ranger or scipy.io.mmwrite."
     try:
-        with _open_binary(path) as fh:
+        with open_input(
+            path, storage_options, block_size=1 << 16, gunzip=path.endswith(".gz")
+        ) as fh:
             banner = fh.readline().decode("ascii", errors="replace").strip().split()
             lines = 1
             while True:
@@ -294,8 +317,7 @@ def _read_mtx_header(path: str) -> _MtxHeader:
                 size = line.split()
                 break
     except (OSError, EOFError) as err:
-        msg = f"{path}: cannot be read ({type(err).__name__}: {err}). The file is truncated or corrupt."
-        raise InputError(msg) from err
+        raise _unreadable(path, err, storage_options) from (None if storage_options else err)
     words = [w.lower() for w in banner]
     if len(words) < 5 or words[0] != "%%matrixmarket" or words[1] != "matrix":
         msg = f"{path}: does not start with a '%%MatrixMarket matrix ...' line. {fix}"
@@ -321,28 +343,60 @@ def _read_mtx_header(path: str) -> _MtxHeader:
     return _MtxHeader(field, n_genes, n_cells, nnz, lines)
 
 
-def _read_tsv(path: str) -> pd.DataFrame:
+def _unreadable(
+    path: str, err: BaseException, storage_options: Mapping[str, Any] | None
+) -> InputError:
+    detail = redact(f"{type(err).__name__}: {err}", storage_options, keep=path)
+    return InputError(f"{path}: cannot be read ({detail}). The file is truncated or corrupt.")
+
+
+@contextlib.contextmanager
+def _readable(path: str, storage_options: Mapping[str, Any] | None) -> Iterator[Any]:
+    """What pandas and pyarrow read from: a local path as it is, a URL as an open file."""
+    if not is_url(path):
+        yield path
+        return
+    with open_input(path, storage_options, block_size=_STREAM_BLOCK_SIZE) as fh:
+        yield fh
+
+
+def _read_tsv(path: str, storage_options: Mapping[str, Any] | None) -> pd.DataFrame:
     try:
-        return pd.read_csv(
-            path,
-            sep="\t",
-            header=None,
-            dtype=str,
-            quoting=csv.QUOTE_NONE,
-            na_filter=False,
-            keep_default_na=False,
-        )
+        with _readable(path, storage_options) as source:
+            remote = {"compression": "gzip" if path.endswith(".gz") else None}
+            return pd.read_csv(
+                source,
+                sep="\t",
+                header=None,
+                dtype=str,
+                quoting=csv.QUOTE_NONE,
+                na_filter=False,
+                keep_default_na=False,
+                **(remote if is_url(path) else {}),  # local paths: compression from the name
+            )
     except pd.errors.EmptyDataError:
         return pd.DataFrame({0: pd.Series([], dtype=object)})
     except (OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError) as err:
-        msg = f"{path}: cannot be read ({type(err).__name__}: {err}). The file is truncated or corrupt."
-        raise InputError(msg) from err
+        raise _unreadable(path, err, storage_options) from (None if storage_options else err)
 
 
-def _find(folder: str, prefix: str, names: tuple[str, ...], what: str, matrix: str) -> str:
+def _find(
+    folder: str,
+    prefix: str,
+    names: tuple[str, ...],
+    what: str,
+    matrix: str,
+    storage_options: Mapping[str, Any] | None,
+) -> str:
+    files = (
+        {n for n, is_file in listdir(folder, storage_options).items() if is_file}
+        if is_url(folder)
+        else None
+    )
     for name in names:
-        candidate = os.path.join(folder, prefix + name)
-        if os.path.isfile(candidate):
+        candidate = join(folder, prefix + name)
+        found = os.path.isfile(candidate) if files is None else prefix + name in files
+        if found:
             return candidate
     msg = (
         f"{matrix}: no {what} beside it (looked for {', '.join(prefix + n for n in names)} in "
@@ -388,24 +442,26 @@ class TenxMtxSource:
         *,
         read_size: int | None = None,
         temp_dir: str | os.PathLike[str] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._read_size = read_size or _MTX_ENTRIES_PER_READ
         self._temp_dir = temp_dir
+        self._storage_options = so = storage_options
         self._scan: _Scan | None = None
-        if os.path.isdir(path):
+        if isdir(path, so):
             folder, prefix = path, ""
-            self._matrix = _find(folder, "", _MTX_NAMES, "matrix.mtx", path)
+            self._matrix = _find(folder, "", _MTX_NAMES, "matrix.mtx", path, so)
         else:
-            folder, name = os.path.split(path)
+            folder, name = split(path)
             stem = name.removesuffix(".gz").removesuffix(".mtx")
             prefix = stem.removesuffix("matrix") if stem.endswith("matrix") else ""
             self._matrix = path
-        header = _read_mtx_header(self._matrix)
+        header = _read_mtx_header(self._matrix, so)
         self._header = header
-        features_path = _find(folder, prefix, _FEATURE_NAMES, "features.tsv/genes.tsv", path)
-        barcodes_path = _find(folder, prefix, _BARCODE_NAMES, "barcodes.tsv", path)
-        features = _read_tsv(features_path)
-        barcodes = as_str_array(_read_tsv(barcodes_path)[0].to_numpy())
+        features_path = _find(folder, prefix, _FEATURE_NAMES, "features.tsv/genes.tsv", path, so)
+        barcodes_path = _find(folder, prefix, _BARCODE_NAMES, "barcodes.tsv", path, so)
+        features = _read_tsv(features_path, so)
+        barcodes = as_str_array(_read_tsv(barcodes_path, so)[0].to_numpy())
         ids = as_str_array(features[0].to_numpy())
         fix = "The matrix and its features/barcodes files do not belong together: re-export them."
         check_ids(ids, n=header.n_genes, path=features_path, what="gene IDs", fix=fix)
@@ -421,9 +477,14 @@ class TenxMtxSource:
             kept = self._col_map >= 0
             ids = ids[kept]
             symbols = symbols[kept] if symbols is not None else None
+        if is_url(self._matrix):  # no index into Matrix Market text: it is read whole
+            notes.append(
+                f"{basename(self._matrix)} is streamed from its URL twice (a checking pass, "
+                "then the blocks); it is not copied to local disk."
+            )
         h = content_hasher()
         for part in (self._matrix, features_path, barcodes_path):
-            h.update(file_fingerprint(part).encode())
+            h.update(fingerprint(part, so).encode())
         self.info = SourceInfo(
             path=path,
             format="10x-mtx",
@@ -464,14 +525,18 @@ class TenxMtxSource:
         except (_NeedsWhitespaceParser, InputError):
             raise
         except (OSError, EOFError) as err:
-            msg = f"{path}: reading failed ({type(err).__name__}: {err}). The file is truncated or corrupt."
-            raise InputError(msg) from err
+            so = self._storage_options
+            detail = redact(f"{type(err).__name__}: {err}", so, keep=path)
+            msg = f"{path}: reading failed ({detail}). The file is truncated or corrupt."
+            raise InputError(msg) from (None if so else err)
         except (ValueError, pd.errors.ParserError) as err:
+            so = self._storage_options
             msg = (
-                f"{path}: malformed entries ({err}). Each line after the header must be "
-                f"'gene cell value' with {self._header.field} values; the file is corrupt."
+                f"{path}: malformed entries ({redact(str(err), so, keep=path)}). Each line after "
+                f"the header must be 'gene cell value' with {self._header.field} values; the "
+                "file is corrupt."
             )
-            raise InputError(msg) from err
+            raise InputError(msg) from (None if so else err)
 
     def _arrow_chunks(self, columns: list[str]) -> Iterator[dict[str, np.ndarray]]:
         import pyarrow as pa
@@ -480,10 +545,12 @@ class TenxMtxSource:
         names = self._names()
         vtype = {"integer": pa.int64(), "real": pa.float64()}.get(self._header.field)
         types = {"g": pa.int64(), "c": pa.int64(), **({"v": vtype} if vtype is not None else {})}
-        stream = pa.input_stream(
-            self._matrix, compression="gzip" if self._matrix.endswith(".gz") else None
-        )
-        with stream:
+        with (
+            _readable(self._matrix, self._storage_options) as source,
+            pa.input_stream(
+                source, compression="gzip" if self._matrix.endswith(".gz") else None
+            ) as stream,
+        ):
             try:
                 reader = pacsv.open_csv(
                     stream,
@@ -512,17 +579,21 @@ class TenxMtxSource:
         names = self._names()
         vdtype = self._value_dtype() if self._header.field != "pattern" else None
         dtypes = {"g": np.int64, "c": np.int64, **({"v": vdtype} if vdtype is not None else {})}
-        reader = pd.read_csv(
-            self._matrix,
-            sep=r"\s+",
-            header=None,
-            names=names,
-            usecols=columns,
-            dtype=dtypes,
-            skiprows=self._header.header_lines,
-            chunksize=_ARROW_BLOCK_BYTES // 16,
-        )
-        with reader:
+        remote = {"compression": "gzip" if self._matrix.endswith(".gz") else None}
+        with (
+            _readable(self._matrix, self._storage_options) as source,
+            pd.read_csv(
+                source,
+                sep=r"\s+",
+                header=None,
+                names=names,
+                usecols=columns,
+                dtype=dtypes,
+                skiprows=self._header.header_lines,
+                chunksize=_ARROW_BLOCK_BYTES // 16,
+                **(remote if is_url(self._matrix) else {}),  # local: compression from the name
+            ) as reader,
+        ):
             for frame in reader:
                 yield {c: frame[c].to_numpy() for c in columns}
 
@@ -601,7 +672,9 @@ class TenxMtxSource:
         if n_cells < 1:
             msg = f"n_cells must be >= 1; got {n_cells}."
             raise ValueError(msg)
-        return guard_reads(self._matrix, self._blocks(n_cells))
+        return guard_reads(
+            self._matrix, self._blocks(n_cells), storage_options=self._storage_options
+        )
 
     def _blocks(self, n_cells: int) -> Iterator[sp.csr_matrix]:
         if self._scan is None:
@@ -609,7 +682,7 @@ class TenxMtxSource:
             if not self._scan.sorted:
                 gb = transpose_disk_bytes(self._header.nnz, self._value_dtype()) / 1e9
                 self.info.notes.append(
-                    f"{os.path.basename(self._matrix)} is not sorted by cell: transposed through "
+                    f"{basename(self._matrix)} is not sorted by cell: transposed through "
                     f"temporary files (about {gb:.2f} GB of temporary disk)."
                 )
         triplets = self._triplets(self._scan.engine)
@@ -676,6 +749,7 @@ def open_10x_mtx(
     *,
     read_size: int | None = None,
     temp_dir: str | os.PathLike[str] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> TenxMtxSource:
     """Open a 10x MEX directory (or its ``matrix.mtx[.gz]``); reads the header and TSVs only.
 
@@ -689,6 +763,11 @@ def open_10x_mtx(
         Entries per parsed piece (default 262,144).
     temp_dir
         Where unsorted files are transposed (default: the system's temporary directory).
+    storage_options
+        fsspec options when ``path`` is a URL (``s3://...``); ignored for local paths. The
+        directory is listed and its files streamed through fsspec (the text has no index, so
+        the matrix is streamed whole, twice, which the source's notes say); unsorted files are
+        still transposed on local temporary disk.
 
     Raises
     ------
@@ -697,4 +776,10 @@ def open_10x_mtx(
         counts not matching the header, an empty matrix; while reading: malformed lines,
         indices out of range, or fewer entries than the header says (truncated).
     """
-    return TenxMtxSource(os.fspath(path), read_size=read_size, temp_dir=temp_dir)
+    text = os.fspath(path)
+    return TenxMtxSource(
+        text,
+        read_size=read_size,
+        temp_dir=temp_dir,
+        storage_options=dict(storage_options or {}) if is_url(text) else None,
+    )

@@ -681,13 +681,9 @@ def _merge(parts: list[Digests], n_genes: int, compression: float) -> Digests:
     new[0] = True
     np.not_equal(b[1:], b[:-1], out=new[1:])
     del b
+    # a gene's first centroid starts a bin; a gene with n <= n_bins values has only weight-1
+    # centroids, and those land in distinct bins (consecutive ones are n_bins / n >= 1 apart)
     new[istart[:-1][items > 0]] = True
-    small = np.flatnonzero((counts <= n_bins) & (items > 0))
-    if small.size:  # genes with few values keep each value
-        lens = items[small]
-        pos = np.repeat(istart[small] - np.cumsum(np.r_[0, lens[:-1]]), lens)
-        pos += np.arange(pos.size)
-        new[pos] = True
     starts = np.flatnonzero(new)
     del new
     weights = np.add.reduceat(w, starts)

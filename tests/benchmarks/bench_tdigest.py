@@ -18,6 +18,11 @@ Run as a script (prints a table)::
 
     python tests/benchmarks/bench_tdigest.py --cells 4000 --genes 20000 --blocks 8
 
+Accuracy of the median after a fixed merge tree (16 blocks, ``split_every=8``; one cell type,
+then 4 cell types in consecutive blocks), flow at several compressions and crick::
+
+    python tests/benchmarks/bench_tdigest.py --accuracy
+
 or with pytest-benchmark (small sizes, timing only with ``--benchmark-enable``)::
 
     pytest tests/benchmarks/bench_tdigest.py -p no:cacheprovider --benchmark-enable
@@ -139,17 +144,109 @@ def cpu_median(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return float(np.median(times)), out
 
 
-def exact_medians(blocks: list[sp.csr_matrix], n_counts: list[np.ndarray]) -> np.ndarray:
+def normalized(block: sp.csr_matrix, n_counts: np.ndarray) -> sp.csr_matrix:
+    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    v = (block.data.astype(np.float64) / n_counts[rows]) * TARGET_SUM
+    return sp.csr_matrix((v, block.indices, block.indptr), shape=block.shape)
+
+
+def exact_medians(
+    blocks: list[sp.csr_matrix], n_counts: list[np.ndarray], genes_per_pass: int = 2500
+) -> np.ndarray:
     """numpy reference: median of each gene's nonzero normalized values over all blocks."""
-    vals = []
-    for b, nc in zip(blocks, n_counts, strict=True):
-        rows = np.repeat(np.arange(b.shape[0]), np.diff(b.indptr))
-        v = (b.data.astype(np.float64) / nc[rows]) * TARGET_SUM
-        vals.append(sp.csr_matrix((v, b.indices, b.indptr), shape=b.shape))
-    csc = sp.csr_matrix(sp.vstack(vals)).tocsc()
-    out = np.full(csc.shape[1], np.nan)
-    for g in np.flatnonzero(np.diff(csc.indptr)):
-        out[g] = np.median(csc.data[csc.indptr[g] : csc.indptr[g + 1]])
+    vals = [normalized(b, nc) for b, nc in zip(blocks, n_counts, strict=True)]
+    n_genes = blocks[0].shape[1]
+    out = np.full(n_genes, np.nan)
+    for g0 in range(0, n_genes, genes_per_pass):
+        csc = sp.csc_matrix(sp.vstack([v[:, g0 : g0 + genes_per_pass] for v in vals]))
+        ptr = csc.indptr
+        for j in np.flatnonzero(np.diff(ptr)):
+            out[g0 + j] = np.median(csc.data[ptr[j] : ptr[j + 1]])
+    return out
+
+
+def tree(parts: list[Any], merge: Callable[[list[Any]], Any], split_every: int) -> Any:
+    """The fixed reduction tree of flow.sketch.reduce: neighbours in groups, level by level."""
+    while len(parts) > 1:
+        parts = [merge(parts[i : i + split_every]) for i in range(0, len(parts), split_every)]
+    return parts[0]
+
+
+def accuracy(
+    *,
+    cells: int,
+    genes: int,
+    blocks: int,
+    cell_types: int,
+    compressions: list[float],
+    crick_compression: float,
+    split_every: int,
+) -> list[dict[str, float]]:
+    """Median relative error after a tree merge of block digests, genes with >= 1,000 nonzeros.
+
+    With ``cell_types > 1`` each type scales the gene fractions by lognormal(0, 1) and owns
+    consecutive blocks (as corpora concatenated by dataset are).
+    """
+    p = gene_fractions(genes)
+    rng = np.random.default_rng(123)
+    types = (
+        [p * rng.lognormal(0.0, 1.0, genes) for _ in range(cell_types)] if cell_types > 1 else [p]
+    )
+    data = [
+        make_block(
+            cells,
+            types[(i * len(types)) // blocks] / types[(i * len(types)) // blocks].sum(),
+            seed=1000 * cell_types + i,
+        )
+        for i in range(blocks)
+    ]
+    ncs = [row_sums(b) for b in data]
+    exact = exact_medians(data, ncs)
+    out = []
+    sides: list[tuple[str, float]] = [("flow", c) for c in compressions]
+    if crick_compression:
+        sides.append(("crick", crick_compression))
+    for side, c in sides:
+        if side == "flow":
+            d = tree(
+                [flow_build(b, nc, c) for b, nc in zip(data, ncs, strict=True)],
+                flow_merge,
+                split_every,
+            )
+            est, n = td.median(d), d.counts
+            cent = d.means.size / genes
+            lo, hi = td.median_bracket(d)
+            inside = np.zeros(genes, np.int64)
+            for v in (normalized(b, nc) for b, nc in zip(data, ncs, strict=True)):
+                m = (v.data >= lo[v.indices]) & (v.data <= hi[v.indices])
+                inside += np.bincount(v.indices[m], minlength=genes)
+        else:
+            cd = tree(
+                [crick_build(b, nc, c) for b, nc in zip(data, ncs, strict=True)],
+                crick_merge,
+                split_every,
+            )
+            est = crick_median(cd)
+            n = np.array([int(x.size()) for x in cd])
+            cent = sum(x.centroids().size for x in cd) / genes
+        sel = n >= 1000
+        rel = np.abs(est[sel] - exact[sel]) / exact[sel]
+        row = {
+            "side": side,
+            "compression": c,
+            "cell_types": cell_types,
+            "genes_ge_1000": int(sel.sum()),
+            "p50": float(np.percentile(rel, 50)),
+            "p99": float(np.percentile(rel, 99)),
+            "max": float(rel.max()),
+            "centroids_per_gene": cent,
+        }
+        if side == "flow":
+            frac = inside[sel] / n[sel]
+            row["bracket_mean"] = float(frac.mean())
+            row["bracket_p99"] = float(np.percentile(frac, 99))
+            row["bytes_per_gene"] = d.nbytes / genes
+        out.append(row)
     return out
 
 
@@ -183,6 +280,8 @@ def run(
     for side, build, merge_t in (("flow", "flow_build", t_fm), ("crick", "crick_build", t_cm)):
         per_block = n_values / blocks / res[build] + merge_t * share
         res[f"{side}_end_to_end"] = n_values / blocks / per_block
+    res["speedup_build"] = res["flow_build"] / res["crick_build"]
+    res["speedup_merge"] = res["flow_merge"] / res["crick_merge"]
     res["speedup_end_to_end"] = res["flow_end_to_end"] / res["crick_end_to_end"]
 
     exact = exact_medians(data, ncs)
@@ -208,7 +307,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compression", type=float, default=td.DEFAULT_COMPRESSION)
     ap.add_argument("--crick-compression", type=float, default=100.0)
+    ap.add_argument("--accuracy", action="store_true", help="median error after a merge tree")
+    ap.add_argument("--tree-blocks", type=int, default=16)
+    ap.add_argument("--cell-types", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--compressions", type=float, nargs="+", default=[100.0, 200.0, 300.0])
+    ap.add_argument("--split-every", type=int, default=8)
     a = ap.parse_args(argv)
+    if a.accuracy:
+        for types in a.cell_types:
+            for row in accuracy(
+                cells=a.cells,
+                genes=a.genes,
+                blocks=a.tree_blocks,
+                cell_types=types,
+                compressions=a.compressions,
+                crick_compression=a.crick_compression,
+                split_every=a.split_every,
+            ):
+                print(
+                    "  ".join(
+                        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in row.items()
+                    )
+                )
+        return
     res = run(
         cells=a.cells,
         genes=a.genes,
@@ -218,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         crick_compression=a.crick_compression,
     )
     for k, v in res.items():
-        if k.endswith(("_build", "_merge", "_end_to_end")):
+        if k.startswith(("flow_", "crick_")) and k.endswith(("_build", "_merge", "_end_to_end")):
             print(f"{k:28s} {v / 1e6:10.2f} M values/s")
         else:
             print(f"{k:28s} {v:10.4g}")

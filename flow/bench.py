@@ -118,7 +118,7 @@ def write_h5ad(
             index=pd.Index(src.info.barcodes.astype(str)),
         )
         var = pd.DataFrame(
-            {"gene_symbol": src.info.gene_symbols.astype(str)},
+            {"gene_symbol": np.asarray(src.info.gene_symbols, dtype=str)},
             index=pd.Index(src.info.gene_ids.astype(str)),
         )
         ad.io.write_elem(f, "obs", obs)

@@ -2,9 +2,9 @@
 
 Count stores, median sets, encoding stores and exported datasets are read and written at
 ``s3://`` URLs, from Python (``storage_options=``) and from the command line
-(``--storage-option``, credentials from the environment), with the same bytes as a local run.
-Inputs are read from local files: ``flow convert`` reads local inputs only, so the count store
-is written to S3 from a local h5ad.
+(``--storage-option``, credentials from the environment), with the same bytes as a local run
+of the same local input file. An input file read from S3 gives the same count store but for
+the column that records where each cell came from.
 """
 
 from __future__ import annotations
@@ -246,12 +246,12 @@ def test_cli_on_s3_equals_local(s3: S3, local: tuple[Path, dict[str, str]]) -> N
     url = {name: s3.url("cli", name) for name in STAGES}
     opts = ["--storage-option", f"endpoint_url={s3.endpoint}"]
     cluster = ["--workers", "1", "--threads-per-worker", "1", "--memory-limit", "1GiB"]
+    medians = [url["medians.zarr"], *cluster]
     commands = [
         ["convert", h5ad, "-o", url["counts.zarr"], "--block-size", "400"],
         ["info", url["counts.zarr"]],
         ["medians", url["counts.zarr"], "-o", url["medians.zarr"], *cluster],
-        ["tokenize", url["counts.zarr"], "-o", url["encoding.zarr"]]
-        + ["--medians", url["medians.zarr"], *cluster],
+        ["tokenize", url["counts.zarr"], "-o", url["encoding.zarr"], "--medians", *medians],
         ["export", url["encoding.zarr"], "-o", url["dataset"], *cluster],
     ]
     outputs = []
@@ -271,3 +271,37 @@ def test_cli_on_s3_equals_local(s3: S3, local: tuple[Path, dict[str, str]]) -> N
         assert SECRET not in text
     for name in STAGES:
         assert_same(url[name], want[name], s3.options)
+
+
+@pytest.mark.distributed
+def test_cli_convert_reads_input_from_s3(s3: S3, local: tuple[Path, dict[str, str]]) -> None:
+    """``flow convert s3://.../cells.h5ad``: the same counts as from the local file; only the
+    recorded source differs (it is the URL)."""
+    import fsspec
+
+    h5ad, want = local
+    source, out = s3.url("inputs", "cells.h5ad"), s3.url("from-s3", "counts.zarr")
+    fsspec.filesystem("s3", **s3.options).put_file(os.fspath(h5ad), source)
+    endpoint = ["--storage-option", f"endpoint_url={s3.endpoint}"]
+    proc = subprocess.run(
+        [FLOW, "convert", source, "-o", out, "--block-size", "400", "-q", *endpoint],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+    assert f"{source} (h5ad, 2,000 cells)" in proc.stdout
+
+    def without_source(files: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in files.items() if not k.startswith("obs/source/categories")}
+
+    got_files = stored_files(out, s3.options)
+    assert without_source(got_files) == without_source(stored_files(want["counts.zarr"]))
+    assert got_files.keys() == stored_files(want["counts.zarr"]).keys()
+    got, ref = flow_meta(out, s3.options), flow_meta(want["counts.zarr"])
+    assert [s["path"] for s in got.pop("sources")] == [source]
+    assert [s["path"] for s in ref.pop("sources")] == [os.fspath(h5ad)]
+    assert got == ref  # content fingerprint, block grid, shape, dtype
+    assert open_counts(out, storage_options=s3.options).obs["source"].tolist() == [source] * 2_000

@@ -104,25 +104,31 @@ def test_stages_then_run(capsys, tmp_path, h5ad):
     assert ran.column_names == stages.column_names
 
 
-def test_export_v1_and_parquet(capsys, tmp_path, h5ad):
-    """export's default preset is V1 (no special tokens); --input-size alone means no preset."""
+def test_input_size_without_preset_and_parquet(capsys, tmp_path, h5ad):
+    """--input-size alone: that many genes, no special tokens; export's default preset is V1."""
     import pyarrow.parquet as pq
 
     outdir = tmp_path / "run"
     status, _, _ = run_cli(capsys, "run", h5ad, "-o", outdir, "--input-size", "5", *CLUSTER)
     assert status == 0
-    ds = datasets.load_from_disk(os.fspath(outdir / "dataset"))
     encoding = open_encoding(outdir / "encoding.zarr")
-    tokens = np.asarray(encoding.tokens.compute())[np.arange(N_CELLS) % 10 != 0]
-    assert ds["input_ids"] == [row[: min(5, int((row != 0).sum()))].tolist() for row in tokens]
-    status, _, _ = run_cli(
+    keep = np.arange(N_CELLS) % 10 != 0
+    tokens = np.asarray(encoding.tokens.compute())[keep]
+    lengths = encoding.lengths[keep]
+    ds = datasets.load_from_disk(os.fspath(outdir / "dataset"))
+    assert ds["input_ids"] == [
+        row[: min(5, n)].tolist() for row, n in zip(tokens, lengths, strict=True)
+    ]
+
+    status, out, _ = run_cli(
         capsys, "export", outdir / "encoding.zarr", "-o", tmp_path / "pq", "--format", "parquet",
         *CLUSTER,
     )  # fmt: skip
     assert status == 0
+    assert "exported parquet dataset" in out
     table = pq.read_table(tmp_path / "pq")
-    assert table.num_rows == len(ds)
-    assert max(len(x) for x in table.column("input_ids").to_pylist()) <= 2048
+    expected = [row[: min(2048, n)].tolist() for row, n in zip(tokens, lengths, strict=True)]
+    assert table.column("input_ids").to_pylist() == expected
 
 
 # ----------------------------------------------------------------------------------------------

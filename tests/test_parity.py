@@ -49,6 +49,11 @@ files except the first:
   asserted, so the cells line up one to one).
 - IDs a mapping does not know keep their own ID (upstream drops them); with Geneformer's
   dictionaries this is the same, because every vocabulary gene maps to itself.
+- **n_counts** is computed by flow as each cell's total over all genes of the file (the file's
+  own ``n_counts``, if any, is carried as ``input_n_counts``; ``--n-counts-column`` picks
+  another); upstream requires the user to supply it. Here both are that total (asserted).
+- Besides ``input_ids`` and ``length``, the export carries every cell column of the input
+  (upstream: only those named in ``custom_attr_name_dict``).
 
 flow is also compared with the independent reference of ``tests/reference.py`` (value
 ``((count / n_counts) * 10_000) / median`` in double precision, stable sort by (-value,

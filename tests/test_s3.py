@@ -223,9 +223,13 @@ def test_storage_option_parsing() -> None:
 
 @pytest.mark.distributed
 def test_python_api_on_s3_equals_local(s3: S3, local: tuple[Path, dict[str, str]]) -> None:
-    """All four stages through the Python API with s3:// URLs and storage_options."""
+    """All four stages through the Python API with s3:// URLs and storage_options, on a
+    local cluster of one worker process (the options travel with the tasks)."""
+    from flow.cluster import flow_client
+
     h5ad, want = local
-    got = run_python(h5ad, s3.url("python"), s3.options)
+    with flow_client(n_workers=1, threads_per_worker=1, memory_limit="1GiB", quiet=True):
+        got = run_python(h5ad, s3.url("python"), s3.options)
     for name in STAGES:
         assert_same(got[name], want[name], s3.options)
     store = open_counts(got["counts.zarr"], storage_options=s3.options)
@@ -273,7 +277,6 @@ def test_cli_on_s3_equals_local(s3: S3, local: tuple[Path, dict[str, str]]) -> N
         assert_same(url[name], want[name], s3.options)
 
 
-@pytest.mark.distributed
 def test_cli_convert_reads_input_from_s3(s3: S3, local: tuple[Path, dict[str, str]]) -> None:
     """``flow convert s3://.../cells.h5ad``: the same counts as from the local file; only the
     recorded source differs (it is the URL)."""

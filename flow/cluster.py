@@ -15,7 +15,13 @@ from typing import Any
 from dask.base import compute as dask_compute
 from distributed import Client, LocalCluster, get_client, progress
 
-__all__ = ["compute", "current_client", "flow_client"]
+from .errors import FlowError
+
+__all__ = ["SchedulerError", "compute", "current_client", "flow_client"]
+
+
+class SchedulerError(FlowError, ConnectionError):
+    """The Dask scheduler given by address cannot be reached."""
 
 
 def current_client() -> Client | None:
@@ -57,7 +63,16 @@ def flow_client(
         yield existing
         return
     if scheduler is not None:
-        with Client(scheduler, set_as_default=True) as client:
+        try:
+            connected = Client(scheduler, set_as_default=True)
+        except (OSError, ValueError) as err:  # refused, timed out, malformed address
+            msg = (
+                f"Cannot reach the Dask scheduler at {scheduler!r} ({err}). Check the address, "
+                "start a scheduler (`dask scheduler`, then `dask worker ADDRESS` on each machine), "
+                "or leave out --scheduler to run on a local cluster."
+            )
+            raise SchedulerError(msg) from err
+        with connected as client:
             _announce(client, quiet, f"Connected to scheduler {scheduler}")
             yield client
         return

@@ -419,3 +419,21 @@ def test_dashboard_answers_and_progress_bar_shows(big: Big, tmp_path: Path) -> N
     assert "% Completed" in err
     assert out.strip().splitlines() == [out.strip()]
     assert out.startswith("median set -> ")
+
+
+def test_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:
+    """A wrong --scheduler address: exit status 1 and a message saying what to do."""
+    address = f"tcp://127.0.0.1:{free_port()}"  # nobody listens there
+    args = ["medians", tmp_path / "counts.zarr", "-o", tmp_path / "m", "--scheduler", address]
+    proc = subprocess.run(
+        [FLOW, *map(os.fspath, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "2s"},
+    )
+    assert proc.returncode == 1
+    assert f"Cannot reach the Dask scheduler at '{address}'" in proc.stderr
+    assert "dask scheduler" in proc.stderr
+    assert "Traceback" not in proc.stderr

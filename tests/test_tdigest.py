@@ -630,12 +630,14 @@ def test_state_is_validated() -> None:
         "compression": 10.0,
     }
     td.Digests(**ok)
-    for change, match in (
-        ({"weights": np.array([1.0])}, "weights must be a 1-D int64"),
-        ({"mins": np.array([1.0, 2.0])}, "shape of means"),
-        ({"offsets": np.array([0, 2])}, "offsets must"),
-        ({"offsets": np.array([1, 1])}, "offsets must"),
-        ({"compression": 1.0}, "compression"),
+    for change, error, match in (
+        ({"weights": np.array([1.0])}, TypeError, "weights must be a numpy array of dtype int64"),
+        ({"means": [1.0]}, TypeError, "means must be a numpy array of dtype float64"),
+        ({"maxs": np.ones((1, 1))}, ValueError, "maxs must be 1-D"),
+        ({"mins": np.array([1.0, 2.0])}, ValueError, "shape of means"),
+        ({"offsets": np.array([0, 2])}, ValueError, "offsets must"),
+        ({"offsets": np.array([1, 1])}, ValueError, "offsets must"),
+        ({"compression": 1.0}, ValueError, "compression"),
     ):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(error, match=match):
             td.Digests(**{**ok, **change})

@@ -53,6 +53,10 @@ _DESCRIPTIONS = (
 )
 
 
+#: Names of files (not directories) flow reads.
+_FILE_SUFFIXES = (".h5ad", ".loom", ".mtx", ".mtx.gz", ".h5", ".hdf5")
+
+
 def _unknown(path: str, why: str) -> InputError:
     return InputError(
         f"{path}: {why}. Supported formats: {'; '.join(_DESCRIPTIONS)}. Name the file with its "
@@ -96,7 +100,11 @@ def detect_format(
     if not exists(text, options):
         raise _missing(text)
     name = basename(text).lower()
-    if isdir(text, options):
+    # a URL named like a file or a Zarr store is not listed (https "lists" a URL by GET)
+    named = is_url(text) and name.endswith((*_FILE_SUFFIXES, ".zarr"))
+    if name.endswith(".zarr") and named:
+        return "anndata-zarr"
+    if not named and isdir(text, options):
         entries = set(listdir(text, options))
         if entries & {"matrix.mtx", "matrix.mtx.gz"}:
             return "10x-mtx"

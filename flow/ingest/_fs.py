@@ -31,6 +31,7 @@ __all__ = [
     "fingerprint",
     "is_url",
     "isdir",
+    "isfile",
     "join",
     "listdir",
     "open_input",
@@ -143,7 +144,12 @@ def exists(path: str, storage_options: Mapping[str, Any] | None) -> bool:
         return os.path.exists(path)
     fs, root = filesystem(path, storage_options)
     with remote_errors(path, storage_options, "looking it up"):
-        return bool(fs.exists(root))
+        if fs.exists(root):
+            return True
+        # a Zarr store where "directories" cannot be looked up (https without listings)
+        return basename(path).endswith(".zarr") and any(
+            fs.exists(root.rstrip("/") + "/" + name) for name in ("zarr.json", ".zgroup")
+        )
 
 
 def isdir(path: str, storage_options: Mapping[str, Any] | None) -> bool:
@@ -153,6 +159,15 @@ def isdir(path: str, storage_options: Mapping[str, Any] | None) -> bool:
     fs, root = filesystem(path, storage_options)
     with remote_errors(path, storage_options, "looking it up"):
         return bool(fs.isdir(root))
+
+
+def isfile(path: str, storage_options: Mapping[str, Any] | None) -> bool:
+    """Whether a local path or URL is a file."""
+    if not is_url(path):
+        return os.path.isfile(path)
+    fs, root = filesystem(path, storage_options)
+    with remote_errors(path, storage_options, "looking it up"):
+        return bool(fs.isfile(root))
 
 
 def listdir(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, bool]:

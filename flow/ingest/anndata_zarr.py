@@ -34,6 +34,8 @@ def store_fingerprint(path: str, storage_options: Mapping[str, Any] | None = Non
 
     A URL is listed through fsspec (one recursive listing gives the sizes) and only its
     metadata documents are read; the same store gives the same fingerprint on a local disk.
+    Over https, listings (when the server gives any) have no sizes, and without listings
+    only the root metadata documents are hashed.
     """
     if is_url(path):
         return _url_store_fingerprint(path, storage_options)
@@ -55,20 +57,29 @@ def _url_store_fingerprint(url: str, storage_options: Mapping[str, Any] | None) 
     fs, root = filesystem(url, storage_options)
     root = root.rstrip("/")
     with remote_errors(url, storage_options, "listing the store"):
-        found = fs.find(root, detail=True)
-        files = []
+        try:
+            found = fs.find(root, detail=True)
+        except Exception:  # https without directory listings (403, 404): see below
+            if not url.startswith(("http://", "https://")):
+                raise
+            found = {}
+        files: list[tuple[list[tuple[int, str]], str, str, int | None]] = []
         for full, entry in found.items():
             rel = str(full)[len(root) :].lstrip("/")
             parts = rel.split("/")
             # os.walk visits a folder's files (sorted) before its sub-folders (sorted)
             order = [(1, d) for d in parts[:-1]] + [(0, parts[-1])]
-            files.append((order, rel, str(full), int(entry["size"])))
+            size = entry.get("size")  # (https listings have no sizes)
+            files.append((order, rel, str(full), None if size is None else int(size)))
         files.sort()
+        if not files:  # not listable (https without directory listings): the root documents
+            roots = [(name, f"{root}/{name}") for name in sorted(_METADATA_FILES)]
+            files.extend(([(0, name)], name, full, None) for name, full in roots if fs.exists(full))
         wanted = [full for _, rel, full, _ in files if rel.rsplit("/", 1)[-1] in _METADATA_FILES]
         documents = fs.cat(wanted) if wanted else {}
         h = content_hasher()
         for _, rel, full, size in files:
-            h.update(f"{rel}\0{size}\0".encode())
+            h.update(f"{rel}\0{'?' if size is None else size}\0".encode())
             if full in documents:
                 h.update(documents[full])
     return h.hexdigest()
@@ -118,7 +129,7 @@ def open_anndata_zarr(
     """
     text = os.fspath(path)
     options = dict(storage_options or {}) if is_url(text) else None
-    if not isdir(text, options):
+    if not is_url(text) and not isdir(text, options):  # URLs: zarr says what is missing
         msg = f"{text}: no such Zarr directory."
         raise InputError(msg)
     with _open_zarr(text, options) as root:

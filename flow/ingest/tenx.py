@@ -35,7 +35,18 @@ import scipy.sparse as sp
 
 from .._io import content_hasher
 from ..errors import InputError
-from ._fs import basename, fingerprint, is_url, isdir, join, listdir, open_input, redact, split
+from ._fs import (
+    basename,
+    fingerprint,
+    is_url,
+    isdir,
+    isfile,
+    join,
+    listdir,
+    open_input,
+    redact,
+    split,
+)
 from ._source import SourceInfo
 from ._transpose import (
     bucket_transpose,
@@ -388,14 +399,18 @@ def _find(
     matrix: str,
     storage_options: Mapping[str, Any] | None,
 ) -> str:
-    files = (
-        {n for n, is_file in listdir(folder, storage_options).items() if is_file}
-        if is_url(folder)
-        else None
-    )
+    files = None
+    if is_url(folder):
+        try:
+            files = {n for n, is_file in listdir(folder, storage_options).items() if is_file}
+        except InputError:  # not listable (https without directory listings): ask by name
+            files = None
     for name in names:
         candidate = join(folder, prefix + name)
-        found = os.path.isfile(candidate) if files is None else prefix + name in files
+        if files is not None:
+            found = prefix + name in files
+        else:
+            found = isfile(candidate, storage_options)  # (os.path.isfile for local paths)
         if found:
             return candidate
     msg = (
@@ -448,7 +463,8 @@ class TenxMtxSource:
         self._temp_dir = temp_dir
         self._storage_options = so = storage_options
         self._scan: _Scan | None = None
-        if isdir(path, so):
+        named_file = is_url(path) and basename(path).endswith((".mtx", ".mtx.gz"))
+        if not named_file and isdir(path, so):  # (https "lists" a URL by GET: not a file's)
             folder, prefix = path, ""
             self._matrix = _find(folder, "", _MTX_NAMES, "matrix.mtx", path, so)
         else:

@@ -153,7 +153,7 @@ def open_counts(
     counts = da.map_blocks(
         _read_block,
         url=url,
-        offsets=offsets,
+        offsets=np.asarray(offsets, dtype=np.int64),
         block_size=bs,
         n_genes=n_genes,
         dtype_str=dtype.str,

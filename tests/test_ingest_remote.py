@@ -140,7 +140,7 @@ def _upload(fs: fsspec.AbstractFileSystem, local: Path, remote: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def urls(local_inputs) -> dict[tuple[str, str], str]:
+def urls(local_inputs) -> Iterator[dict[tuple[str, str], str]]:
     """(scheme, kind) -> URL of the input: on ``memory://``, ``flowtest://`` and ``file://``."""
     prefix = f"flow-remote-{uuid.uuid4().hex[:8]}"
     memory, keyed = fsspec.filesystem("memory"), fsspec.filesystem("flowtest", **KEYED)
@@ -256,7 +256,7 @@ def test_file_fingerprint_of_urls(local_inputs, urls):
         for scheme in ("memory", "file", "flowtest"):
             options = KEYED if scheme == "flowtest" else None
             assert file_fingerprint(urls[scheme, kind], storage_options=options) == want
-    path = local_inputs["loom"]
+    path = local_inputs["h5ad"]  # > 2 MiB: both ends hashed
     h = hashlib.sha256()
     data = path.read_bytes()
     h.update(str(len(data)).encode())

@@ -104,7 +104,7 @@ def remote_errors(
         raise
     except FileNotFoundError as err:
         msg = f"{url}: not found (no such file, directory or object)."
-        raise InputError(msg) from err
+        raise InputError(msg) from (None if storage_options else err)
     except PermissionError as err:
         msg = (
             f"{url}: access denied while {what} ({_describe(err, url, storage_options)}). "

@@ -199,7 +199,9 @@ def demo(
     say(f"[4/4] model input (V2: <cls> + up to 4,094 genes + <eos>) -> {paths['dataset']}")
     export(paths["encoding"], paths["dataset"], preset="V2", quiet=quiet)
     t4 = time.perf_counter()
-    say(f"      {n_cells / (t4 - t3):,.0f} cells/s; open with datasets.load_from_disk({paths['dataset']!r})")
+    say(
+        f"      {n_cells / (t4 - t3):,.0f} cells/s; open with datasets.load_from_disk({paths['dataset']!r})"
+    )
     try:
         from .query import coverage_summary
     except ImportError:  # pragma: no cover - the query stage is optional in the demo

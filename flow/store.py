@@ -55,7 +55,9 @@ __all__ = ["DEFAULT_BLOCK_SIZE", "CountStore", "open_counts", "write_counts"]
 KIND = "counts"
 SCHEMA_VERSION = 1
 DEFAULT_BLOCK_SIZE = 4096
-_SHARD = 1 << 22  # values per data/indices shard: one object per 4M nonzeros; the writer buffers one
+_SHARD = (
+    1 << 22
+)  # values per data/indices shard: one object per 4M nonzeros; the writer buffers one
 _CHUNK = 1 << 18  # values per inner chunk
 _CARRIED_RESERVED = ("n_counts", "n_genes", "source")
 

@@ -30,3 +30,31 @@ def no_compute(max_computes: int = 0) -> Iterator[CountingScheduler]:
     sched = CountingScheduler(max_computes)
     with dask.config.set(scheduler=sched):
         yield sched
+
+
+def write_synthetic_h5ad(
+    path: Any, n_cells: int, n_genes: int, *, seed: int, mean_genes: float, fail_every: int
+) -> Any:
+    """A synthetic h5ad input: raw counts, a cell type, and filter_pass failing every n-th cell."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from flow.datasets import synthetic_counts
+
+    src = synthetic_counts(n_cells, n_genes, seed=seed, mean_genes=mean_genes)
+    x = sp.vstack(list(src.iter_blocks(n_cells)), format="csr")
+    obs = pd.DataFrame(
+        {
+            "cell_type": pd.Categorical(src.info.obs["cell_type"].to_numpy()),
+            "filter_pass": (np.arange(n_cells) % fail_every != fail_every - 1).astype(np.int8),
+        },
+        index=pd.Index(src.info.barcodes.astype(str)),
+    )
+    var = pd.DataFrame(
+        {"gene_symbol": np.asarray(src.info.gene_symbols, dtype=str)},
+        index=pd.Index(src.info.gene_ids.astype(str)),
+    )
+    ad.AnnData(X=x, obs=obs, var=var).write_h5ad(path)
+    return path

@@ -22,16 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.sparse as sp
 import zarr
 
 from flow import pipeline
 from flow.cli._common import storage_options as parse_storage_options
-from flow.datasets import synthetic_counts
 from flow.encode.store import open_encoding
 from flow.store import open_counts
+
+from helpers import write_synthetic_h5ad
 
 FLOW = os.fspath(Path(sys.executable).parent / "flow")
 BUCKET = "flow-test"
@@ -143,23 +142,7 @@ def assert_same(got: str, want: str, storage_options: Mapping[str, Any]) -> None
 
 def write_h5ad(path: Path, n_cells: int, n_genes: int, *, seed: int) -> Path:
     """A synthetic h5ad input (raw counts, a cell type and a filter_pass column)."""
-    import anndata as ad
-
-    src = synthetic_counts(n_cells, n_genes, seed=seed, mean_genes=120)
-    x = sp.vstack(list(src.iter_blocks(n_cells)), format="csr")
-    obs = pd.DataFrame(
-        {
-            "cell_type": pd.Categorical(src.info.obs["cell_type"].to_numpy()),
-            "filter_pass": (np.arange(n_cells) % 7 != 2).astype(np.int8),
-        },
-        index=pd.Index(src.info.barcodes.astype(str)),
-    )
-    var = pd.DataFrame(
-        {"gene_symbol": src.info.gene_symbols.astype(str)},
-        index=pd.Index(src.info.gene_ids.astype(str)),
-    )
-    ad.AnnData(X=x, obs=obs, var=var).write_h5ad(path)
-    return path
+    return write_synthetic_h5ad(path, n_cells, n_genes, seed=seed, mean_genes=120, fail_every=7)
 
 
 STAGES = ("counts.zarr", "medians.zarr", "encoding.zarr", "dataset")

@@ -87,6 +87,28 @@ def _per_block(values: np.ndarray | None, counts: da.Array) -> list[np.ndarray |
     return [values[a:b] for a, b in itertools.pairwise(edges)]
 
 
+def _map_blocks_delayed(
+    func: Any,
+    counts: da.Array,
+    n_counts: np.ndarray,
+    keep: np.ndarray | None,
+    *args: Any,
+    name: str,
+) -> list[Delayed]:
+    """One task ``func(block, n_counts, keep, *args)`` per cell block, keyed ``(name, i)``."""
+    return [
+        delayed(func, pure=True)(blk, nc, kp, *args, dask_key_name=(name, i))
+        for i, (blk, nc, kp) in enumerate(
+            zip(
+                counts.to_delayed().ravel(),
+                _per_block(n_counts, counts),
+                _per_block(keep, counts),
+                strict=True,
+            )
+        )
+    ]
+
+
 def nonzero_digests(
     counts: da.Array,
     n_counts: np.ndarray,
@@ -122,25 +144,16 @@ def nonzero_digests(
         raise ValueError(msg)
     n_out = collapse.shape[1] if collapse is not None else counts.shape[1]
     tok = tokenize(counts, n_counts, keep, collapse, compression, split_every)
-    leaves = [
-        delayed(_digest_chunk, pure=True)(
-            blk,
-            nc,
-            kp,
-            collapse,
-            n_out,
-            compression,
-            dask_key_name=(f"flow-medians-digest-{tok}", i),
-        )
-        for i, (blk, nc, kp) in enumerate(
-            zip(
-                counts.to_delayed().ravel(),
-                _per_block(n_counts, counts),
-                _per_block(keep, counts),
-                strict=True,
-            )
-        )
-    ]
+    leaves = _map_blocks_delayed(
+        _digest_chunk,
+        counts,
+        n_counts,
+        keep,
+        collapse,
+        n_out,
+        compression,
+        name=f"flow-medians-digest-{tok}",
+    )
     return tree_merge(leaves, split_every=split_every, name=f"flow-medians-merge-{tok}")
 
 
@@ -216,19 +229,17 @@ def bracket_values(
     n_out = lo.size
     edges = np.unique(np.r_[np.arange(0, n_out, genes_per_range), n_out]).astype(np.int64)
     tok = tokenize(counts, n_counts, keep, collapse, lo, hi, genes_per_range)
-    chunks = [
-        delayed(_bracket_chunk, pure=True)(
-            blk, nc, kp, collapse, lo, hi, edges, dask_key_name=(f"flow-medians-bracket-{tok}", i)
-        )
-        for i, (blk, nc, kp) in enumerate(
-            zip(
-                counts.to_delayed().ravel(),
-                _per_block(n_counts, counts),
-                _per_block(keep, counts),
-                strict=True,
-            )
-        )
-    ]
+    chunks = _map_blocks_delayed(
+        _bracket_chunk,
+        counts,
+        n_counts,
+        keep,
+        collapse,
+        lo,
+        hi,
+        edges,
+        name=f"flow-medians-bracket-{tok}",
+    )
     below = tree_merge(
         chunks, split_every=split_every, name=f"flow-medians-below-{tok}", merge=_sum_below
     )

@@ -172,7 +172,7 @@ def demo(
 
     t0 = time.perf_counter()
     say(
-        f"[1/2] generating {n_cells:,} synthetic cells x {n_genes:,} genes (seed {seed}) into {paths['counts']}"
+        f"[1/4] generating {n_cells:,} synthetic cells x {n_genes:,} genes (seed {seed}) into {paths['counts']}"
     )
     store = write_synthetic(
         paths["counts"],

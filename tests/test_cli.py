@@ -200,3 +200,40 @@ def test_symbols_instead_of_ensembl_ids(capsys, tmp_path, h5ad):
     assert "gene symbols" in err
     assert "ensembl_mapping_dict" in err
     assert "Traceback" not in err
+
+
+def test_demo_runs_every_stage(capsys, tmp_path):
+    import datasets
+
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "demo",
+            "-o",
+            str(out),
+            "--cells",
+            "1500",
+            "--genes",
+            "600",
+            "--workers",
+            "1",
+            "--threads-per-worker",
+            "2",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr()
+    text = printed.out
+    for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]", "covers", "Done in"):
+        assert step in text
+    assert "dashboard:" in printed.err
+    ds = datasets.load_from_disk(str(out / "dataset"))
+    assert ds.num_rows == 1500
+    enc = open_encoding(out / "encoding.zarr")
+    lengths = enc.lengths
+    assert all(
+        row["input_ids"][0] == 2 and row["input_ids"][-1] == 3 for row in ds.select(range(20))
+    )
+    assert [row["length"] for row in ds.select(range(20))] == (
+        np.minimum(lengths[:20], 4094) + 2
+    ).tolist()

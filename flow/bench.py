@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "run_stage", "write_h5ad"]
+__all__ = ["main", "median_accuracy", "run_stage", "write_h5ad"]
 
 STAGES = ("convert", "medians", "medians-exact", "tokenize", "export", "drop-rates")
 
@@ -125,6 +125,60 @@ def write_h5ad(
         ad.io.write_elem(f, "var", var)
 
 
+def median_accuracy(store_path: str, workdir: str) -> dict[str, Any]:
+    """t-digest medians against exact ones on a count store, and the tokens that change.
+
+    Relative error |tdigest - exact| / exact over expressed genes (all, and genes with at least
+    1,000 nonzeros), and the rank positions (first 2,048 and full rankings) whose token differs
+    when cells are ranked with the t-digest medians instead of the exact ones.
+    """
+    import dask
+    from dask.base import compute as dask_compute
+
+    from . import medians as med
+    from .encode.store import plan_encoding, write_encoding
+    from .store import open_counts
+    from .vocab import vocabulary_from_genes
+
+    store = open_counts(store_path)
+    with dask.config.set(scheduler="threads"):
+        approx = med.medians_of([store], compute=dask_compute)
+        exact = med.medians_of([store], method="exact", compute=dask_compute)
+        ok = np.isfinite(exact.medians)
+        rel = np.abs(approx.medians[ok] - exact.medians[ok]) / exact.medians[ok]
+        big = exact.n_nonzero[ok] >= 1000
+        vocab = vocabulary_from_genes(exact.gene_ids[ok])
+        encs = [
+            write_encoding(
+                plan_encoding(store, m, vocab),
+                os.path.join(workdir, f"acc-{name}.zarr"),
+                compute=dask_compute,
+            )
+            for name, m in (("tdigest", approx), ("exact", exact))
+        ]
+        a, b = encs[0].tokens, encs[1].tokens
+        head = min(2048, a.shape[1])
+        diff_head, diff_all, cells_diff = dask_compute(
+            (a[:, :head] != b[:, :head]).sum(),
+            (a != b).sum(),
+            (a[:, :head] != b[:, :head]).any(axis=1).sum(),
+        )
+        filled = int(np.minimum(encs[1].lengths, head).sum())
+    quantiles = lambda x: [float(v) for v in np.percentile(x, [50, 99, 100])] if x.size else []  # noqa: E731
+    return {
+        "store": store_path,
+        "cells": int(store.attrs["n_cells"]),
+        "genes_expressed": int(ok.sum()),
+        "rel_error_all_p50_p99_max": quantiles(rel),
+        "genes_ge_1000_nonzeros": int(big.sum()),
+        "rel_error_ge1000_p50_p99_max": quantiles(rel[big]),
+        "token_positions_first_2048": filled,
+        "token_positions_changed_first_2048": int(diff_head),
+        "token_positions_changed_full": int(diff_all),
+        "cells_with_any_change_first_2048": int(cells_diff),
+    }
+
+
 def _fmt(n: float) -> str:
     return f"{n:,.0f}"
 
@@ -146,7 +200,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--keep", action="store_true", help="keep the data written")
     p.add_argument("--out", default=None, help="append results as JSON lines to this file")
+    p.add_argument(
+        "--accuracy",
+        nargs="+",
+        metavar="STORE.zarr",
+        help="instead: t-digest vs exact medians on these count stores, and tokens changed",
+    )
     args = p.parse_args(argv)
+    if args.accuracy:
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in args.accuracy:
+                print(json.dumps(median_accuracy(path, tmp)))
+        return 0
     stages = [s for s in args.stages.split(",") if s]
     flow = [sys.executable, "-m", "flow.cli"]
     cluster = [

@@ -10,12 +10,12 @@ for any cell and says whether it passes.
 
 What each query reads
 ---------------------
-- :func:`dropped_genes`: that cell's rows of ``tokens`` and ``values``, ranks ``L .. length-1``
+- :func:`dropped_genes`: that cell's rows of ``tokens`` and ``counts``, ranks ``L .. length-1``
   (the chunks holding them: one cell block, a few rank chunks).
 - :func:`gene_ranks` / :func:`gene_drop`: all of ``tokens`` (a gene may sit at any rank), one
-  small result per cell; never ``values``.
+  small result per cell; never ``counts``.
 - :func:`drop_rates`: only the rank chunks of ``tokens`` that hold ranks ``>= L``; never
-  ``values``. One reduction: a bincount per block, tree-summed.
+  ``counts``. One reduction: a bincount per block, tree-summed.
 - :func:`coverage` / :func:`coverage_summary`: the per-cell lengths only.
 """
 
@@ -227,7 +227,7 @@ def dropped_genes(
 ) -> pd.DataFrame:
     """The genes a model of input size ``cutoff`` does not see in one cell (computes; small).
 
-    Reads only that cell's row of ``tokens`` and ``values`` at ranks ``cutoff .. length-1``
+    Reads only that cell's row of ``tokens`` and ``counts`` at ranks ``cutoff .. length-1``
     (the chunks of one cell block that hold them), on the current Dask scheduler.
 
     Parameters
@@ -261,9 +261,9 @@ def dropped_genes(
             enc.tokens[index, length_cutoff:length], enc.values[index, length_cutoff:length]
         )
         tokens = np.asarray(tokens).astype(np.int64)
-        values = np.asarray(values, dtype=np.float32)
+        values = np.asarray(values, dtype=np.float64)
     else:
-        tokens, values = np.empty(0, np.int64), np.empty(0, np.float32)
+        tokens, values = np.empty(0, np.int64), np.empty(0, np.float64)
     table = enc.token_table()
     frame = pd.DataFrame(
         {
@@ -314,7 +314,7 @@ def gene_ranks(enc: EncodingStore, gene: str | int, *, split_every: int = 8) -> 
     -------
     dask.array.Array
         ``(cell,)`` int32, chunked like ``enc.tokens`` along cells. Computing it reads every
-        chunk of ``tokens`` (the gene can sit at any rank) and no chunk of ``values``.
+        chunk of ``tokens`` (the gene can sit at any rank) and no chunk of ``counts``.
     """
     token = resolve_gene(enc, gene) if isinstance(gene, str) else int(gene)
     tokens = enc.tokens
@@ -653,7 +653,7 @@ def drop_rates(
     a time), tree-summed over blocks (``split_every``). Rank chunks that
     lie wholly below ``cutoff`` are not in the graph, so they are never read; the chunk that
     holds rank ``cutoff`` is read whole when ``cutoff`` is not a multiple of the rank chunk;
-    ``values`` is never read. Graph size is O(number of chunks read). Nothing is computed
+    ``counts`` is never read. Graph size is O(number of chunks read). Nothing is computed
     here: use :meth:`DropRates.to_frame` or :func:`write_drop_rates`.
 
     Parameters

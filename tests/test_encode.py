@@ -40,7 +40,7 @@ datasets = pytest.importorskip("datasets")
 
 SPECIAL = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
 PAD, CLS, EOS = 0, 2, 3
-CELL_ARRAYS = ("tokens", "values", "length", "token_cells")  # independent of the block grid
+CELL_ARRAYS = ("tokens", "counts", "length", "token_cells")  # independent of the block grid
 ARRAYS = (*CELL_ARRAYS, "block_done", "block_token_cells")
 
 SMALL = settings(
@@ -171,6 +171,7 @@ def test_any_block_size_gives_identical_stores(case):
             enc = encode(store, vocab, median_set, f"{tmp}/enc-{bs}.zarr")
             assert enc.tokens.chunks[0] == store.counts.chunks[0]  # writers own whole blocks
             results.append(read_arrays(f"{tmp}/enc-{bs}.zarr"))
+            results[-1]["values"] = enc.values.compute()  # derived from counts, float64
         for other in results[1:]:
             assert_same_bytes(results[0], other, CELL_ARRAYS)
 
@@ -194,6 +195,8 @@ def test_any_block_size_gives_identical_stores(case):
             assert (np.diff(values[:n]) <= 0).all()
             assert (values[:n] > 0).all()
             assert (values[n:] == 0).all()
+            assert (got["counts"][i, :n] > 0).all()
+            assert (got["counts"][i, n:] == 0).all()
         assert got["block_done"].all()
         expressed = np.zeros(vocab.n_tokens, np.int64)
         for ref in expected:
@@ -416,16 +419,16 @@ def test_graph_is_lazy_and_deterministic(synthetic_store, tmp_path):
         graph = encoding_graph(
             plan, os.fspath(tmp_path / "e.zarr"), range(synthetic_store.n_blocks)
         )
-    for x, y in ((a.tokens, b.tokens), (a.values, b.values), (a.lengths, b.lengths)):
+    for x, y in ((a.tokens, b.tokens), (a.counts, b.counts), (a.lengths, b.lengths)):
         assert same_keys(x, y)
         assert x.name.startswith("flow-rank-")
     assert graph.key.startswith("flow-tokenize-")
     # declared chunks, dtype and meta hold for every block
-    tokens, values, lengths = dask.compute(a.tokens, a.values, a.lengths)
+    tokens, counts, lengths = dask.compute(a.tokens, a.counts, a.lengths)
     assert tokens.dtype == vocab.token_dtype
-    assert values.dtype == np.float32
+    assert counts.dtype == plan.count_dtype == synthetic_store.counts.dtype
     assert lengths.dtype == np.int32
-    assert tokens.shape == (300, plan.width) == values.shape
+    assert tokens.shape == (300, plan.width) == counts.shape
 
 
 @pytest.mark.parametrize("block_size", [10, 40])
@@ -439,7 +442,7 @@ def test_graph_size_grows_with_blocks_only(tmp_path, block_size):
     plan, ranked = _ranked(store, vocab, median_set)
     n = store.n_blocks
     graph = encoding_graph(plan, os.fspath(tmp_path / "e.zarr"), range(n))
-    for collection in (ranked.tokens, ranked.values, ranked.lengths, graph):
+    for collection in (ranked.tokens, ranked.counts, ranked.lengths, graph):
         assert len(collection.__dask_graph__()) <= 6 * n + 3
 
 
@@ -463,7 +466,7 @@ def test_resume_recomputes_only_unfinished_blocks(synthetic_store, tmp_path):
     for b in lost:
         root["block_done"][b] = False
         root["tokens"][b * bs : (b + 1) * bs, :] = 0
-        root["values"][b * bs : (b + 1) * bs, :] = 0
+        root["counts"][b * bs : (b + 1) * bs, :] = 0
         root["length"][b * bs : (b + 1) * bs] = 0
         root["block_token_cells"][b, :] = 0
     meta = dict(root.attrs["flow"])
@@ -484,7 +487,7 @@ def test_resume_recomputes_only_unfinished_blocks(synthetic_store, tmp_path):
     )
     assert written == lost
     assert_same_bytes(read_arrays(path), original)
-    for name in ("tokens", "values", "length"):  # the chunk files themselves, byte for byte
+    for name in ("tokens", "counts", "length"):  # the chunk files themselves, byte for byte
         _assert_tree_equal(path / name, pristine / name)
     assert open_encoding(path).attrs["complete"]
 

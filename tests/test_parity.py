@@ -57,7 +57,7 @@ files except the first:
 
 flow is also compared with the independent reference of ``tests/reference.py`` (value
 ``((count / n_counts) * 10_000) / median`` in double precision, stable sort by (-value,
-token)): that must match exactly, every cell, full rankings and stored float32 values.
+token)): that must match exactly, every cell, full rankings and their float64 values.
 """
 
 from __future__ import annotations
@@ -458,7 +458,7 @@ def test_input_ids_equal_upstream_up_to_ties(
 def test_equals_reference_exactly(
     cache, tmp_path_factory, shared_data, dicts, dict_paths, name, preset
 ):
-    """Full rankings and their float32 values equal the plain-Python reference, every cell."""
+    """Full rankings and their float64 values equal the plain-Python reference, every cell."""
     up = upstream_result(cache, shared_data, dicts, name, preset, "loom")
     got = flow_result(cache, tmp_path_factory, shared_data, dict_paths, name, preset)
     matrix = cache[("matrix", INPUTS[name][2])]
@@ -476,10 +476,8 @@ def test_equals_reference_exactly(
         n = int(got["lengths"][i])
         assert n == expected.size
         np.testing.assert_array_equal(got["tokens"][i, :n], expected, err_msg=f"cell {i}")
-        # stored values: the float64 value rounded to float32 (the loom arithmetic is flow's)
-        np.testing.assert_array_equal(
-            got["values"][i, :n], np.sort(up.values[i].astype(np.float32))[::-1]
-        )
+        # values derived from the stored counts: bit-identical float64 (the loom arithmetic is flow's)
+        np.testing.assert_array_equal(got["values"][i, :n], np.sort(up.values[i])[::-1])
 
 
 @pytest.mark.data

@@ -220,9 +220,8 @@ def test_dropped_genes_matches_reference(synth: Case, which: str) -> None:
         ]
         assert np.array_equal(frame["token"].to_numpy(), want_t)
         assert np.array_equal(frame["rank"].to_numpy(), np.arange(cutoff, cutoff + want_t.size))
-        assert np.array_equal(frame["value"].to_numpy(), want_v.astype(np.float32))
-        stored = want_v.astype(np.float32).astype(np.float64)  # log2 of the stored float32 value
-        assert np.array_equal(frame["log2_fold_change"].to_numpy(), np.log2(stored))
+        assert np.array_equal(frame["value"].to_numpy(), want_v)  # exact float64, from counts
+        assert np.array_equal(frame["log2_fold_change"].to_numpy(), np.log2(want_v))
         assert frame["gene_id"].tolist() == [str(g) for g in table["gene_id"][want_t]]
         assert frame.attrs == {
             "cell": ref.barcodes[cell],
@@ -435,7 +434,7 @@ def test_drop_rates_reads_only_rank_chunks_past_the_cutoff(synth: Case, cutoff: 
     n_blocks, n_rank = enc.tokens.numblocks
     assert chunks == {(i, j) for i in range(n_blocks) for j in range(first, n_rank)}
     assert all(j >= first for _, j in chunks)
-    assert not [k for k in before + counting.reads if k.startswith("values")]
+    assert not [k for k in before + counting.reads if k.startswith("counts")]
     assert np.array_equal(counts[0], synth.ref.drop_counts(cutoff, synth.n_tokens))
 
 
@@ -445,7 +444,7 @@ def test_gene_ranks_never_read_values(synth: Case) -> None:
     enc = TracedEncoding(plain.url, plain.attrs, None, counting)
     q.gene_drop(enc, "GENE42", 2048)
     assert _chunks_read(counting.reads, "tokens")
-    assert not [k for k in counting.reads if k.startswith("values")]
+    assert not [k for k in counting.reads if k.startswith("counts")]
 
 
 def test_one_cell_reads_one_cell_block(synth: Case) -> None:
@@ -457,7 +456,7 @@ def test_one_cell_reads_one_cell_block(synth: Case) -> None:
     q.dropped_genes(enc, cell, 2048)
     want = {(3, j) for j in range(2048 // 512, (length - 1) // 512 + 1)}
     assert _chunks_read(counting.reads, "tokens") == want
-    assert _chunks_read(counting.reads, "values") == want
+    assert _chunks_read(counting.reads, "counts") == want
 
 
 # --------------------------------------------------------------------------------------------
@@ -853,7 +852,7 @@ def test_pbmc1k_v1_truncation_matches_reference(pbmc1k: Case) -> None:
         frame = q.dropped_genes(enc, ref.barcodes[cell], 2048)
         want_t, want_v = ref.dropped(cell, 2048)
         assert np.array_equal(frame["token"].to_numpy(), want_t)
-        assert np.array_equal(frame["value"].to_numpy(), want_v.astype(np.float32))
+        assert np.array_equal(frame["value"].to_numpy(), want_v)
     lengths = ref.lengths
     a, b = (100 * np.count_nonzero(lengths <= s) / lengths.size for s in (2048, 4096))
     assert (

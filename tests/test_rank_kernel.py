@@ -12,12 +12,20 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as npst
 
 import flow.encode._kernels as K
-from flow.encode._kernels import normalized_values, rank_block
+from flow.encode._kernels import normalized_values, rank_block, ranked_values
 from flow.errors import InputError
 
 from reference import reference_rank_cell, upstream_rank_cell
 
 PAD = 0
+
+
+def values_at_ranks(ranked, ranked_counts, n_counts, medians, tokens) -> np.ndarray:
+    """float64 values at each rank from the ranked counts (what the encoding store derives)."""
+    median_of_token = np.ones(int(np.max(tokens)) + 1 if np.size(tokens) else 1)
+    median_of_token[np.asarray(tokens)] = medians
+    safe = np.where(ranked_counts > 0, ranked, np.asarray(tokens)[0] if np.size(tokens) else 0)
+    return ranked_values(ranked_counts, n_counts, median_of_token[safe])
 
 
 def _reference_values(row: np.ndarray, n: float, medians: np.ndarray, tokens: np.ndarray) -> list:
@@ -38,13 +46,14 @@ def check_against_reference(
     tokens: np.ndarray,
     width: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ranked, values, lengths = rank_block(block, n_counts, medians, tokens, width, PAD)
+    ranked, counts, lengths = rank_block(block, n_counts, medians, tokens, width, PAD)
+    values = values_at_ranks(ranked, counts, n_counts, medians, tokens)
     n_cells = dense.shape[0]
     assert ranked.shape == (n_cells, width)
-    assert values.shape == (n_cells, width)
+    assert counts.shape == (n_cells, width)
     assert lengths.shape == (n_cells,)
     assert ranked.dtype == np.asarray(tokens).dtype
-    assert values.dtype == np.float32
+    assert counts.dtype == block.dtype
     assert lengths.dtype == np.int32
     for i in range(n_cells):
         ref = reference_rank_cell(dense[i], n_counts[i], medians, tokens)
@@ -53,7 +62,7 @@ def check_against_reference(
         np.testing.assert_array_equal(ranked[i, :k], ref[:k])
         assert (ranked[i, k:] == PAD).all()
         ref_values = np.array(_reference_values(dense[i], n_counts[i], medians, tokens)[:k])
-        np.testing.assert_array_equal(values[i, :k], ref_values.astype(np.float32))
+        np.testing.assert_array_equal(values[i, :k], ref_values)  # bit for bit
         assert (values[i, k:] == 0).all()
     return ranked, values, lengths
 
@@ -173,8 +182,11 @@ def test_independent_of_column_order_and_storage(case: dict[str, Any], seed: int
 def test_row_invariants(case: dict[str, Any]) -> None:
     counts = case["counts"]
     full = counts.shape[1]
-    ranked, values, lengths = rank_block(
+    ranked, ranked_counts, lengths = rank_block(
         sp.csr_matrix(counts), case["n_counts"], case["medians"], case["tokens"], full, PAD
+    )
+    values = values_at_ranks(
+        ranked, ranked_counts, case["n_counts"], case["medians"], case["tokens"]
     )
     for i in range(counts.shape[0]):
         n = int(lengths[i])
@@ -189,7 +201,7 @@ def test_row_invariants(case: dict[str, Any]) -> None:
         sp.csr_matrix(counts), case["n_counts"], case["medians"], case["tokens"], w, PAD
     )
     np.testing.assert_array_equal(short[0], ranked[:, :w])
-    np.testing.assert_array_equal(short[1], values[:, :w])
+    np.testing.assert_array_equal(short[1], ranked_counts[:, :w])
     np.testing.assert_array_equal(short[2], lengths)
 
 
@@ -202,7 +214,10 @@ def test_parity_with_upstream_outside_ties(seed: int) -> None:
     medians = rng.lognormal(0.5, 0.7, 60)
     tokens = (rng.permutation(60) + 2).astype(np.uint16)
     n_counts = counts.sum(1) * 1.7 + 1
-    ranked, values, lengths = rank_block(sp.csr_matrix(counts), n_counts, medians, tokens, 60, PAD)
+    ranked, ranked_counts, lengths = rank_block(
+        sp.csr_matrix(counts), n_counts, medians, tokens, 60, PAD
+    )
+    values = values_at_ranks(ranked, ranked_counts, n_counts, medians, tokens)
     for i in range(8):
         up = upstream_rank_cell(counts[i], n_counts[i], medians, tokens)
         vals = values[i, : lengths[i]]
@@ -270,12 +285,15 @@ def test_wide_value_range_with_near_equal_values() -> None:
 def test_empty_cells_and_blocks() -> None:
     counts = np.array([[0, 0, 0], [0, 2, 0], [0, 0, 0]])
     n = np.array([0.0, 5.0, 0.0])  # n_counts 0 is fine for a cell without counts
-    ranked, values, lengths = rank_block(
+    ranked, ranked_counts, lengths = rank_block(
         sp.csr_matrix(counts), n, np.ones(3), np.arange(1, 4), 2, PAD
     )
     assert lengths.tolist() == [0, 1, 0]
     assert ranked.tolist() == [[0, 0], [2, 0], [0, 0]]
-    assert values[1, 0] == np.float32((2 / 5) * 10000)
+    assert ranked_counts.tolist() == [[0, 0], [2, 0], [0, 0]]
+    values = values_at_ranks(ranked, ranked_counts, n, np.ones(3), np.arange(1, 4))
+    assert values[1, 0] == (2 / 5) * 10000
+    assert values[0, 0] == 0
     ranked, values, lengths = rank_block(
         sp.csr_matrix((0, 3), dtype=np.int32),
         np.zeros(0),

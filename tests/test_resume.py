@@ -59,7 +59,7 @@ def tokens_mtimes(encoding: Path, blocks: np.ndarray) -> dict[str, int]:
     return {
         os.fspath(p): p.stat().st_mtime_ns
         for b in blocks
-        for name in ("tokens", "values")
+        for name in ("tokens", "counts")
         for p in (encoding / name / "c" / str(b)).iterdir()
     }
 

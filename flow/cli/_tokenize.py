@@ -77,6 +77,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     _vocab_options(p)
     _model_options(p)
     p.add_argument("--format", choices=["hf", "parquet"], default="hf")
+    p.add_argument(
+        "--block-size", type=int, default=4096, metavar="N", help="cells per block (default 4096)"
+    )
     p.set_defaults(func=_run)
 
 
@@ -126,6 +129,7 @@ def _run(args: argparse.Namespace) -> int:
             input_size=args.input_size,
             gene_mapping=args.gene_mapping,
             format=args.format,
+            convert_options={"block_size": args.block_size},
             storage_options=storage_options(args),
             quiet=args.quiet,
             say=lambda text: print(text, file=sys.stderr),

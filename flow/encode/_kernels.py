@@ -58,7 +58,7 @@ import scipy.sparse as sp
 
 from flow.errors import InputError
 
-__all__ = ["TARGET_SUM", "canonical_csr", "normalized_values", "rank_block"]
+__all__ = ["TARGET_SUM", "canonical_csr", "normalized_values", "rank_block", "ranked_values"]
 
 TARGET_SUM: Final = 10_000.0
 """Counts are scaled to this total per cell before dividing by the gene's median."""
@@ -383,7 +383,7 @@ def rank_block(
     pad: int,
     *,
     row_offset: int = 0,
-) -> tuple[npt.NDArray[np.integer[Any]], npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+) -> tuple[npt.NDArray[np.integer[Any]], npt.NDArray[Any], npt.NDArray[np.int32]]:
     """Rank-value encode a block of cells (exact; see the module docstring for the order).
 
     Parameters
@@ -415,9 +415,10 @@ def rank_block(
     ranked_tokens : numpy.ndarray
         ``(n_cells, width)``, ``tokens.dtype``: token IDs by value descending, token ID
         ascending among equal values, then ``pad``.
-    ranked_values : numpy.ndarray
-        ``(n_cells, width)`` float32: the value at each rank (the float64 value rounded), 0 in
-        padding.
+    ranked_counts : numpy.ndarray
+        ``(n_cells, width)``, the block's count dtype: the count of the gene at each rank, 0 in
+        padding. With ``n_counts`` and the medians it gives the exact float64 value at each rank
+        (:func:`ranked_values`); counts are smaller to store than the values and lose nothing.
     lengths : numpy.ndarray
         ``(n_cells,)`` int32: number of detected genes (count > 0) per cell, before truncation.
 
@@ -450,7 +451,7 @@ def rank_block(
     lengths = np.diff(indptr)
 
     ranked_tokens = np.full((n_cells, width), pad, dtype=out_dtype)
-    ranked_values = np.zeros((n_cells, width), dtype=np.float32)
+    ranked_counts = np.zeros((n_cells, width), dtype=x.data.dtype)
 
     r0 = 0
     while r0 < n_cells and width > 0:
@@ -465,13 +466,42 @@ def rank_block(
             offsets -= row_starts
             cols = x.indices[a:b]
             vals = _values(x.data[a:b], np.repeat(n_c[r0:r1], lens), np.take(med, cols))
-            perm, ranked, _ = _sort_slice(vals, offsets, row_starts, lens)
+            perm, _, _ = _sort_slice(vals, offsets, row_starts, lens)
             toks = np.take(tok, np.take(cols, perm))
+            cnts = np.take(x.data[a:b], perm)
             if int(lens.max()) > width:
                 keep = offsets < width
-                toks, ranked, lens = toks[keep], ranked[keep], np.minimum(lens, width)
+                toks, cnts, lens = toks[keep], cnts[keep], np.minimum(lens, width)
             filled = np.arange(width) < lens[:, None]  # row-major order = ranked order
             ranked_tokens[r0:r1][filled] = toks
-            ranked_values[r0:r1][filled] = ranked
+            ranked_counts[r0:r1][filled] = cnts
         r0 = r1
-    return ranked_tokens, ranked_values, lengths.astype(np.int32)
+    return ranked_tokens, ranked_counts, lengths.astype(np.int32)
+
+
+def ranked_values(
+    ranked_counts: npt.ArrayLike, n_counts: npt.ArrayLike, ranked_medians: npt.ArrayLike
+) -> FloatArray:
+    """The value at each rank, from the counts at each rank (the fixed value arithmetic).
+
+    Parameters
+    ----------
+    ranked_counts
+        ``(n_cells, width)`` counts at each rank (:func:`rank_block`), 0 in padding.
+    n_counts
+        ``(n_cells,)`` total counts per cell.
+    ranked_medians
+        ``(n_cells, width)`` the median of the gene at each rank (e.g. ``medians[tokens]``).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 values, bit-identical to those the ranking was made from; 0 in padding.
+    """
+    counts = np.asarray(ranked_counts)
+    med = np.asarray(ranked_medians, dtype=np.float64)
+    present = counts > 0
+    out = np.zeros(counts.shape, dtype=np.float64)
+    n = np.broadcast_to(np.asarray(n_counts, dtype=np.float64).reshape(-1, 1), counts.shape)
+    out[present] = _values(counts[present], n[present], med[present])
+    return out

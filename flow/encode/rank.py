@@ -34,6 +34,7 @@ class RankContext:
     tokens: np.ndarray
     width: int
     pad: int
+    count_dtype: np.dtype[Any]
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class RankedCells:
     """Lazy ranking of every cell: see :func:`rank_cells`."""
 
     tokens: da.Array
-    values: da.Array
+    counts: da.Array
     lengths: da.Array
     blocks: da.Array  # the per-block result tuples the three arrays are taken from
 
@@ -54,9 +55,10 @@ def _rank_block(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     row0 = block_info[0]["array-location"][0][0] if block_info else 0
     kept = ctx.gene_map.apply(block)
-    return _kernels.rank_block(
+    tokens, counts, lengths = _kernels.rank_block(
         kept, np.ravel(n_counts), ctx.medians, ctx.tokens, ctx.width, ctx.pad, row_offset=row0
     )
+    return tokens, counts.astype(ctx.count_dtype, copy=False), lengths
 
 
 def _take(part: tuple[np.ndarray, ...], i: int) -> np.ndarray:
@@ -76,6 +78,7 @@ def rank_cells(
     *,
     width: int,
     pad: int,
+    count_dtype: Any = None,
 ) -> RankedCells:
     """Rank-value encode every cell, lazily.
 
@@ -93,12 +96,15 @@ def rank_cells(
         Ranks per cell to produce (the full ranking needs the maximum genes per cell).
     pad
         Pad token.
+    count_dtype
+        dtype of the ranked counts (default: the counts' dtype).
 
     Returns
     -------
     RankedCells
-        ``tokens`` (cell, rank) in the vocabulary's token dtype, ``values`` (cell, rank) float32
-        normalized values (count / n_counts x 10,000 / median), ``lengths`` (cell,) int32.
+        ``tokens`` (cell, rank) in the vocabulary's token dtype, ``counts`` (cell, rank) the
+        count of the gene at each rank (``count_dtype``; the value at each rank follows from it,
+        see :func:`flow.encode._kernels.ranked_values`), ``lengths`` (cell,) int32.
         Cell chunks are the store's blocks; the rank axis is one chunk of ``width``.
     """
     if counts.numblocks[1] != 1:
@@ -110,7 +116,8 @@ def rank_cells(
     tok = tokenize(
         counts.name, n_counts, gene_map.vocab_fingerprint, gene_map.column, medians, width, pad
     )
-    ctx = RankContext(gene_map, medians, gene_map.kept_tokens, width, pad)
+    count_dtype = np.dtype(count_dtype if count_dtype is not None else counts.dtype)
+    ctx = RankContext(gene_map, medians, gene_map.kept_tokens, width, pad, count_dtype)
     shared: Delayed = delayed(ctx, name=f"flow-rank-context-{tok}")
     nc = da.from_array(
         n_counts.astype(np.float64), chunks=(counts.chunks[0],), name=f"flow-n-counts-{tok}"
@@ -130,12 +137,12 @@ def rank_cells(
     tokens = blocks.map_blocks(
         _take, 0, dtype=dtype, meta=np.empty((0, 0), dtype), name=f"flow-rank-tokens-{tok}"
     )
-    values = blocks.map_blocks(
+    ranked_counts = blocks.map_blocks(
         _take,
         1,
-        dtype=np.float32,
-        meta=np.empty((0, 0), np.float32),
-        name=f"flow-rank-values-{tok}",
+        dtype=count_dtype,
+        meta=np.empty((0, 0), count_dtype),
+        name=f"flow-rank-counts-{tok}",
     )
     # Not map_blocks(drop_axis=1): dropping an axis concatenates the blocks along it, and these
     # blocks are tuples, not arrays. blockwise with concatenate=False hands over the list.
@@ -149,4 +156,4 @@ def rank_cells(
         meta=np.empty((0,), np.int32),
         name=f"flow-rank-lengths-{tok}",
     )
-    return RankedCells(tokens, values, lengths, blocks)
+    return RankedCells(tokens, ranked_counts, lengths, blocks)

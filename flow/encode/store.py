@@ -5,7 +5,8 @@ Layout (Zarr v3; opens as an :class:`xarray.Dataset` with dimensions ``cell``, `
 
     tokens (cell, rank)       token IDs, highest value first, pad-filled; chunks
                               (block_size, rank_chunk) so ranks 0..L-1 never touch the tail
-    values (cell, rank)       float32 normalized value at each rank: count / n_counts x 10,000
+    counts (cell, rank)       the count of the gene at each rank (the store's count dtype; 0
+                              past the end). The value at each rank, count / n_counts x 10,000
                               / median (the fold change against the corpus); 0 past the end
     length (cell)             ranked (detected, in-vocabulary) genes per cell
     cell (cell)               barcodes; n_counts, filter_pass and carried obs columns beside
@@ -64,6 +65,7 @@ RANKING_CODECS = (BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle
 _RESERVED = frozenset(
     {
         "tokens",
+        "counts",
         "values",
         "length",
         "cell",
@@ -93,6 +95,14 @@ class EncodingPlan:
     rank_chunk: int
     params: dict[str, Any]
     n_without_median: int
+
+    @property
+    def count_dtype(self) -> np.dtype[Any]:
+        """dtype of the counts at each rank: the store's, wider where duplicates are summed."""
+        dtype = np.dtype(self.store.attrs["dtype"])
+        if self.gene_map.has_duplicates and dtype == np.uint16:
+            return np.dtype(np.uint32)
+        return dtype
 
     @property
     def fingerprint(self) -> str:
@@ -239,7 +249,7 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
         "tokens", shape=(n_cells, plan.width), dtype=dtype, fill_value=vocab.pad_token, **grid
     )
     root.create_array(
-        "values", shape=(n_cells, plan.width), dtype=np.float32, fill_value=0.0, **grid
+        "counts", shape=(n_cells, plan.width), dtype=plan.count_dtype, fill_value=0, **grid
     )
     root.create_array(
         "length", shape=(n_cells,), dtype=np.int32, chunks=(cell_chunk,), dimension_names=("cell",)
@@ -320,6 +330,15 @@ def _write_1d(root: zarr.Group, name: str, values: np.ndarray, dim: str, chunk: 
             arr[:] = values
 
 
+def _token_cells(
+    tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray, n_tokens: int
+) -> np.ndarray:
+    """In how many of the kept cells each token is expressed (each token once per ranking)."""
+    rows = tokens[keep]
+    ranked = np.arange(tokens.shape[1]) < lengths[keep][:, None]  # not the padding
+    return np.bincount(rows[ranked], minlength=n_tokens)[:n_tokens].astype(np.int32)
+
+
 def _write_block(
     part: tuple[np.ndarray, np.ndarray, np.ndarray],
     keep: np.ndarray,
@@ -330,19 +349,14 @@ def _write_block(
     n_tokens: int,
 ) -> int:
     """Write one ranked block (whole chunks only), then mark it done."""
-    tokens, values, lengths = part
+    tokens, counts, lengths = part
     opts = None if "://" not in url or url.startswith("file://") else dict(storage_options)
     root: Any = zarr.open_group(url, mode="r+", storage_options=opts)
     r1 = r0 + tokens.shape[0]
     root["tokens"][r0:r1, :] = tokens
-    root["values"][r0:r1, :] = values
+    root["counts"][r0:r1, :] = counts
     root["length"][r0:r1] = lengths
-    present = tokens[keep]
-    counts = np.bincount(present.ravel().astype(np.int64), minlength=n_tokens)[:n_tokens].astype(
-        np.int32
-    )
-    counts[int(root["tokens"].fill_value)] = 0  # the pad token is not a gene
-    root["block_token_cells"][b, :] = counts
+    root["block_token_cells"][b, :] = _token_cells(tokens, lengths, keep, n_tokens)
     root["block_done"][b] = True
     return b
 
@@ -413,6 +427,7 @@ def encoding_graph(
         plan.medians,
         width=plan.width,
         pad=int(plan.vocab.pad_token or 0),
+        count_dtype=plan.count_dtype,
     )
     parts = ranked.blocks.to_delayed().ravel()
     edges = np.cumsum((0, *plan.store.counts.chunks[0]))
@@ -453,9 +468,33 @@ class EncodingStore:
         return da.from_zarr(self._group()["tokens"])
 
     @cached_property
+    def counts(self) -> da.Array:
+        """``(cell, rank)`` the count of the gene at each rank, as a lazy Dask array."""
+        return da.from_zarr(self._group()["counts"])
+
+    @cached_property
     def values(self) -> da.Array:
-        """``(cell, rank)`` normalized values (float32) as a lazy Dask array."""
-        return da.from_zarr(self._group()["values"])
+        """``(cell, rank)`` float64 value at each rank (count / n_counts x 10,000 / median), lazy.
+
+        Computed from ``counts`` with the fixed value arithmetic of the ranking, so it is
+        bit-identical to the values the cells were ranked by; 0 past each cell's end.
+        """
+        n_counts = da.from_array(
+            self.cell_column("n_counts").astype(np.float64), chunks=(self.tokens.chunks[0],)
+        )
+        medians = np.nan_to_num(self.token_table()["median"].astype(np.float64), nan=1.0)
+        return da.map_blocks(
+            _values_block,
+            self.counts,
+            self.tokens,
+            n_counts[:, None],
+            delayed(
+                medians, name=f"flow-token-medians-{tokenize(self.url, self.attrs.get('plan'))}"
+            ),
+            dtype=np.float64,
+            meta=np.empty((0, 0), np.float64),
+            name=f"flow-values-{tokenize(self.url, self.attrs.get('plan'))}",
+        )
 
     @cached_property
     def lengths(self) -> np.ndarray:
@@ -497,6 +536,14 @@ class EncodingStore:
         remote = "://" in self.url and not self.url.startswith("file://")
         options = dict(self.storage_options or {}) if remote else None
         return xr.open_zarr(self.url, consolidated=False, storage_options=options)
+
+
+def _values_block(
+    counts: np.ndarray, tokens: np.ndarray, n_counts: np.ndarray, medians: np.ndarray
+) -> np.ndarray:
+    from ._kernels import ranked_values
+
+    return ranked_values(counts, np.ravel(n_counts), medians[tokens])
 
 
 def open_encoding(

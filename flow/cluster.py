@@ -20,11 +20,12 @@ from .errors import FlowError
 
 __all__ = ["WORKER_ENVIRON", "SchedulerError", "compute", "current_client", "flow_client"]
 
-#: Environment of the worker processes flow starts. Every block allocates arrays of tens of
-#: MB; above glibc's default mmap threshold each one is fresh memory, which this kind of
-#: machine backs slowly on first touch. Serving them from the heap instead made tokenize about
-#: 2x faster here (100k cells x 2,000 genes, 2 workers: 15.8 s -> 8.9 s wall). Memory stays
-#: bounded by block size x threads. Start external workers with the same variable.
+#: Environment for the local workers of tokenize and export (``worker_environ=``). Every block
+#: allocates arrays of tens of MB of the same shapes; above glibc's default mmap threshold each
+#: one is fresh memory, which this kind of machine backs slowly on first touch. Serving them
+#: from the heap instead made tokenize about 2x faster here (100k cells x 2,000 genes,
+#: 2 workers: 15.8 s -> 8.9 s wall). Not for medians: their allocations vary in size, and a
+#: heap that keeps them grew past 1.2 GiB workers at 1M cells.
 WORKER_ENVIRON = {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 1 << 30}
 
 
@@ -50,6 +51,7 @@ def flow_client(
     processes: bool = True,
     quiet: bool = False,
     dashboard_address: str | None = ":0",
+    worker_environ: dict[str, Any] | None = None,
 ) -> Iterator[Client]:
     """Use a Dask cluster for the duration of a ``with`` block.
 
@@ -85,7 +87,7 @@ def flow_client(
             yield client
         return
     with (
-        dask_config.set(WORKER_ENVIRON),
+        dask_config.set(worker_environ or {}),
         LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,

@@ -32,7 +32,7 @@ from . import __version__
 from ._io import create_flow_group, flow_attrs, mark_complete, open_flow_group, store_url
 from .errors import SchemaError, VocabularyError
 from .sketch import _tdigest
-from .sketch.reduce import TARGET_SUM, bracket_values, nonzero_digests
+from .sketch.reduce import MEDIAN_SPLIT_EVERY, TARGET_SUM, bracket_values, nonzero_digests
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -130,7 +130,7 @@ def compute_medians(
     store: CountStore,
     *,
     compression: float = _tdigest.DEFAULT_COMPRESSION,
-    split_every: int = 8,
+    split_every: int = MEDIAN_SPLIT_EVERY,
     n_counts_column: str = "n_counts",
     gene_mapping: Mapping[str, str] | None = None,
 ) -> tuple[np.ndarray, Delayed]:
@@ -166,7 +166,7 @@ def exact_medians_pass(
     *,
     n_counts_column: str = "n_counts",
     gene_mapping: Mapping[str, str] | None = None,
-    split_every: int = 8,
+    split_every: int = MEDIAN_SPLIT_EVERY,
 ) -> Delayed:
     """Second pass of exact mode, given the first pass's computed digests (lazy).
 
@@ -201,7 +201,7 @@ def medians_of(
     *,
     method: Method = "tdigest",
     compression: float = _tdigest.DEFAULT_COMPRESSION,
-    split_every: int = 8,
+    split_every: int = MEDIAN_SPLIT_EVERY,
     n_counts_column: str = "n_counts",
     gene_mapping: Mapping[str, str] | None = None,
     compute: Any = None,

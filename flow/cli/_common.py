@@ -53,7 +53,9 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def client_from_args(args: argparse.Namespace) -> Iterator[Client]:
+def client_from_args(
+    args: argparse.Namespace, *, worker_environ: dict[str, Any] | None = None
+) -> Iterator[Client]:
     """The cluster the command's options ask for, for the duration of the command."""
     with flow_client(
         args.scheduler,
@@ -61,6 +63,7 @@ def client_from_args(args: argparse.Namespace) -> Iterator[Client]:
         threads_per_worker=args.threads_per_worker,
         memory_limit=args.memory_limit,
         quiet=args.quiet,
+        worker_environ=worker_environ,
     ) as client:
         yield client
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -584,9 +584,3 @@ def _write_frames(root: zarr.Group, obs: pd.DataFrame, var: pd.DataFrame) -> Non
         ad.io.write_elem(root, "var", var)
         for name in ("obsm", "obsp", "varm", "varp", "layers", "uns"):
             ad.io.write_elem(root, name, {})
-
-
-def iter_store_blocks(store: CountStore) -> Iterator[sp.csr_matrix]:
-    """Yield the store's blocks one at a time (reads one block per step; for small tools)."""
-    for b in range(store.n_blocks):
-        yield store.counts.blocks[b, 0].compute(scheduler="sync")

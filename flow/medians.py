@@ -210,8 +210,8 @@ def medians_of(
 
     ``compute`` is the function that runs graphs (default :func:`flow.cluster.compute`).
     With several stores their digests are merged (genes united by ID). Exact mode needs the
-    first pass's digests first, so it runs two passes; it supports one store, or several that
-    share the same genes.
+    first pass's digests first, so it runs two passes, over one store (several are refused
+    before anything is computed: convert them into one store).
     """
     from .cluster import compute as default_compute
 
@@ -219,6 +219,9 @@ def medians_of(
     if method not in ("tdigest", "exact"):
         msg = f"method must be 'tdigest' or 'exact'; got {method!r}."
         raise ValueError(msg)
+    if method == "exact" and len(stores) > 1:  # the bracket pass needs every cell of one store
+        msg = "Exact mode over several stores: convert them into one store first (flow convert A B -o AB)."
+        raise VocabularyError(msg)
     graphs = [
         compute_medians(
             s,
@@ -237,24 +240,16 @@ def medians_of(
     merged = merge_median_sets(parts) if len(parts) > 1 else parts[0]
     if method == "tdigest":
         return merged
-    if len(stores) > 1 and any(not np.array_equal(p.gene_ids, merged.gene_ids) for p in parts):
-        msg = "Exact medians over several stores need the same genes in each; convert them into one store."
-        raise VocabularyError(msg)
     assert merged.digests is not None
-    passes = [
+    (exact,) = run(
         exact_medians_pass(
-            s,
+            stores[0],
             merged.digests,
             n_counts_column=n_counts_column,
             gene_mapping=gene_mapping,
             split_every=split_every,
         )
-        for s in stores
-    ]
-    if len(stores) > 1:  # the bracket pass needs all cells: concatenate would be wrong, so refuse
-        msg = "Exact mode over several stores: convert them into one store first (flow convert A B -o AB)."
-        raise VocabularyError(msg)
-    (exact,) = run(passes[0])
+    )
     return MedianSet(
         merged.gene_ids,
         np.asarray(exact),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import dask
@@ -58,3 +58,69 @@ def write_synthetic_h5ad(
     )
     ad.AnnData(X=x, obs=obs, var=var).write_h5ad(path)
     return path
+
+
+def stored_files(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """SHA-256 of every stored object under ``url`` (chunks and metadata), by relative path.
+
+    The root ``zarr.json`` (its attributes record where the store and its inputs are) and an
+    export's ``state.json`` (its fingerprint hashes the output path) are left out.
+    """
+    import hashlib
+    import posixpath
+
+    import fsspec
+
+    options = dict(storage_options or {}) if "://" in url else {}
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    fs.invalidate_cache()
+    out = {}
+    for path in fs.find(root):
+        rel = posixpath.relpath(path, root)
+        if rel not in ("zarr.json", "state.json"):
+            out[rel] = hashlib.sha256(fs.cat_file(path)).hexdigest()
+    return out
+
+
+def array_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every array of a Zarr store, decoded: (dtype, shape, chunks, SHA-256 of the values)."""
+    import hashlib
+
+    import numpy as np
+    import zarr
+
+    opts = dict(storage_options or {}) if "://" in url else None
+    group = zarr.open_group(url, mode="r", storage_options=opts)
+    out = {}
+    for name, node in group.members(max_depth=None):
+        if isinstance(node, zarr.Array):
+            values = node[...]
+            if values.dtype.kind in "OTU":  # strings: compare the text
+                data = "\x00".join(map(str, np.ravel(values).tolist())).encode()
+            else:
+                data = np.ascontiguousarray(values).tobytes()
+            out[name] = (
+                str(values.dtype),
+                values.shape,
+                node.chunks,
+                hashlib.sha256(data).hexdigest(),
+            )
+    return out
+
+
+def flow_meta(
+    url: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    drop: tuple[str, ...] = ("counts_url",),
+) -> dict[str, Any]:
+    """A store's ``attrs["flow"]`` without ``drop`` keys and the URLs of the stores it covers."""
+    import zarr
+
+    opts = dict(storage_options or {}) if "://" in url else None
+    meta = dict(zarr.open_group(url, mode="r", storage_options=opts).attrs["flow"])
+    for key in drop:
+        meta.pop(key, None)
+    if "stores" in meta:  # a median set: the count stores it covers
+        meta["stores"] = [{k: v for k, v in s.items() if k != "url"} for s in meta["stores"]]
+    return meta

@@ -8,9 +8,7 @@ dashboard of a run answers while it runs; progress bars show without ``-q`` and 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
-import posixpath
 import signal
 import socket
 import subprocess
@@ -30,7 +28,8 @@ import zarr
 from flow import pipeline
 from flow.datasets import write_synthetic
 
-from helpers import write_synthetic_h5ad
+from helpers import array_bytes, stored_files, write_synthetic_h5ad
+from helpers import flow_meta as _flow_meta
 
 pytestmark = pytest.mark.distributed
 
@@ -58,54 +57,9 @@ def run_flow(*args: Any, timeout: float = 300) -> subprocess.CompletedProcess[st
     return proc
 
 
-def stored_files(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """SHA-256 of every stored object under ``url`` (chunks and metadata), by relative path.
-
-    The root ``zarr.json`` (its attributes record where inputs were) and ``state.json`` of
-    an exported dataset (its fingerprint hashes the output path) are left out.
-    """
-    import fsspec
-
-    options = dict(storage_options or {}) if "://" in url else {}
-    fs, root = fsspec.core.url_to_fs(url, **options)
-    out = {}
-    for path in fs.find(root):
-        rel = posixpath.relpath(path, root)
-        if rel not in ("zarr.json", "state.json"):
-            out[rel] = hashlib.sha256(fs.cat_file(path)).hexdigest()
-    return out
-
-
-def array_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Every array of a Zarr store, decoded: (dtype, shape, chunks, SHA-256 of the values)."""
-    opts = dict(storage_options or {}) if "://" in url else None
-    group = zarr.open_group(url, mode="r", storage_options=opts)
-    out = {}
-    for name, node in group.members(max_depth=None):
-        if isinstance(node, zarr.Array):
-            values = node[...]
-            if values.dtype.kind in "OTU":  # strings: compare the text
-                data = "\x00".join(map(str, np.ravel(values).tolist())).encode()
-            else:
-                data = np.ascontiguousarray(values).tobytes()
-            out[name] = (
-                str(values.dtype),
-                values.shape,
-                node.chunks,
-                hashlib.sha256(data).hexdigest(),
-            )
-    return out
-
-
 def flow_meta(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A store's ``attrs["flow"]`` without what says where it or its inputs are."""
-    opts = dict(storage_options or {}) if "://" in url else None
-    meta = dict(zarr.open_group(url, mode="r", storage_options=opts).attrs["flow"])
-    for key in ("counts_url", "blocks_written_last_run"):
-        meta.pop(key, None)
-    if "stores" in meta:  # a median set: the count stores it covers
-        meta["stores"] = [{k: v for k, v in s.items() if k != "url"} for s in meta["stores"]]
-    return meta
+    """``attrs["flow"]`` without locations and the resume counter (it differs after a kill)."""
+    return _flow_meta(url, storage_options, drop=("counts_url", "blocks_written_last_run"))
 
 
 def assert_same_store(

@@ -10,7 +10,6 @@ the column that records where each cell came from.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import posixpath
@@ -21,16 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import zarr
 
 from flow import pipeline
 from flow.cli._common import storage_options as parse_storage_options
 from flow.encode.store import open_encoding
 from flow.store import open_counts
 
-from helpers import write_synthetic_h5ad
+from helpers import array_bytes, flow_meta, stored_files, write_synthetic_h5ad
 
 FLOW = os.fspath(Path(sys.executable).parent / "flow")
 BUCKET = "flow-test"
@@ -81,53 +78,6 @@ def s3() -> Iterator[S3]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def stored_files(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """SHA-256 of every stored object under ``url`` but the root ``zarr.json`` (its attributes
-    say where the store and its inputs are) and an export's ``state.json`` (fingerprint)."""
-    import fsspec
-
-    options = dict(storage_options or {}) if "://" in url else {}
-    fs, root = fsspec.core.url_to_fs(url, **options)
-    fs.invalidate_cache()
-    out = {}
-    for path in fs.find(root):
-        rel = posixpath.relpath(path, root)
-        if rel not in ("zarr.json", "state.json"):
-            out[rel] = hashlib.sha256(fs.cat_file(path)).hexdigest()
-    return out
-
-
-def array_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Every array of a Zarr store, decoded: (dtype, shape, chunks, SHA-256 of the values)."""
-    opts = dict(storage_options or {}) if "://" in url else None
-    group = zarr.open_group(url, mode="r", storage_options=opts)
-    out = {}
-    for name, node in group.members(max_depth=None):
-        if isinstance(node, zarr.Array):
-            values = node[...]
-            if values.dtype.kind in "OTU":
-                data = "\x00".join(map(str, np.ravel(values).tolist())).encode()
-            else:
-                data = np.ascontiguousarray(values).tobytes()
-            out[name] = (
-                str(values.dtype),
-                values.shape,
-                node.chunks,
-                hashlib.sha256(data).hexdigest(),
-            )
-    return out
-
-
-def flow_meta(url: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A store's ``attrs["flow"]`` without what says where it or its inputs are."""
-    opts = dict(storage_options or {}) if "://" in url else None
-    meta = dict(zarr.open_group(url, mode="r", storage_options=opts).attrs["flow"])
-    meta.pop("counts_url", None)
-    if "stores" in meta:
-        meta["stores"] = [{k: v for k, v in s.items() if k != "url"} for s in meta["stores"]]
-    return meta
 
 
 def assert_same(got: str, want: str, storage_options: Mapping[str, Any]) -> None:

@@ -247,8 +247,6 @@ def bracket_values(
     below = tree_merge(
         chunks, split_every=split_every, name=f"flow-medians-below-{tok}", merge=_sum_below
     )
-    if len(chunks) == 1:
-        below = delayed(_sum_below, pure=True)(chunks[0])
     ranges = [
         delayed(_range_medians, pure=True)(
             r,

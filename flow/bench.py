@@ -31,34 +31,41 @@ __all__ = ["main", "median_accuracy", "run_stage", "write_h5ad"]
 STAGES = ("convert", "medians", "medians-exact", "tokenize", "export", "drop-rates")
 
 
-def _tree_rss(pid: int) -> int:
+def _tree_rss(pid: int) -> tuple[int, int, int]:
+    """RSS of a process tree: (all processes, the root alone, its largest descendant)."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
         procs = [proc, *proc.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return 0, 0, 0
+    rss = []
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
-            total += p.memory_info().rss
-    return total
+            rss.append(p.memory_info().rss if p.pid != pid else -p.memory_info().rss)
+    root = -min((r for r in rss if r < 0), default=0)
+    others = [r for r in rss if r >= 0]
+    return root + sum(others), root, max(others, default=0)
 
 
 def run_stage(argv: Sequence[str], *, env: dict[str, str] | None = None) -> dict[str, float]:
-    """Run one command; return its wall time (s) and the peak RSS of its process tree (bytes)."""
+    """Run one command; return its wall time (s) and peak RSS (bytes) of its process tree.
+
+    ``peak_rss`` is the peak of the sum over all processes; ``peak_rss_driver`` that of the
+    command's own process (with a local cluster: the client, scheduler and nannies) and
+    ``peak_rss_worker`` that of its largest child (a worker).
+    """
     start = time.perf_counter()
     proc = subprocess.Popen(
         list(argv), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    peak = 0
+    peaks = [0, 0, 0]
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
         while not done.is_set():
-            peak = max(peak, _tree_rss(proc.pid))
+            peaks[:] = map(max, peaks, _tree_rss(proc.pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -70,7 +77,13 @@ def run_stage(argv: Sequence[str], *, env: dict[str, str] | None = None) -> dict
     if proc.returncode != 0:
         msg = f"{' '.join(argv)} failed ({proc.returncode}):\n{out}"
         raise RuntimeError(msg)
-    return {"seconds": seconds, "peak_rss": float(peak)}
+    total, driver, worker = map(float, peaks)
+    return {
+        "seconds": seconds,
+        "peak_rss": total,
+        "peak_rss_driver": driver,
+        "peak_rss_worker": worker,
+    }
 
 
 def write_h5ad(
@@ -195,6 +208,18 @@ def _time_cell_queries(encoding: str, n: int = 5) -> float:
     return float(np.median(times))
 
 
+def _same_store(path: str, n_cells: int, n_genes: int) -> bool:
+    """Whether ``path`` is a complete count store of ``n_cells`` x ``n_genes``."""
+    from .errors import FlowError
+    from .store import open_counts
+
+    try:
+        attrs = open_counts(path).attrs
+    except (FlowError, OSError):
+        return False
+    return (int(attrs["n_cells"]), int(attrs["n_genes"])) == (n_cells, n_genes)
+
+
 def _fmt(n: float) -> str:
     return f"{n:,.0f}"
 
@@ -215,6 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workdir", default=None, help="where to write (default: a temporary directory)"
     )
     p.add_argument("--keep", action="store_true", help="keep the data written")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="use the count store an earlier --keep run left in --workdir (same cells and genes)",
+    )
     p.add_argument("--out", default=None, help="append results as JSON lines to this file")
     p.add_argument(
         "--accuracy",
@@ -258,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             result["generate_h5ad_s"] = time.perf_counter() - t
             result["convert"] = run_stage([*flow, "convert", h5ad, "-o", store, "-q"])
             os.remove(h5ad)
-        else:
+        elif not (args.reuse and _same_store(store, n, args.genes)):
             from .datasets import write_synthetic
 
             write_synthetic(store, n, args.genes, seed=1, mean_genes=args.genes_per_cell)
@@ -297,6 +327,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 *cluster,
             ],
         }
+        for old in (med, med + ".exact", enc, os.path.join(work, "dataset")):
+            shutil.rmtree(old, ignore_errors=True)  # never resume an earlier run's output
         for stage, cmd in commands.items():
             if stage in stages:
                 result[stage] = run_stage(cmd)
@@ -309,19 +341,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         print(json.dumps(result), file=sys.stderr)
-    print("| cells | stage | seconds | cells/s | peak RSS (MiB) |\n|---:|---|---:|---:|---:|")
+    print(
+        "| cells | stage | seconds | cells/s | peak RSS (MiB) | driver / largest worker (MiB) |\n"
+        "|---:|---|---:|---:|---:|---:|"
+    )
     for r in rows:
         for stage in stages:
             if stage in r:
                 s = r[stage]
                 print(
                     f"| {_fmt(r['cells'])} | {stage} | {s['seconds']:.1f} | {_fmt(r['cells'] / s['seconds'])} | "
-                    f"{_fmt(s['peak_rss'] / 2**20)} |"
+                    f"{_fmt(s['peak_rss'] / 2**20)} | {_fmt(s['peak_rss_driver'] / 2**20)} / "
+                    f"{_fmt(s['peak_rss_worker'] / 2**20)} |"
                 )
     for r in rows:
         if "cell_query_s" in r:
             print(
-                f"| {_fmt(r['cells'])} | one-cell dropped-genes query | {r['cell_query_s']:.3f} | | |"
+                f"| {_fmt(r['cells'])} | one-cell dropped-genes query | {r['cell_query_s']:.3f} | | | |"
             )
     if not args.keep and args.workdir is None:
         shutil.rmtree(root, ignore_errors=True)

@@ -61,7 +61,7 @@ def convert(
 def describe_counts(store: CountStore) -> str:
     """A short human-readable summary of a count store (reads obs only)."""
     a = store.attrs
-    genes = store.obs["n_genes"].to_numpy()
+    genes = store.obs_column("n_genes")
     q = np.percentile(genes, [0, 50, 90, 99, 100]) if genes.size else np.zeros(5)
     sources = "\n".join(
         f"    {s['path']} ({s['format']}, {s['n_cells']:,} cells)" for s in a["sources"]
@@ -217,7 +217,7 @@ def _load_medians(
 ) -> Any:
     from .medians import open_medians
 
-    return open_medians(medians_path, storage_options=storage_options)
+    return open_medians(medians_path, storage_options=storage_options, digests=False)
 
 
 def _load_vocabulary(
@@ -304,16 +304,16 @@ def export(
         raise VocabularyError(msg)
     cls = special.get(chosen.prepend[0]) if chosen.prepend else None
     eos = special.get(chosen.append[0]) if chosen.append else None
-    lengths = _lengths_array(enc)
-    columns = {name: enc.cell_column(name) for name in enc.obs_columns}
+    # per-cell arrays stay lazy: each shard task reads its own cells
+    columns = {name: enc.cell_array(name) for name in enc.obs_columns}
     graph = write_model_dataset(
         enc.tokens,
-        lengths,
+        enc.cell_array("length"),
         output,
         input_size=chosen.input_size,
         cls=cls,
         eos=eos,
-        keep=enc.cell_column("filter_pass").astype(bool),
+        keep=enc.cell_array("filter_pass").astype(bool),
         columns=columns,
         format=format,  # type: ignore[arg-type]
         compute=False,
@@ -323,12 +323,6 @@ def export(
         graph, quiet=quiet, label=f"export ({format}, {chosen.name}, {chosen.input_size} tokens)"
     )
     return os.fspath(output)
-
-
-def _lengths_array(enc: Any) -> Any:
-    import dask.array as da
-
-    return da.from_array(enc.lengths, chunks=(enc.tokens.chunks[0],))
 
 
 def run(

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -45,12 +45,18 @@ from ._io import (
     open_flow_group,
     store_url,
 )
-from .errors import FlowWarning, InputError
+from .errors import FlowWarning, InputError, SchemaError
 
 if TYPE_CHECKING:
     from .ingest._source import Source
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "CountStore", "open_counts", "write_counts"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "CountStore",
+    "open_counts",
+    "parse_filter_pass",
+    "write_counts",
+]
 
 KIND = "counts"
 SCHEMA_VERSION = 1
@@ -113,8 +119,116 @@ class CountStore:
         """Gene metadata (gene IDs as index, ``gene_symbol``). Read on first access."""
         return _read_frame(self._group(), "var")
 
+    @cached_property
+    def obs_columns(self) -> list[str]:
+        """Names of the obs columns, in order (reads attributes only)."""
+        order: Any = self._group()["obs"].attrs.get("column-order", [])
+        return [str(c) for c in order]
+
+    def obs_column(self, name: str) -> np.ndarray:
+        """One obs column as a numpy array (reads that column only; ``"_index"``: barcodes).
+
+        Numeric and boolean columns keep their dtype; string and categorical columns come back
+        as ``str``. Unlike :attr:`obs`, memory is one column's, not the whole table's.
+        """
+        pieces = list(self.iter_obs_column(name))
+        return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
+
+    def iter_obs_column(self, name: str, step: int = 1 << 16) -> Iterator[np.ndarray]:
+        """One obs column in consecutive slices of ``step`` cells, read one slice at a time.
+
+        ``"_index"`` gives the barcodes. Strings and categorical values come back as ``str``.
+
+        Raises
+        ------
+        KeyError
+            If the store has no such obs column.
+        """
+        import anndata as ad
+
+        obs: Any = self._group()["obs"]
+        if name != "_index" and name not in self.obs_columns:
+            msg = f"{self.url}: no obs column {name!r}; columns are {self.obs_columns}."
+            raise KeyError(msg)
+        elem: Any = obs[name]
+        n = int(self.attrs["n_cells"])
+        kind = elem.attrs.get("encoding-type")
+        if kind == "categorical":
+            categories = _as_str(np.asarray(ad.io.read_elem(elem["categories"])))
+            values = np.append(categories, "nan")  # code -1: missing, shown as pandas does
+            for a in range(0, n, step):
+                yield values[np.asarray(elem["codes"][a : a + step])]
+        elif kind in ("array", "string-array") and isinstance(elem, zarr.Array):
+            for a in range(0, n, step):
+                piece = np.asarray(elem[a : a + step])
+                yield piece if piece.dtype.kind in "biuf" else _as_str(piece)
+        else:  # other encodings (nullable arrays): anndata reads them whole
+            whole = np.asarray(ad.io.read_elem(elem))
+            for a in range(0, n, step):
+                yield whole[a : a + step]
+        if n == 0:
+            yield np.zeros(0, dtype=str)
+
+    def cells(self, n_counts_column: str = "n_counts") -> tuple[np.ndarray, np.ndarray]:
+        """Each cell's total count (float64) and whether it passes the filter (reads 2 columns).
+
+        The filter is the ``filter_pass`` column read by :func:`parse_filter_pass`; without
+        that column every cell passes.
+
+        Raises
+        ------
+        SchemaError
+            If there is no ``n_counts_column``.
+        InputError
+            If ``filter_pass`` holds text that is neither true nor false.
+        """
+        if n_counts_column not in self.obs_columns:
+            msg = f"{self.url}: no obs column {n_counts_column!r} for n_counts; columns are {self.obs_columns}."
+            raise SchemaError(msg)
+        n_counts = self.obs_column(n_counts_column).astype(np.float64)
+        if "filter_pass" not in self.obs_columns:
+            return n_counts, np.ones(n_counts.size, dtype=bool)
+        return n_counts, parse_filter_pass(self.obs_column("filter_pass"), self.url)
+
     def _group(self) -> zarr.Group:
         return open_flow_group(self.url, KIND, storage_options=self.storage_options)
+
+
+_TRUE = frozenset({"1", "true", "t", "yes", "y"})
+_FALSE = frozenset({"0", "false", "f", "no", "n", ""})
+
+
+def parse_filter_pass(values: np.ndarray, where: str) -> np.ndarray:
+    """``filter_pass`` as booleans: 1/True keeps a cell (upstream keeps ``== 1``).
+
+    Numbers: exactly 1 keeps (NaN, 0 and anything else drop). Text: ``1``/``true``/``yes``
+    keep, ``0``/``false``/``no``/empty drop (any case), anything else is an error, because
+    ``astype(bool)`` would keep every non-empty string, ``"False"`` and ``"0"`` included.
+
+    Examples
+    --------
+    >>> parse_filter_pass(np.array(["True", "no", "1"]), "x").tolist()
+    [True, False, True]
+    """
+    if values.dtype.kind == "b":
+        return values.astype(bool)
+    if values.dtype.kind in "iuf":
+        return np.asarray(values == 1)
+    text = np.char.lower(np.char.strip(np.asarray(values, dtype=str)))
+    known = np.isin(text, list(_TRUE | _FALSE))
+    if not known.all():
+        bad = sorted({str(v) for v in values[~known].tolist()})[:5]
+        msg = (
+            f"{where}: obs column 'filter_pass' has values {bad} that are neither 1/True "
+            "(keep the cell) nor 0/False (drop it). Fix the column in the input."
+        )
+        raise InputError(msg)
+    return np.isin(text, list(_TRUE))
+
+
+def _as_str(values: np.ndarray) -> np.ndarray:
+    """Strings of any numpy flavour (object, StringDType) as a fixed-width ``str`` array."""
+    return values.astype(object).astype(str)
 
 
 def _read_frame(group: zarr.Group, name: str) -> pd.DataFrame:
@@ -200,11 +314,10 @@ def _check_block(
     A count store holds no zero counts and strictly increasing gene indices within a cell, so
     a zero value or a non-increasing index inside a row means the block's data is damaged.
     """
-    rising = np.diff(indices.astype(np.int64)) > 0
-    rising[indptr[1:-1][(indptr[1:-1] > 0) & (indptr[1:-1] < indices.size)] - 1] = (
-        True  # row starts
-    )
-    if (data == 0).any() or not rising.all():
+    rising = indices[1:] > indices[:-1]  # no wider temporaries: blocks hold millions of values
+    starts = indptr[1:-1]
+    rising[starts[(starts > 0) & (starts < indices.size)] - 1] = True  # a new row may fall back
+    if not data.all() or not rising.all():
         msg = (
             f"{url}: block {b} of the counts is damaged (missing or corrupt chunks in X/data or "
             "X/indices). Convert the input again."

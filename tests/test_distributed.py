@@ -344,12 +344,16 @@ def test_dashboard_answers_and_progress_bar_shows(big: Big, tmp_path: Path) -> N
         with urllib.request.urlopen(link, timeout=60) as response:  # served by the run itself
             status = response.status
             page = response.read()
-        out, _ = proc.communicate(timeout=300)
+        # stderr belongs to the reader thread: communicate() would close it under the thread
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.communicate()
-    reader.join(timeout=10)
+            proc.wait()
+        reader.join(timeout=30)
+    assert not reader.is_alive()
     assert proc.returncode == 0, "".join(lines)
     assert status == 200
     assert b"<html" in page.lower()

@@ -29,7 +29,7 @@ from flow.encode.rank import rank_cells
 from flow.encode.store import encoding_graph, open_encoding, plan_encoding, write_encoding
 from flow.errors import IncompleteStoreError, InputError, VocabularyError
 from flow.ingest._source import SourceInfo
-from flow.medians import MedianSet
+from flow.medians import MedianSet, medians_of
 from flow.store import open_counts, write_counts
 from flow.vocab import Vocabulary
 
@@ -364,11 +364,17 @@ def test_filter_pass_empty_cells_and_carried_columns(handmade):
     ],
 )
 def test_filter_pass_values(tmp_path, column, kept):
-    source = ArraySource(np.ones((4, 6), np.int32), [f"ENSG{i:011d}" for i in range(6)],
+    """Tokenize and medians read filter_pass the same way."""
+    counts = np.arange(1, 25).reshape(4, 6) ** 2 % 11
+    source = ArraySource(counts, [f"ENSG{i:011d}" for i in range(6)],
                          pd.DataFrame({"filter_pass": column}))  # fmt: skip
     store = write_counts([source], tmp_path / "c.zarr")
     vocab, median_set = vocab_and_medians(store.var.index.to_numpy(dtype=str), 0, fraction=1.0)
     np.testing.assert_array_equal(plan_encoding(store, median_set, vocab).keep, kept)
+    values = counts[kept] / counts[kept].sum(axis=1, keepdims=True) * 10_000
+    expected = [np.median(v[v > 0]) if (v > 0).any() else np.nan for v in values.T]
+    got = medians_of([store], method="exact", compute=dask.compute).medians
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_filter_pass_of_unknown_text_is_an_error(tmp_path):

@@ -191,6 +191,19 @@ def test_median_set_opens_as_xarray(tmp_path, small_stores):
     assert ds.attrs["flow"]["method"] == "tdigest"
 
 
+def test_open_without_digests(tmp_path, small_stores):
+    """digests=False reads the same medians and leaves the digests out."""
+    got = med.medians_of([small_stores[0]], compute=dask.compute)
+    med.write_medians(got, tmp_path / "m.zarr")
+    full = med.open_medians(tmp_path / "m.zarr")
+    light = med.open_medians(tmp_path / "m.zarr", digests=False)
+    assert full.digests is not None
+    assert light.digests is None
+    np.testing.assert_array_equal(light.medians, full.medians)
+    np.testing.assert_array_equal(light.gene_ids, full.gene_ids)
+    assert light.fingerprint == full.fingerprint == got.fingerprint
+
+
 def test_cli_medians(tmp_path, small_stores, capsys):
     from flow.cli import main
 

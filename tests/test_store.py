@@ -198,3 +198,34 @@ def test_flow_info(tmp_path, capsys):
     assert "500 x 80" in out
     assert "blocks: 3 of 200 cells" in out
     assert "detected genes per cell" in out
+
+
+def test_obs_columns_read_one_at_a_time_match_the_table(tmp_path):
+    """obs_column / iter_obs_column give the columns of the full obs table, slice by slice:
+    numbers keep their dtype, text and categories (missing ones too) come back as str."""
+    n = 10
+    obs = pd.DataFrame(
+        {
+            "label": pd.Categorical(["a", "b", None, "a", "c", "b", "a", None, "c", "a"]),
+            "donor": [f"d{i % 3}" for i in range(n)],
+            "score": np.linspace(0, 1, n),
+            "ok": np.arange(n) % 2 == 0,
+        }
+    )
+    m = sp.csr_matrix(np.arange(1, 6 * n + 1).reshape(n, 6) % 4)
+    store = write_counts([ArraySource(m, obs=obs)], tmp_path / "a.zarr", block_size=4)
+    table = store.obs
+    assert store.obs_columns == list(table.columns)
+    np.testing.assert_array_equal(store.obs_column("_index"), table.index.to_numpy(dtype=str))
+    for name in table.columns:
+        col = table[name]
+        expected = col.to_numpy() if col.dtype.kind in "biuf" else col.astype(str).to_numpy(str)
+        pieces = list(store.iter_obs_column(name, step=3))
+        assert [p.size for p in pieces] == [3, 3, 3, 1]
+        np.testing.assert_array_equal(np.concatenate(pieces), expected)
+        got = store.obs_column(name)
+        assert got.dtype == expected.dtype, name
+        np.testing.assert_array_equal(got, expected)
+    assert list(store.obs_column("label")[[2, 7]]) == ["nan", "nan"]
+    with pytest.raises(KeyError, match="no obs column 'nope'"):
+        store.obs_column("nope")

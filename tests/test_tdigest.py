@@ -569,17 +569,29 @@ def test_from_csr_ignores_explicit_zeros_and_sums_duplicates() -> None:
     assert block.data.tolist() == [3, 0, 5, 0, 2, 2]  # input untouched
 
 
-def test_from_csr_matches_from_values_on_random_blocks() -> None:
-    rng = np.random.default_rng(9)
-    dense = rng.poisson(0.3, (300, 120)) * rng.integers(1, 4, (300, 120))
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_cells=st.integers(1, 120),
+    n_genes=st.integers(1, 60),
+    build_items=st.sampled_from([1, 7, 100, 1 << 16]),
+)
+def test_from_csr_matches_from_values_on_random_blocks(
+    seed: int, n_cells: int, n_genes: int, build_items: int
+) -> None:
+    """The gene-range build of from_csr equals one sort of all (gene, value) pairs, whatever
+    the range size (ties from equal counts and totals included)."""
+    rng = np.random.default_rng(seed)
+    dense = rng.poisson(0.5, (n_cells, n_genes)) * rng.integers(1, 4, (n_cells, n_genes))
     dense[0] = 0  # an empty cell
     block = sp.csr_array(dense.astype(np.float32))
-    n_counts = dense.sum(axis=1) + 1.0
+    n_counts = dense.sum(axis=1) + rng.integers(1, 3, n_cells).astype(np.float64)
     rows, cols = np.nonzero(dense)
     values = (dense[rows, cols].astype(np.float64) / n_counts[rows]) * 10_000.0
-    assert state_bytes(td.from_csr(block, n_counts, 30)) == state_bytes(
-        td.from_values(cols, values, 120, 30)
-    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(td, "_BUILD_ITEMS", build_items)
+        got = td.from_csr(block, n_counts, 30)
+    assert state_bytes(got) == state_bytes(td.from_values(cols, values, n_genes, 30))
 
 
 def test_from_csr_errors() -> None:

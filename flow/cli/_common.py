@@ -54,7 +54,7 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def client_from_args(
-    args: argparse.Namespace, *, worker_environ: dict[str, Any] | None = None
+    args: argparse.Namespace, *, environ: dict[str, Any] | None = None
 ) -> Iterator[Client]:
     """The cluster the command's options ask for, for the duration of the command."""
     with flow_client(
@@ -63,7 +63,7 @@ def client_from_args(
         threads_per_worker=args.threads_per_worker,
         memory_limit=args.memory_limit,
         quiet=args.quiet,
-        worker_environ=worker_environ,
+        environ=environ,
     ) as client:
         yield client
 

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from .. import pipeline
+from ..cluster import MEDIANS_MMAP_THRESHOLD, worker_environ
 from ._common import client_from_args, storage_options
 
 
@@ -64,7 +65,7 @@ def _medians(args: argparse.Namespace) -> int:
     if not args.output and not args.export:
         print("flow medians: give -o MEDIANS.zarr and/or --export FILE")
         return 2
-    with client_from_args(args):
+    with client_from_args(args, environ=worker_environ(MEDIANS_MMAP_THRESHOLD)):
         result = pipeline.medians(
             args.stores,
             args.output,

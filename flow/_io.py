@@ -8,6 +8,8 @@ an interrupted store is never mistaken for a finished one.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import os
 from typing import TYPE_CHECKING, Any
@@ -190,3 +192,23 @@ def _fs_fingerprint(fs: Any, path: str) -> str:
     if size > 1 << 20:
         h.update(fs.cat_file(path, start=max(size - (1 << 20), 1 << 20), end=size))
     return h.hexdigest()
+
+
+@functools.cache
+def _libc_malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand memory that is free inside the process back to the system (glibc's malloc_trim).
+
+    The writer's compression threads each keep a malloc arena; without this, freed chunk
+    buffers stay in them and a long convert's RSS crept up with the cells (~0.4 KB per cell
+    measured). Cheap enough to call once per shard written. No-op without glibc.
+    """
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)

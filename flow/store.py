@@ -43,6 +43,7 @@ from ._io import (
     flow_attrs,
     mark_complete,
     open_flow_group,
+    release_free_memory,
     store_url,
 )
 from .errors import FlowWarning, InputError, SchemaError
@@ -520,6 +521,7 @@ class _Appender:
             self.array.resize((end,))
             self.array[self.written : end] = buf[:n_whole]
             self.written = end
+            release_free_memory()
         rest = buf[n_whole:]
         self.pending = [rest] if rest.size else []
         self.n_pending = rest.size
@@ -628,11 +630,18 @@ def _write_counts(
 
     obs = pd.DataFrame(
         {"n_counts": totals if dtype.kind == "f" else totals.astype(np.int64), "n_genes": detected},
-        index=pd.Index(barcodes.astype(str), name=None),
+        index=pd.Index(barcodes, dtype=object, name=None),  # str objects: no second copy
     )
-    obs["source"] = pd.Categorical(
-        np.repeat([s.info.path for s in sources], [s.info.n_cells for s in sources]),
-        categories=list(dict.fromkeys(s.info.path for s in sources)),
+    paths = list(dict.fromkeys(s.info.path for s in sources))
+    obs["source"] = pd.Categorical.from_codes(  # 1 byte per cell, not a path string per cell
+        np.repeat(
+            np.array(
+                [paths.index(s.info.path) for s in sources],
+                dtype=np.int8 if len(paths) < 128 else np.int32,
+            ),
+            [s.info.n_cells for s in sources],
+        ),
+        categories=paths,
     )
     for name in carried:
         obs[_obs_column_name(name)] = _carried_column(name, sources)

@@ -51,7 +51,7 @@ def worker_environ(mmap_threshold: int | None = None) -> dict[str, Any]:
     With no ``mmap_threshold`` this drops ``MALLOC_TRIM_THRESHOLD_`` (glibc's adaptive
     defaults: fastest, used for tokenize and export). Medians hold many digests of 10-60 MB
     until they are merged; served from the heap, those fragmented it (1M cells: worker peak
-    1.14 GB instead of 0.92 GB), so ``flow medians`` keeps distributed's trim threshold and
+    1,136 MiB instead of 922 MiB), so ``flow medians`` keeps distributed's trim threshold and
     sets ``MALLOC_MMAP_THRESHOLD_`` (:data:`MEDIANS_MMAP_THRESHOLD`): small temporaries come
     from the heap, digests and blocks from the system.
     """

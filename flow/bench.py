@@ -35,18 +35,18 @@ def _tree_rss(pid: int) -> tuple[int, int, int]:
     """RSS of a process tree: (all processes, the root alone, its largest descendant)."""
     import psutil
 
+    def rss(p: psutil.Process) -> int:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            return int(p.memory_info().rss)
+        return 0
+
     try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
+        root = psutil.Process(pid)
+        children = [rss(c) for c in root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return 0, 0, 0
-    rss = []
-    for p in procs:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            rss.append(p.memory_info().rss if p.pid != pid else -p.memory_info().rss)
-    root = -min((r for r in rss if r < 0), default=0)
-    others = [r for r in rss if r >= 0]
-    return root + sum(others), root, max(others, default=0)
+    own = rss(root)
+    return own + sum(children), own, max(children, default=0)
 
 
 def run_stage(argv: Sequence[str], *, env: dict[str, str] | None = None) -> dict[str, float]:

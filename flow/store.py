@@ -157,8 +157,9 @@ class CountStore:
         if kind == "categorical":
             categories = _as_str(np.asarray(ad.io.read_elem(elem["categories"])))
             values = np.append(categories, "nan")  # code -1: missing, shown as pandas does
+            codes = elem["codes"]
             for a in range(0, n, step):
-                yield values[np.asarray(elem["codes"][a : a + step])]
+                yield values[np.asarray(codes[a : a + step])]
         elif kind in ("array", "string-array") and isinstance(elem, zarr.Array):
             for a in range(0, n, step):
                 piece = np.asarray(elem[a : a + step])
@@ -633,14 +634,8 @@ def _write_counts(
         index=pd.Index(barcodes, dtype=object, name=None),  # str objects: no second copy
     )
     paths = list(dict.fromkeys(s.info.path for s in sources))
-    obs["source"] = pd.Categorical.from_codes(  # 1 byte per cell, not a path string per cell
-        np.repeat(
-            np.array(
-                [paths.index(s.info.path) for s in sources],
-                dtype=np.int8 if len(paths) < 128 else np.int32,
-            ),
-            [s.info.n_cells for s in sources],
-        ),
+    obs["source"] = pd.Categorical.from_codes(  # codes, not a path string per cell
+        np.repeat([paths.index(s.info.path) for s in sources], [s.info.n_cells for s in sources]),
         categories=paths,
     )
     for name in carried:

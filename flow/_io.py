@@ -12,6 +12,7 @@ import ctypes
 import functools
 import hashlib
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zarr
@@ -121,6 +122,21 @@ def open_flow_group(
         msg = f"The {kind} store {url!r} is unfinished (its writer was stopped): {finish_hint}."
         raise IncompleteStoreError(msg)
     return group
+
+
+def remove_partial_writes(url: str) -> int:
+    """Delete the temporary files of chunk writes that a killed process left in a local store.
+
+    zarr's local store writes each chunk to ``<chunk>.<uuid>.partial`` and renames it into
+    place; a write cut off by a kill leaves that file behind. Returns how many were removed.
+    """
+    if not _is_local(url):
+        return 0  # object stores write each object whole: nothing is left half-written
+    removed = 0
+    for leftover in Path(url.removeprefix("file://")).rglob("*.partial"):
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def flow_attrs(group: zarr.Group) -> dict[str, Any]:

@@ -124,6 +124,11 @@ def test_killed_tokenize_resumes_only_missing_blocks(data: dict[str, Path], tmp_
     with pytest.raises(IncompleteStoreError):
         pipeline.export(encoding, tmp_path / "dataset")
 
+    # a chunk write cut off by the kill leaves zarr's temporary file; make sure there is one
+    undone = int(np.flatnonzero(~done)[0])
+    (encoding / "tokens" / "c" / str(undone)).mkdir(parents=True, exist_ok=True)
+    (encoding / "tokens" / "c" / str(undone) / "0.0123456789abcdef.partial").write_bytes(b"cut")
+
     before = tokens_mtimes(encoding, np.flatnonzero(done))
     time.sleep(0.05)  # so that a rewrite would show in the modification times
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)

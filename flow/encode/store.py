@@ -43,7 +43,14 @@ from dask.delayed import Delayed, delayed
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from .. import __version__
-from .._io import create_flow_group, flow_attrs, mark_complete, open_flow_group, store_url
+from .._io import (
+    create_flow_group,
+    flow_attrs,
+    mark_complete,
+    open_flow_group,
+    remove_partial_writes,
+    store_url,
+)
 from ..errors import VocabularyError
 from .rank import rank_cells
 
@@ -192,6 +199,7 @@ def _open_or_create(
         )
         meta = flow_attrs(group)
         if meta.get("plan") == plan.fingerprint and not meta.get("complete"):
+            remove_partial_writes(store_url(url))
             return group
     except (FileNotFoundError, ValueError):
         pass

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 from dask import config as dask_config
 from dask.base import compute as dask_compute
-from distributed import Client, LocalCluster, get_client, progress
+from distributed import Client, LocalCluster, Queue, get_client, progress, wait
 
 from .errors import FlowError
 
@@ -24,6 +25,7 @@ __all__ = [
     "compute",
     "current_client",
     "flow_client",
+    "run_task",
     "worker_environ",
 ]
 
@@ -168,3 +170,39 @@ def compute(*collections: Any, quiet: bool = True, label: str = "") -> tuple[Any
             progress(futures, notebook=False)
         print(file=sys.stderr)
     return tuple(client.gather(futures))
+
+
+def run_task(
+    client: Client, label: str, func: Any, *args: Any, progress: Any = None, **kwargs: Any
+) -> Any:
+    """Run ``func(*args, progress=..., **kwargs)`` as one task named ``flow-<label>`` on a worker.
+
+    For work that is one sequential stream (reading an input file): it runs where the cluster's
+    workers are (next to the data, with their credentials) and the caller holds nothing. The
+    task's ``progress(done, total)`` calls reach ``progress`` here through a
+    :class:`distributed.Queue`. Its exception, if any, is raised here.
+    """
+    key = f"flow-{label}-{uuid.uuid4().hex}"
+    queue = Queue(f"{key}-progress", client=client) if progress is not None else None
+    future = client.submit(_relay_progress, func, queue, args, kwargs, key=key, pure=False)
+    try:
+        while True:
+            finished = future.done()
+            if queue is not None:
+                for done, total in queue.get(batch=True):
+                    progress(done, total)
+            if finished:
+                return future.result()
+            with contextlib.suppress(TimeoutError):
+                wait(future, timeout=0.2)
+    except BaseException:
+        future.cancel()
+        raise
+
+
+def _relay_progress(
+    func: Any, queue: Queue | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """The task of :func:`run_task`: call ``func``, putting its progress into ``queue``."""
+    report = None if queue is None else (lambda done, total: queue.put((done, total)))
+    return func(*args, progress=report, **kwargs)

@@ -31,24 +31,63 @@ def convert(
     allow_non_integer: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     progress: Any = None,
+    client: Any = None,
 ) -> CountStore:
-    """Convert input matrices into one count store (computes and writes; see :func:`write_counts`)."""
+    """Convert input matrices into one count store (computes and writes; see :func:`write_counts`).
+
+    The inputs are read as one stream: in this process, or, given a ``distributed.Client``,
+    in one task (``flow-convert``) on a worker of its cluster, which must see the inputs and
+    the output (shared file system or object store). ``progress(done, total)`` is called here
+    either way.
+    """
+    from ._io import store_url
+    from .store import open_counts
+
+    options: dict[str, Any] = {
+        "format": format,
+        "layer": layer,
+        "use_raw": use_raw,
+        "gene_id_column": gene_id_column,
+        "obs_columns": list(obs_columns) if obs_columns is not None else None,
+        "genome": genome,
+        "block_size": block_size,
+        "allow_non_integer": allow_non_integer,
+        "storage_options": storage_options,
+    }
+    if client is None:
+        url = _convert_to_url([os.fspath(p) for p in inputs], output, progress=progress, **options)
+    else:
+        from .cluster import run_task
+
+        # a worker's working directory is not this one: local paths go as absolute paths
+        paths = [store_url(p) for p in inputs]
+        url = run_task(
+            client,
+            "convert",
+            _convert_to_url,
+            paths,
+            store_url(output),
+            progress=progress,
+            **options,
+        )
+    return open_counts(url, storage_options=storage_options)
+
+
+def _convert_to_url(
+    inputs: Sequence[str],
+    output: str | os.PathLike[str],
+    *,
+    block_size: int,
+    allow_non_integer: bool,
+    storage_options: Mapping[str, Any] | None,
+    progress: Any,
+    **reader_options: Any,
+) -> str:
+    """Open the inputs and write the count store; its URL."""
     from .ingest import open_source
 
-    sources = [
-        open_source(
-            p,
-            format=format,
-            layer=layer,
-            use_raw=use_raw,
-            gene_id_column=gene_id_column,
-            obs_columns=list(obs_columns) if obs_columns is not None else None,
-            genome=genome,
-            storage_options=storage_options,
-        )
-        for p in inputs
-    ]
-    return write_counts(
+    sources = [open_source(p, storage_options=storage_options, **reader_options) for p in inputs]
+    store = write_counts(
         sources,
         output,
         block_size=block_size,
@@ -56,6 +95,7 @@ def convert(
         storage_options=storage_options,
         progress=progress,
     )
+    return store.url
 
 
 def describe_counts(store: CountStore) -> str:

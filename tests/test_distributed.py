@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import zarr
+from distributed import Client
 
 from flow import pipeline
 from flow.datasets import write_synthetic
@@ -263,15 +264,18 @@ def test_cluster_run_is_byte_identical_to_local_run(
     counts, medians, encoding, dataset = (
         tmp_path / n for n in ("counts.zarr", "medians.zarr", "encoding.zarr", "dataset")
     )
-    quiet = [
-        run_flow("convert", small_input, "-o", counts, "--block-size", 500, *sched, "-q"),
-        run_flow("medians", counts, "-o", medians, *sched, "-q"),
-    ]
+    before = convert_tasks(cluster.address)
+    converted = run_flow("convert", small_input, "-o", counts, "--block-size", 500, *sched)
+    quiet = [run_flow("medians", counts, "-o", medians, *sched, "-q")]
     loud = run_flow("tokenize", counts, "-o", encoding, "--medians", medians, *sched)
     quiet.append(run_flow("export", encoding, "-o", dataset, *sched, "-q"))
     for proc in quiet:  # -q: the result line(s) only, nothing on standard error
         assert proc.stderr == ""
         assert proc.stdout.strip()
+    # convert ran as one task on a worker; its progress reached the command
+    assert convert_tasks(cluster.address) == before + 1
+    assert "convert: 3,000/3,000 cells (100%)" in converted.stderr
+    assert converted.stdout.startswith("count store ")
     assert f"Connected to scheduler {cluster.address}; dashboard: http://" in loud.stderr
     assert "% Completed" in loud.stderr  # the progress bar
     assert loud.stdout.startswith("encoding store ")
@@ -379,3 +383,87 @@ def test_unreachable_scheduler_is_a_clear_error(tmp_path: Path) -> None:
     assert f"Cannot reach the Dask scheduler at '{address}'" in proc.stderr
     assert "dask scheduler" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_convert_on_a_client_is_one_task_with_progress_and_errors(
+    small_input: Path, local_run: dict[str, str], tmp_path: Path
+) -> None:
+    """``pipeline.convert(client=...)`` reads on a worker process: the same store as in
+    process, every progress call relayed, and a bad input raised here as flow's error."""
+    from flow.cluster import flow_client
+    from flow.errors import InputError
+
+    calls: list[tuple[int, int]] = []
+    out = tmp_path / "counts.zarr"
+    with flow_client(n_workers=1, threads_per_worker=1, memory_limit="1GiB", quiet=True) as client:
+        store = pipeline.convert(
+            [small_input], out, block_size=500, client=client, progress=lambda *a: calls.append(a)
+        )
+        with pytest.raises(InputError, match="no such file or directory"):
+            pipeline.convert([tmp_path / "missing.h5ad"], tmp_path / "x.zarr", client=client)
+        n_tasks = convert_tasks(client.scheduler.address)
+    assert n_tasks == 2  # the second one failed on the worker
+    assert store.url == os.fspath(out)
+    assert_same_store(os.fspath(out), local_run["counts.zarr"])
+    # one call per block of 500 cells, in order, ending at all cells
+    assert calls == [(min(n, 3_000), 3_000) for n in range(500, 3_001, 500)]
+
+
+def test_readme_slurm_snippet_runs_with_a_local_cluster(small_input: Path, tmp_path: Path) -> None:
+    """The README's dask-jobqueue snippet, with ``LocalCluster`` in place of ``SLURMCluster``
+    and a temporary directory for ``/shared``: every call runs, and its count store is the
+    one an in-process convert writes."""
+    import re
+
+    from datasets import load_from_disk
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("### SLURM with dask-jobqueue", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    snippet = snippet.replace(
+        "from dask_jobqueue import SLURMCluster", "from distributed import LocalCluster"
+    )
+    snippet, n = re.subn(
+        r"cluster = SLURMCluster\(.*?\)\n(?=\S)",
+        'cluster = LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="1GiB")\n',
+        snippet,
+        flags=re.DOTALL,
+    )
+    assert n == 1, snippet
+    snippet = re.sub(r"cluster\.scale\(.*?\)", "", snippet)
+    snippet = snippet.replace("/shared/cells.h5ad", os.fspath(small_input))
+    snippet = snippet.replace("/shared/", f"{tmp_path}/")
+    exec(compile(snippet + "\ncluster.close()\n", "README.md (SLURM)", "exec"), {})
+
+    pipeline.convert([small_input], tmp_path / "in_process.zarr")
+    assert_same_store(os.fspath(tmp_path / "corpus.zarr"), os.fspath(tmp_path / "in_process.zarr"))
+    dataset = load_from_disk(os.fspath(tmp_path / "dataset"))
+    assert dataset.num_rows == 2_700  # filter_pass drops every tenth cell
+    assert max(dataset["length"]) <= 4_096  # V2's input size
+
+
+def convert_tasks(address: str) -> int:
+    """How many distinct ``flow-convert`` tasks the scheduler at ``address`` has run."""
+
+    def count(dask_scheduler: Any) -> int:
+        keys = {entry[0] for entry in dask_scheduler.transition_log}
+        return sum(str(key).startswith("flow-convert-") for key in keys)
+
+    with Client(address) as client:
+        return int(client.run_on_scheduler(count))
+
+
+@pytest.mark.slow
+def test_flow_run_with_scheduler_converts_on_the_cluster(
+    cluster: Cluster, small_input: Path, tmp_path: Path
+) -> None:
+    """``flow run INPUT --scheduler``: every stage, convert included, runs on the cluster."""
+    from datasets import load_from_disk
+
+    before = convert_tasks(cluster.address)
+    proc = run_flow("run", small_input, "-o", tmp_path, "--scheduler", cluster.address, "-q")
+    assert "convert 1 input(s)" in proc.stderr  # what it does; -q drops only progress bars
+    assert "% Completed" not in proc.stderr
+    assert "convert: " not in proc.stderr
+    assert convert_tasks(cluster.address) == before + 1
+    assert load_from_disk(os.fspath(tmp_path / "dataset")).num_rows == 2_700

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from .. import pipeline
-from ._common import TextProgress, storage_options
+from ._common import TextProgress, client_from_args, storage_options
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -15,7 +15,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "convert",
         parents=[common],
         help="convert count matrices (h5ad, 10x h5/MTX, loom, AnnData zarr) into a count store",
-        description="Convert one or more count matrices into one AnnData-compatible Zarr count store.",
+        description=(
+            "Convert one or more count matrices into one AnnData-compatible Zarr count store. "
+            "The inputs are read as one stream, in this process; with --scheduler, in one task "
+            "on a worker of that cluster (which must see the inputs and the output)."
+        ),
     )
     p.add_argument(
         "inputs",
@@ -56,6 +60,13 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.scheduler is None:  # one stream of reads: no local cluster to start
+        return _convert_with(args, None)
+    with client_from_args(args) as client:
+        return _convert_with(args, client)
+
+
+def _convert_with(args: argparse.Namespace, client: Any) -> int:
     store = pipeline.convert(
         args.inputs,
         args.output,
@@ -69,6 +80,7 @@ def _convert(args: argparse.Namespace) -> int:
         allow_non_integer=args.allow_non_integer,
         storage_options=storage_options(args),
         progress=TextProgress("convert", quiet=args.quiet),
+        client=client,
     )
     print(pipeline.describe_counts(store))
     return 0

@@ -124,7 +124,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    with client_from_args(args):
+    with client_from_args(args) as client:
+        # with --scheduler the input is read on the cluster too (see `flow convert`)
+        on_cluster = {"client": client} if args.scheduler else {}
         paths = pipeline.run(
             args.inputs,
             args.output,
@@ -134,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
             input_size=args.input_size,
             gene_mapping=args.gene_mapping,
             format=args.format,
-            convert_options={"block_size": args.block_size},
+            convert_options={"block_size": args.block_size, **on_cluster},
             storage_options=storage_options(args),
             quiet=args.quiet,
             say=lambda text: print(text, file=sys.stderr),

@@ -668,27 +668,45 @@ def _write_counts(
     return open_counts(url, storage_options=storage_options)
 
 
-def _carried_column(name: str, sources: Sequence[Source]) -> np.ndarray:
+def _carried_column(name: str, sources: Sequence[Source]) -> np.ndarray | pd.Categorical:
     """One obs column over all sources; a source without it fills it in.
 
     The fill is 1 for ``filter_pass`` (no column means every cell passes, as in Geneformer),
     NaN for numbers and "" for text; booleans and numbers stay numbers when no fill is needed.
+    When every source holds the column as a categorical (readers hold repetitive text so) it
+    stays one, with the union of the categories; other text becomes ``str``.
     """
-    present = [
-        np.asarray(s.info.obs[name].to_numpy()) for s in sources if name in s.info.obs.columns
-    ]
-    numeric = all(p.dtype.kind in "biuf" for p in present)
-    fill: Any = 1 if name == "filter_pass" else (np.nan if numeric else "")
-    parts = [
-        np.asarray(s.info.obs[name].to_numpy())
-        if name in s.info.obs.columns
-        else np.full(s.info.n_cells, fill, dtype=object if not numeric else None)
-        for s in sources
-    ]
-    values = np.concatenate(parts)
+    from pandas.api.types import union_categoricals
+
+    columns = [s.info.obs[name] if name in s.info.obs.columns else None for s in sources]
+    present = [c for c in columns if c is not None]
+    if all(isinstance(c.dtype, pd.CategoricalDtype) for c in present):
+        fill = "1" if name == "filter_pass" else ""
+        parts = [
+            c.array
+            if c is not None
+            else pd.Categorical.from_codes(np.zeros(s.info.n_cells, np.int8), categories=[fill])
+            for c, s in zip(columns, sources, strict=True)
+        ]
+        return union_categoricals(parts) if len(parts) > 1 else parts[0]
+    numeric = all(c.dtype.kind in "biuf" for c in present)
+    fill_value: Any = 1 if name == "filter_pass" else (np.nan if numeric else "")
+    values = np.concatenate(
+        [
+            np.asarray(c.to_numpy())
+            if c is not None
+            else np.full(s.info.n_cells, fill_value, dtype=None if numeric else object)
+            for c, s in zip(columns, sources, strict=True)
+        ]
+    )
     if numeric:
         return values
-    return np.asarray(["" if v is None else str(v) for v in values], dtype=object)
+    return np.asarray([_text(v) for v in values], dtype=object)
+
+
+def _text(value: Any) -> str:
+    """A cell's text value: missing ones (None, NaN) as ""."""
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
 def _write_frames(root: zarr.Group, obs: pd.DataFrame, var: pd.DataFrame) -> None:

@@ -513,6 +513,48 @@ def test_duplicate_barcodes_made_unique(pbmc, derived, tmp_path):
     assert_same_csr(got.X, sp.vstack([pbmc["x"], pbmc["x"]]))
 
 
+def test_labels_stay_categorical_across_inputs(tmp_path):
+    """Categorical cell labels are carried as categoricals (one byte per cell while
+    converting, categorical again for AnnData), united over the inputs; an input without the
+    column fills in ""; a missing label stays missing; distinct IDs stay plain text."""
+    x = sp.csr_matrix(np.arange(1, 9).reshape(4, 2))
+    paths = [
+        write_csr_h5ad(
+            tmp_path / "a.h5ad",
+            x,
+            ["G1", "G2"],
+            ["a1", "a2", "a3", "a4"],
+            cell_type=pd.Categorical(["T", "B", None, "T"]),
+            cell_id=["id1", "id2", "id3", "id4"],
+        ),
+        write_csr_h5ad(
+            tmp_path / "b.h5ad",
+            x,
+            ["G1", "G2"],
+            ["b1", "b2", "b3", "b4"],
+            cell_type=pd.Categorical(["NK", "B", "B", "NK"]),
+            cell_id=["id5", "id6", "id7", "id8"],
+        ),
+        write_csr_h5ad(tmp_path / "c.h5ad", x, ["G1", "G2"], ["c1", "c2", "c3", "c4"]),
+    ]
+    sources = [open_source(p) for p in paths]
+    assert isinstance(sources[0].info.obs["cell_type"].dtype, pd.CategoricalDtype)
+    assert sources[0].info.obs["cell_id"].dtype == object  # distinct values: not a category
+    store = write_counts(sources, tmp_path / "x.zarr", block_size=3)
+
+    obs = read_store(tmp_path / "x.zarr").obs
+    assert obs["cell_type"].cat.categories.tolist() == ["B", "T", "NK", ""]
+    expected = ["T", "B", None, "T", "NK", "B", "B", "NK", "", "", "", ""]
+    assert obs["cell_type"].isna().tolist() == [v is None for v in expected]
+    assert (
+        obs["cell_type"].astype(object).where(obs["cell_type"].notna(), None).tolist() == expected
+    )
+    assert obs["cell_id"].tolist() == [f"id{i}" for i in range(1, 9)] + [""] * 4
+    # flow's own column reader gives text, missing as pandas prints it
+    got = store.obs_column("cell_type").tolist()
+    assert got == ["nan" if v is None else v for v in expected]
+
+
 # --------------------------------------------------------------------------- property tests
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "AnnDataSource",
     "as_str_array",
     "carried_column",
+    "text_column",
     "check_ids",
     "guard_reads",
     "input_errors",
@@ -173,14 +174,30 @@ def as_str_array(values: Any, *, missing: str | None = "") -> np.ndarray:
     return out
 
 
-def carried_column(values: Any) -> np.ndarray | None:
-    """A cell column in a form the count store can carry, or None if it is not 1-D and simple.
+def text_column(values: Any) -> np.ndarray | pd.Categorical:
+    """Text cell values, held compactly: a categorical with ``str`` categories (missing values
+    missing), or ``str`` objects (missing ``None``) when most values are distinct (IDs).
 
-    Numbers and booleans stay numeric; strings and categoricals become ``str`` objects (missing
-    values ``None``); nullable integers with missing values become float with NaN.
+    A column of a million cells holding a few labels costs a byte per cell, not a string each.
     """
     if isinstance(values, pd.Categorical):
-        return as_str_array(values, missing=None)
+        categories = as_str_array(values.categories)
+        if pd.Index(categories).is_unique:
+            return pd.Categorical.from_codes(values.codes, categories=categories)
+        values = values.astype(object)  # categories equal as text (1 and "1"): regroup them
+    strings = as_str_array(values, missing=None)
+    labels = pd.Categorical(strings)
+    return strings if 2 * len(labels.categories) > len(strings) else labels
+
+
+def carried_column(values: Any) -> np.ndarray | pd.Categorical | None:
+    """A cell column in a form the count store can carry, or None if it is not 1-D and simple.
+
+    Numbers and booleans stay numeric; text and categoricals go through :func:`text_column`;
+    nullable integers with missing values become float with NaN.
+    """
+    if isinstance(values, pd.Categorical):
+        return text_column(values)
     if isinstance(values, pd.api.extensions.ExtensionArray):
         kind = getattr(values.dtype, "kind", "O")
         has_na = bool(np.asarray(values.isna()).any())
@@ -188,14 +205,14 @@ def carried_column(values: Any) -> np.ndarray | None:
             return np.asarray(values.to_numpy(dtype=np.float64, na_value=np.nan))
         if kind in "biuf" and not has_na:
             return np.asarray(values.to_numpy(dtype=values.dtype.numpy_dtype))
-        return as_str_array(values, missing=None)
+        return text_column(values)
     arr = np.asarray(values)
     if arr.ndim != 1:
         return None
     if arr.dtype.kind in "biuf":
         return arr
     if arr.dtype.kind in "OSU":
-        return as_str_array(arr, missing=None)
+        return text_column(arr)
     return None
 
 
@@ -524,7 +541,7 @@ def _read_obs(
         what=f"cell barcodes in obs[{index_key!r}]",
         fix="Fix obs_names so that every cell has one.",
     )
-    data: dict[str, np.ndarray] = {}
+    data: dict[str, Any] = {}
     skipped = []
     for name in select_columns(columns, obs_columns, path=path, where="obs"):
         values = carried_column(_read_elem(obs[name]))

@@ -29,6 +29,7 @@ from .h5ad import (
     input_errors,
     open_h5,
     select_columns,
+    text_column,
 )
 
 if TYPE_CHECKING:
@@ -52,13 +53,13 @@ def _loom_strings(values: np.ndarray, *, missing: str | None = "") -> np.ndarray
     return out
 
 
-def _carried(values: np.ndarray) -> np.ndarray | None:
+def _carried(values: np.ndarray) -> np.ndarray | pd.Categorical | None:
     if values.ndim != 1:
         return None
     if values.dtype.kind in "biuf":
         return values
     if values.dtype.kind in "OSU":
-        return _loom_strings(values, missing=None)
+        return text_column(_loom_strings(values, missing=None))
     return None
 
 
@@ -148,7 +149,7 @@ class LoomSource:
                     fix="Fix the column attribute so that every cell has a name.",
                 )
             available = [a for a in col_names if a != bc_key]
-            data: dict[str, np.ndarray] = {}
+            data: dict[str, Any] = {}
             skipped = []
             for name in select_columns(available, obs_columns, path=path, where="col_attrs"):
                 values = _carried(cols[name][:])

@@ -15,7 +15,7 @@ from typing import Any
 
 from dask import config as dask_config
 from dask.base import compute as dask_compute
-from distributed import Client, LocalCluster, Queue, get_client, progress, wait
+from distributed import Client, LocalCluster, Variable, get_client, progress, wait
 
 from .errors import FlowError
 
@@ -179,18 +179,23 @@ def run_task(
 
     For work that is one sequential stream (reading an input file): it runs where the cluster's
     workers are (next to the data, with their credentials) and the caller holds nothing. The
-    task's ``progress(done, total)`` calls reach ``progress`` here through a
-    :class:`distributed.Queue`. Its exception, if any, is raised here.
+    task's latest ``progress(done, total)`` reaches ``progress`` here (polled from a
+    :class:`distributed.Variable`, deleted at the end; intermediate values may be skipped). Its exception, if any, is raised here.
     """
     key = f"flow-{label}-{uuid.uuid4().hex}"
-    queue = Queue(f"{key}-progress", client=client) if progress is not None else None
-    future = client.submit(_relay_progress, func, queue, args, kwargs, key=key, pure=False)
+    latest = Variable(f"{key}-progress", client=client) if progress is not None else None
+    if latest is not None:
+        latest.set(None)  # so that reading it never waits
+    future = client.submit(_report_progress, func, latest, args, kwargs, key=key, pure=False)
+    shown: tuple[int, ...] | None = None
     try:
         while True:
             finished = future.done()
-            if queue is not None:
-                for done, total in queue.get(batch=True):
-                    progress(done, total)
+            if latest is not None:
+                now = latest.get()
+                if now is not None and tuple(now) != shown:
+                    shown = tuple(now)
+                    progress(*shown)
             if finished:
                 return future.result()
             with contextlib.suppress(TimeoutError):
@@ -198,11 +203,14 @@ def run_task(
     except BaseException:
         future.cancel()
         raise
+    finally:
+        if latest is not None:
+            latest.delete()
 
 
-def _relay_progress(
-    func: Any, queue: Queue | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+def _report_progress(
+    func: Any, latest: Variable | None, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
-    """The task of :func:`run_task`: call ``func``, putting its progress into ``queue``."""
-    report = None if queue is None else (lambda done, total: queue.put((done, total)))
+    """The task of :func:`run_task`: call ``func``, keeping its latest progress in ``latest``."""
+    report = None if latest is None else (lambda done, total: latest.set((done, total)))
     return func(*args, progress=report, **kwargs)

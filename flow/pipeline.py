@@ -41,6 +41,7 @@ def convert(
     either way.
     """
     from ._io import store_url
+    from .errors import InputError
     from .store import open_counts
 
     options: dict[str, Any] = {
@@ -61,15 +62,20 @@ def convert(
 
         # a worker's working directory is not this one: local paths go as absolute paths
         paths = [store_url(p) for p in inputs]
-        url = run_task(
-            client,
-            "convert",
-            _convert_to_url,
-            paths,
-            store_url(output),
-            progress=progress,
-            **options,
-        )
+        try:
+            url = run_task(
+                client,
+                "convert",
+                _convert_to_url,
+                paths,
+                store_url(output),
+                progress=progress,
+                **options,
+            )
+        except InputError as err:  # a path seen here may not be seen by the workers
+            where = client.scheduler.address
+            msg = f"{err} (read on a worker of the cluster at {where}: inputs must be reachable from the workers)"
+            raise InputError(msg) from err
     return open_counts(url, storage_options=storage_options)
 
 

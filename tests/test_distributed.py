@@ -399,7 +399,7 @@ def test_convert_on_a_client_is_one_task_with_progress_and_errors(
         store = pipeline.convert(
             [small_input], out, block_size=500, client=client, progress=lambda *a: calls.append(a)
         )
-        with pytest.raises(InputError, match="no such file or directory"):
+        with pytest.raises(InputError, match=r"no such file or directory.*read on a worker"):
             pipeline.convert([tmp_path / "missing.h5ad"], tmp_path / "x.zarr", client=client)
         n_tasks = convert_tasks(client.scheduler.address)
         variables = client.run_on_scheduler(

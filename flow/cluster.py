@@ -179,23 +179,22 @@ def run_task(
 
     For work that is one sequential stream (reading an input file): it runs where the cluster's
     workers are (next to the data, with their credentials) and the caller holds nothing. The
-    task's latest ``progress(done, total)`` reaches ``progress`` here (polled from a
-    :class:`distributed.Variable`, deleted at the end; intermediate values may be skipped). Its exception, if any, is raised here.
+    task's latest ``progress(done, total)`` reaches ``progress`` here, polled from a
+    :class:`distributed.Variable` deleted at the end (intermediate values may be skipped).
+    Its exception, if any, is raised here.
     """
     key = f"flow-{label}-{uuid.uuid4().hex}"
-    latest = Variable(f"{key}-progress", client=client) if progress is not None else None
-    if latest is not None:
-        latest.set(None)  # so that reading it never waits
+    latest = Variable(f"{key}-progress", client=client)
+    latest.set(None)  # so that reading it never waits
     future = client.submit(_report_progress, func, latest, args, kwargs, key=key, pure=False)
-    shown: tuple[int, ...] | None = None
+    shown = None
     try:
         while True:
             finished = future.done()
-            if latest is not None:
-                now = latest.get()
-                if now is not None and tuple(now) != shown:
-                    shown = tuple(now)
-                    progress(*shown)
+            now = latest.get()
+            if now is not None and progress is not None and tuple(now) != shown:
+                shown = tuple(now)
+                progress(*shown)
             if finished:
                 return future.result()
             with contextlib.suppress(TimeoutError):
@@ -204,13 +203,11 @@ def run_task(
         future.cancel()
         raise
     finally:
-        if latest is not None:
-            latest.delete()
+        latest.delete()
 
 
 def _report_progress(
-    func: Any, latest: Variable | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    func: Any, latest: Variable, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """The task of :func:`run_task`: call ``func``, keeping its latest progress in ``latest``."""
-    report = None if latest is None else (lambda done, total: latest.set((done, total)))
-    return func(*args, progress=report, **kwargs)
+    return func(*args, progress=lambda done, total: latest.set((done, total)), **kwargs)

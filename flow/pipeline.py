@@ -56,30 +56,34 @@ def convert(
         "storage_options": storage_options,
     }
     if client is None:
-        url = _convert_to_url([os.fspath(p) for p in inputs], output, progress=progress, **options)
-    else:
-        from .cluster import run_task
+        return _convert_here([os.fspath(p) for p in inputs], output, progress=progress, **options)
+    from .cluster import run_task
 
-        # a worker's working directory is not this one: local paths go as absolute paths
-        paths = [store_url(p) for p in inputs]
-        try:
-            url = run_task(
-                client,
-                "convert",
-                _convert_to_url,
-                paths,
-                store_url(output),
-                progress=progress,
-                **options,
-            )
-        except InputError as err:  # a path seen here may not be seen by the workers
-            where = client.scheduler.address
-            msg = f"{err} (read on a worker of the cluster at {where}: inputs must be reachable from the workers)"
-            raise InputError(msg) from err
+    # a worker's working directory is not this one: local paths go as absolute paths
+    paths = [store_url(p) for p in inputs]
+    try:
+        url = run_task(
+            client,
+            "convert",
+            _convert_to_url,
+            paths,
+            store_url(output),
+            progress=progress,
+            **options,
+        )
+    except InputError as err:  # a path seen here may not be seen by the workers
+        where = client.scheduler.address
+        msg = f"{err} (read on a worker of the cluster at {where}: inputs must be reachable from the workers)"
+        raise InputError(msg) from err
     return open_counts(url, storage_options=storage_options)
 
 
-def _convert_to_url(
+def _convert_to_url(*args: Any, **kwargs: Any) -> str:
+    """:func:`_convert_here`, returning the store's URL (what a task sends back)."""
+    return _convert_here(*args, **kwargs).url
+
+
+def _convert_here(
     inputs: Sequence[str],
     output: str | os.PathLike[str],
     *,
@@ -88,12 +92,12 @@ def _convert_to_url(
     storage_options: Mapping[str, Any] | None,
     progress: Any,
     **reader_options: Any,
-) -> str:
-    """Open the inputs and write the count store; its URL."""
+) -> CountStore:
+    """Open the inputs and write the count store, in this process."""
     from .ingest import open_source
 
     sources = [open_source(p, storage_options=storage_options, **reader_options) for p in inputs]
-    store = write_counts(
+    return write_counts(
         sources,
         output,
         block_size=block_size,
@@ -101,7 +105,6 @@ def _convert_to_url(
         storage_options=storage_options,
         progress=progress,
     )
-    return store.url
 
 
 def describe_counts(store: CountStore) -> str:

@@ -199,7 +199,7 @@ def _open_or_create(
         )
         meta = flow_attrs(group)
         if meta.get("plan") == plan.fingerprint and not meta.get("complete"):
-            remove_partial_writes(store_url(url))
+            remove_partial_writes(url)
             return group
     except (FileNotFoundError, ValueError):
         pass

@@ -124,16 +124,20 @@ def open_flow_group(
     return group
 
 
-def remove_partial_writes(url: str) -> int:
-    """Delete the temporary files of chunk writes that a killed process left in a local store.
+def remove_partial_writes(group: zarr.Group) -> int:
+    """Delete the temporary files of chunk writes cut off by a killed process (local stores).
 
     zarr's local store writes each chunk to ``<chunk>.<uuid>.partial`` and renames it into
-    place; a write cut off by a kill leaves that file behind. Returns how many were removed.
+    place; a process or worker killed mid-write leaves that file behind, even when the chunk is
+    written again afterwards. Object stores write each object whole: nothing to remove there.
+    Returns how many files were removed.
     """
-    if not _is_local(url):
-        return 0  # object stores write each object whole: nothing is left half-written
+    from zarr.storage import LocalStore
+
+    if not isinstance(group.store, LocalStore):
+        return 0
     removed = 0
-    for leftover in Path(url.removeprefix("file://")).rglob("*.partial"):
+    for leftover in (Path(group.store.root) / group.path).rglob("*.partial"):
         leftover.unlink(missing_ok=True)
         removed += 1
     return removed
@@ -145,7 +149,12 @@ def flow_attrs(group: zarr.Group) -> dict[str, Any]:
 
 
 def mark_complete(group: zarr.Group, **updates: Any) -> None:
-    """Record ``updates`` in ``attrs["flow"]`` and mark the store complete (the last write)."""
+    """Record ``updates`` in ``attrs["flow"]`` and mark the store complete (the last write).
+
+    Every task has finished by then, so temporary files of writes cut off by a killed worker
+    are removed first: a finished store holds exactly its chunks.
+    """
+    remove_partial_writes(group)
     meta = flow_attrs(group)
     meta.update(updates)
     meta["complete"] = True

@@ -1,12 +1,18 @@
-"""Test helpers: refuse computes while building graphs."""
+"""Test helpers: refuse computes while building graphs; compare stores; watch a run."""
 
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import time
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import dask
+import numpy as np
+import pytest
+import zarr
 
 
 class CountingScheduler:
@@ -124,3 +130,36 @@ def flow_meta(
     if "stores" in meta:  # a median set: the count stores it covers
         meta["stores"] = [{k: v for k, v in s.items() if k != "url"} for s in meta["stores"]]
     return meta
+
+
+def block_done(encoding: Path) -> np.ndarray | None:
+    """The ``block_done`` flags of an encoding store being written (None if not there yet)."""
+    try:
+        return np.asarray(zarr.open_array(encoding / "block_done", mode="r")[:], dtype=bool)
+    except Exception:  # not created yet, or being created right now
+        return None
+
+
+def wait_for_blocks(encoding: Path, proc: subprocess.Popen[Any], *, timeout: float = 120) -> int:
+    """Wait until some but not all blocks of ``encoding`` are done; return how many are."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = block_done(encoding)
+        if done is not None and 0 < done.sum() < done.size:
+            return int(done.sum())
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.02)
+    pytest.fail(f"no block of {encoding} was written within {timeout} s")
+
+
+def plant_cut_write(encoding: Path) -> Path:
+    """Leave what a chunk write cut off by a kill leaves in a local store: zarr's temporary
+    ``<chunk>.<uuid>.partial`` file, here in the first block not done yet."""
+    done = block_done(encoding)
+    assert done is not None
+    assert not done.all()
+    folder = encoding / "tokens" / "c" / str(int(np.flatnonzero(~done)[0]))
+    folder.mkdir(parents=True, exist_ok=True)
+    leftover = folder / "0.0123456789abcdef.partial"
+    leftover.write_bytes(b"cut")
+    return leftover

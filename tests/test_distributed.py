@@ -21,15 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-import zarr
 from distributed import Client
 
 from flow import pipeline
 from flow.datasets import write_synthetic
 
-from helpers import array_bytes, stored_files, write_synthetic_h5ad
+from helpers import (
+    array_bytes,
+    plant_cut_write,
+    stored_files,
+    wait_for_blocks,
+    write_synthetic_h5ad,
+)
 from helpers import flow_meta as _flow_meta
 
 pytestmark = pytest.mark.distributed
@@ -89,26 +93,6 @@ def assert_same_dataset(
 def write_h5ad(path: Path, n_cells: int, n_genes: int, *, seed: int) -> Path:
     """A synthetic h5ad input (raw counts, a cell type and a filter_pass column)."""
     return write_synthetic_h5ad(path, n_cells, n_genes, seed=seed, mean_genes=150, fail_every=10)
-
-
-def block_done(encoding: Path) -> np.ndarray | None:
-    """The ``block_done`` flags of an encoding store being written (None if not there yet)."""
-    try:
-        return np.asarray(zarr.open_array(encoding / "block_done", mode="r")[:], dtype=bool)
-    except Exception:  # not created yet, or being created right now
-        return None
-
-
-def wait_for_blocks(encoding: Path, proc: subprocess.Popen[Any], *, timeout: float = 120) -> int:
-    """Wait until some but not all blocks of ``encoding`` are done; return how many are."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = block_done(encoding)
-        if done is not None and 0 < done.sum() < done.size:
-            return int(done.sum())
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        time.sleep(0.02)
-    pytest.fail(f"no block of {encoding} was written within {timeout} s")
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -299,6 +283,7 @@ def test_killed_worker_is_rescheduled_with_identical_output(
     )
     try:
         n_done = wait_for_blocks(encoding, proc)
+        leftover = plant_cut_write(encoding)  # what a kill mid-write leaves, every time
         victims = worker_processes(cluster)
         assert len(victims) == 2
         os.kill(victims[0], signal.SIGKILL)
@@ -310,6 +295,7 @@ def test_killed_worker_is_rescheduled_with_identical_output(
             proc.communicate()
     assert proc.returncode == 0, err
     assert out.startswith("encoding store ")
+    assert not leftover.exists()
     assert_same_store(os.fspath(encoding), os.fspath(big.encoding))
     # the worker died mid-run, its work was redone elsewhere, and its nanny restarted it
     assert not psutil.pid_exists(victims[0]) or psutil.Process(victims[0]).status() == "zombie"

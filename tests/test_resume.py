@@ -23,6 +23,8 @@ from flow.datasets import write_synthetic
 from flow.encode.store import open_encoding
 from flow.errors import IncompleteStoreError
 
+from helpers import block_done, plant_cut_write, wait_for_blocks
+
 pytestmark = pytest.mark.distributed
 
 FLOW = os.fspath(Path(sys.executable).parent / "flow")
@@ -44,14 +46,6 @@ def flow_meta(root: Path) -> dict[str, Any]:
     for key in ("counts_url", "blocks_written_last_run"):
         meta.pop(key)
     return meta
-
-
-def block_done(encoding: Path) -> np.ndarray | None:
-    """The ``block_done`` flags of an encoding store being written (None if not there yet)."""
-    try:
-        return np.asarray(zarr.open_array(encoding / "block_done", mode="r")[:], dtype=bool)
-    except Exception:  # not created yet, or being created right now
-        return None
 
 
 def tokens_mtimes(encoding: Path, blocks: np.ndarray) -> dict[str, int]:
@@ -92,15 +86,7 @@ def test_killed_tokenize_resumes_only_missing_blocks(data: dict[str, Path], tmp_
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            done = block_done(encoding)
-            if done is not None and 0 < done.sum() < done.size:
-                break
-            assert proc.poll() is None, "tokenize ended before it could be killed"
-            time.sleep(0.02)
-        else:
-            pytest.fail("tokenize wrote no block within 120 s")
+        wait_for_blocks(encoding, proc)
         os.killpg(proc.pid, signal.SIGKILL)  # the command, its local cluster and its workers
         proc.wait(timeout=30)
     finally:
@@ -124,10 +110,7 @@ def test_killed_tokenize_resumes_only_missing_blocks(data: dict[str, Path], tmp_
     with pytest.raises(IncompleteStoreError):
         pipeline.export(encoding, tmp_path / "dataset")
 
-    # a chunk write cut off by the kill leaves zarr's temporary file; make sure there is one
-    undone = int(np.flatnonzero(~done)[0])
-    (encoding / "tokens" / "c" / str(undone)).mkdir(parents=True, exist_ok=True)
-    (encoding / "tokens" / "c" / str(undone) / "0.0123456789abcdef.partial").write_bytes(b"cut")
+    leftover = plant_cut_write(encoding)  # what a kill mid-write leaves, every time
 
     before = tokens_mtimes(encoding, np.flatnonzero(done))
     time.sleep(0.05)  # so that a rewrite would show in the modification times
@@ -135,6 +118,7 @@ def test_killed_tokenize_resumes_only_missing_blocks(data: dict[str, Path], tmp_
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stderr == ""
     assert rerun.stdout.startswith("encoding store ")
+    assert not leftover.exists()
 
     enc = open_encoding(encoding)
     assert enc.attrs["blocks_written_last_run"] == n_blocks - n_done

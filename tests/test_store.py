@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,7 +22,7 @@ from flow import (
     open_counts,
     write_counts,
 )
-from flow._io import create_flow_group
+from flow._io import create_flow_group, mark_complete
 from flow.datasets import synthetic_counts, write_synthetic
 from flow.ingest._source import SourceInfo
 
@@ -161,6 +162,22 @@ def test_open_errors(tmp_path):
     create_flow_group(tmp_path / "half.zarr", "counts", 1)
     with pytest.raises(IncompleteStoreError, match="unfinished"):
         open_counts(tmp_path / "half.zarr")
+
+
+def test_finishing_a_store_removes_writes_cut_off_by_a_kill(tmp_path):
+    """zarr writes a local chunk to ``<key>.<uuid>.partial`` and renames it: a worker killed
+    mid-write leaves that file. Marking the store complete (every writer's last step)
+    removes such files and nothing else."""
+    root = create_flow_group(tmp_path / "s.zarr", "counts", 1)
+    root.create_array("x", shape=(4,), chunks=(2,), dtype="i4")[:] = np.arange(4)
+    chunks = tmp_path / "s.zarr" / "x" / "c"
+    (chunks / "1.0123456789abcdef.partial").write_bytes(b"cut")
+    (tmp_path / "s.zarr" / "x" / "c" / "7").mkdir()
+    (chunks / "7" / "0.fedcba9876543210.partial").write_bytes(b"cut")
+    mark_complete(root)
+    assert sorted(p.name for p in chunks.rglob("*") if p.is_file()) == ["0", "1"]
+    np.testing.assert_array_equal(zarr.open_group(tmp_path / "s.zarr")["x"][:], np.arange(4))
+    assert zarr.open_group(tmp_path / "s.zarr").attrs["flow"]["complete"] is True
 
 
 def test_synthetic_data_looks_like_droplets():

@@ -48,7 +48,6 @@ from .._io import (
     flow_attrs,
     mark_complete,
     open_flow_group,
-    remove_partial_writes,
     store_url,
 )
 from ..errors import VocabularyError
@@ -199,7 +198,6 @@ def _open_or_create(
         )
         meta = flow_attrs(group)
         if meta.get("plan") == plan.fingerprint and not meta.get("complete"):
-            remove_partial_writes(url)
             return group
     except (FileNotFoundError, ValueError):
         pass

@@ -12,6 +12,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,9 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from .errors import IncompleteStoreError, SchemaError, StoreNotFoundError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
+
+    import numpy as np
 
 __all__ = [
     "COUNT_CODECS",
@@ -32,6 +35,7 @@ __all__ = [
     "open_flow_group",
     "create_flow_group",
     "store_url",
+    "write_1d",
 ]
 
 #: Blosc zstd + bitshuffle: measured best for integer counts here (DESIGN section 2).
@@ -141,6 +145,44 @@ def remove_partial_writes(group: zarr.Group) -> int:
         leftover.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def write_1d(
+    group: zarr.Group,
+    name: str,
+    pieces: Iterable[np.ndarray],
+    *,
+    size: int,
+    chunk: int,
+    dim: str,
+    attrs: Mapping[str, Any] | None = None,
+) -> None:
+    """Write a 1-D array of ``size`` values given as consecutive pieces, one piece at a time.
+
+    Text pieces (object, ``str``) are stored as Zarr strings; the dtype comes from the first
+    piece. An existing array of that name is replaced.
+    """
+    arr: Any = None
+    at = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr: the string dtype has no v3 spec yet
+        for piece in pieces:
+            if arr is None:
+                arr = group.create_array(
+                    name,
+                    shape=(size,),
+                    dtype=str if piece.dtype.kind in "OUST" else piece.dtype,
+                    chunks=(max(1, min(chunk, size)),),
+                    dimension_names=(dim,),
+                    attributes=dict(attrs or {}),
+                    overwrite=True,
+                )
+            if piece.size:
+                arr[at : at + piece.size] = piece
+            at += piece.size
+    if at != size:
+        msg = f"{name}: {at} values were written for an array of {size}"
+        raise AssertionError(msg)
 
 
 def flow_attrs(group: zarr.Group) -> dict[str, Any]:

@@ -21,9 +21,10 @@ attributes so a block is read without touching ``indptr`` of the others.
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,7 @@ from ._io import (
     open_flow_group,
     release_free_memory,
     store_url,
+    write_1d,
 )
 from .errors import FlowWarning, InputError, SchemaError
 
@@ -66,6 +68,7 @@ _SHARD = (
     1 << 22
 )  # values per data/indices shard: one object per 4M nonzeros; the writer buffers one
 _CHUNK = 1 << 18  # values per inner chunk
+_OBS_STEP = 1 << 16  # cells per chunk of an obs column, and per slice written
 _CARRIED_RESERVED = ("n_counts", "n_genes", "source")
 
 
@@ -411,13 +414,29 @@ def _gene_union(sources: Sequence[Source]) -> tuple[np.ndarray, np.ndarray, list
     return np.asarray(ids, dtype=object), np.asarray(symbols, dtype=object), maps
 
 
-def _unique_barcodes(sources: Sequence[Source]) -> np.ndarray:
-    """All barcodes, made unique (``-1``, ``-2`` ... appended to repeats), with a warning."""
+def _barcodes(sources: Sequence[Source]) -> Iterable[np.ndarray]:
+    """All barcodes as consecutive slices, made unique (``-1``, ``-2`` ... appended to
+    repeats, with a warning).
+
+    Uniqueness is checked on 64-bit hashes (8 bytes per cell), not on an index of the strings;
+    only when two hashes are equal are the strings themselves compared.
+    """
+    hashes = np.concatenate(
+        [pd.util.hash_array(np.asarray(s.info.barcodes, dtype=object)) for s in sources]
+    )
+    hashes.sort()
+    if not (hashes[1:] == hashes[:-1]).any():
+        return (
+            np.asarray(src.info.barcodes[a : a + _OBS_STEP], dtype=object)
+            for src in sources
+            for a in range(0, src.info.n_cells, _OBS_STEP)
+        )
+    del hashes
     barcodes = pd.Index(
         np.concatenate([np.asarray(s.info.barcodes, dtype=object) for s in sources])
     )
-    if barcodes.is_unique:
-        return barcodes.to_numpy(dtype=object)
+    if barcodes.is_unique:  # equal hashes of different strings
+        return [barcodes.to_numpy(dtype=object)]
     dup = barcodes.duplicated(keep="first")
     n_dup = int(dup.sum())
     counter = barcodes.to_series().groupby(barcodes).cumcount().to_numpy()
@@ -431,7 +450,7 @@ def _unique_barcodes(sources: Sequence[Source]) -> np.ndarray:
         FlowWarning,
         stacklevel=3,
     )
-    return np.asarray(fixed, dtype=object)
+    return [np.asarray(fixed, dtype=object)]
 
 
 def _carried_obs(sources: Sequence[Source]) -> list[str]:
@@ -547,7 +566,7 @@ def _write_counts(
     if n_cells == 0:
         msg = f"{', '.join(s.info.path for s in sources)}: the matrix has no cells."
         raise InputError(msg)
-    barcodes = _unique_barcodes(sources)
+    barcodes = _barcodes(sources)
     carried = _carried_obs(sources)
 
     url = store_url(path)
@@ -629,19 +648,22 @@ def _write_counts(
     )
     x.attrs["shape"] = [n_cells, n_genes]
 
-    obs = pd.DataFrame(
-        {"n_counts": totals if dtype.kind == "f" else totals.astype(np.int64), "n_genes": detected},
-        index=pd.Index(barcodes, dtype=object, name=None),  # str objects: no second copy
-    )
     paths = list(dict.fromkeys(s.info.path for s in sources))
-    obs["source"] = pd.Categorical.from_codes(  # codes, not a path string per cell
-        np.repeat([paths.index(s.info.path) for s in sources], [s.info.n_cells for s in sources]),
-        categories=paths,
-    )
+    columns: dict[str, Iterable[np.ndarray] | pd.Categorical] = {
+        "n_counts": [totals if dtype.kind == "f" else totals.astype(np.int64)],
+        "n_genes": [detected],
+        "source": pd.Categorical.from_codes(  # codes, not a path string per cell
+            np.repeat(
+                [paths.index(s.info.path) for s in sources], [s.info.n_cells for s in sources]
+            ),
+            categories=paths,
+        ),
+    }
     for name in carried:
-        obs[_obs_column_name(name)] = _carried_column(name, sources)
+        columns[_obs_column_name(name)] = _carried_column(name, sources)
+    _write_obs(root, barcodes, columns, n_cells)
     var = pd.DataFrame({"gene_symbol": symbols.astype(str)}, index=pd.Index(gene_ids.astype(str)))
-    _write_frames(root, obs, var)
+    _write_var(root, var)
 
     mark_complete(
         root,
@@ -668,8 +690,8 @@ def _write_counts(
     return open_counts(url, storage_options=storage_options)
 
 
-def _carried_column(name: str, sources: Sequence[Source]) -> np.ndarray | pd.Categorical:
-    """One obs column over all sources; a source without it fills it in.
+def _carried_column(name: str, sources: Sequence[Source]) -> Iterable[np.ndarray] | pd.Categorical:
+    """One obs column over all sources (consecutive slices); a source without it fills it in.
 
     The fill is 1 for ``filter_pass`` (no column means every cell passes, as in Geneformer),
     NaN for numbers and "" for text; booleans and numbers stay numbers when no fill is needed.
@@ -691,17 +713,26 @@ def _carried_column(name: str, sources: Sequence[Source]) -> np.ndarray | pd.Cat
         return union_categoricals(parts) if len(parts) > 1 else parts[0]
     numeric = all(c.dtype.kind in "biuf" for c in present)
     fill_value: Any = 1 if name == "filter_pass" else (np.nan if numeric else "")
-    values = np.concatenate(
-        [
-            np.asarray(c.to_numpy())
-            if c is not None
-            else np.full(s.info.n_cells, fill_value, dtype=None if numeric else object)
-            for c, s in zip(columns, sources, strict=True)
-        ]
+    if numeric and len(present) < len(sources):  # the fill makes integers and booleans float
+        out_dtype = np.result_type(*(c.dtype for c in present), np.float64)
+    elif numeric:
+        out_dtype = np.result_type(*(c.dtype for c in present))
+    else:
+        out_dtype = np.dtype(object)
+
+    def piece(column: pd.Series | None, a: int, b: int) -> np.ndarray:
+        if column is None:
+            return np.full(b - a, fill_value, dtype=out_dtype)
+        values = np.asarray(column.iloc[a:b].to_numpy())
+        if numeric:
+            return values.astype(out_dtype)
+        return np.asarray([_text(v) for v in values], dtype=object)
+
+    return (
+        piece(column, a, min(a + _OBS_STEP, src.info.n_cells))
+        for column, src in zip(columns, sources, strict=True)
+        for a in range(0, src.info.n_cells, _OBS_STEP)
     )
-    if numeric:
-        return values
-    return np.asarray([_text(v) for v in values], dtype=object)
 
 
 def _text(value: Any) -> str:
@@ -709,13 +740,53 @@ def _text(value: Any) -> str:
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
-def _write_frames(root: zarr.Group, obs: pd.DataFrame, var: pd.DataFrame) -> None:
-    """Write obs/var with anndata's encoding, and the empty elements anndata expects."""
+def _write_obs(
+    root: zarr.Group,
+    barcodes: Iterable[np.ndarray],
+    columns: Mapping[str, Iterable[np.ndarray] | pd.Categorical],
+    n_cells: int,
+) -> None:
+    """Write obs in anndata's dataframe encoding, one slice of each column at a time."""
+    import anndata as ad
+
+    obs = root.create_group("obs")
+    obs.attrs.update(
+        {
+            "_index": "_index",
+            "column-order": list(columns),
+            "encoding-type": "dataframe",
+            "encoding-version": "0.2.0",
+        }
+    )
+    for name, column in {"_index": barcodes, **columns}.items():
+        if isinstance(column, pd.Categorical):  # one small code per cell
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # zarr v3 string dtype spec warnings (third party)
+                ad.io.write_elem(obs, name, column)
+            continue
+        pieces = iter(column)
+        first = next(pieces)
+        text = first.dtype.kind in "OUST"
+        write_1d(
+            obs,
+            name,
+            itertools.chain([first], pieces),
+            size=n_cells,
+            chunk=_OBS_STEP,
+            dim="cell",
+            attrs={
+                "encoding-type": "string-array" if text else "array",
+                "encoding-version": "0.2.0",
+            },
+        )
+
+
+def _write_var(root: zarr.Group, var: pd.DataFrame) -> None:
+    """Write var (one row per gene: small) with anndata, and the empty elements it expects."""
     import anndata as ad
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr v3 string dtype spec warnings (third party)
-        ad.io.write_elem(root, "obs", obs)
         ad.io.write_elem(root, "var", var)
         for name in ("obsm", "obsp", "varm", "varp", "layers", "uns"):
             ad.io.write_elem(root, name, {})

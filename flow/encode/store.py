@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -49,6 +48,7 @@ from .._io import (
     mark_complete,
     open_flow_group,
     store_url,
+    write_1d,
 )
 from ..errors import VocabularyError
 from .rank import rank_cells
@@ -255,7 +255,7 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
             out = name if name not in _RESERVED else f"obs_{name}"
             cells[out] = store.iter_obs_column(name, step)
     for name, pieces in cells.items():
-        _write_1d(root, name, pieces, "cell", cell_chunk, n_cells)
+        write_1d(root, name, pieces, size=n_cells, chunk=cell_chunk, dim="cell")
     gene_of_token = np.full(n_tokens, "", dtype=object)
     for special, tok in vocab.special.items():
         gene_of_token[tok] = special
@@ -272,37 +272,28 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     first = np.unique(col[col >= 0], return_index=True)[1]
     matched = np.flatnonzero(col >= 0)[first]
     symbol_of_token[plan.gene_map.kept_tokens[col[matched]]] = var_symbols[matched]
-    _write_1d(root, "token_gene_id", [gene_of_token.astype(str)], "token", n_tokens, n_tokens)
-    _write_1d(root, "token_symbol", [symbol_of_token.astype(str)], "token", n_tokens, n_tokens)
-    _write_1d(root, "token_median", [median_of_token], "token", n_tokens, n_tokens)
+    write_1d(
+        root,
+        "token_gene_id",
+        [gene_of_token.astype(str)],
+        size=n_tokens,
+        chunk=n_tokens,
+        dim="token",
+    )
+    write_1d(
+        root,
+        "token_symbol",
+        [symbol_of_token.astype(str)],
+        size=n_tokens,
+        chunk=n_tokens,
+        dim="token",
+    )
+    write_1d(root, "token_median", [median_of_token], size=n_tokens, chunk=n_tokens, dim="token")
     # The plan is recorded last: a store killed while being laid out is created afresh on rerun.
     meta = flow_attrs(root)
     meta["plan"] = plan.fingerprint
     root.attrs["flow"] = meta
     return root
-
-
-def _write_1d(
-    root: zarr.Group, name: str, pieces: Iterable[np.ndarray], dim: str, chunk: int, size: int
-) -> None:
-    """Write a 1-D array of ``size`` values given as consecutive pieces (strings as ``str``)."""
-    arr = None
-    at = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zarr: the string dtype has no v3 spec yet
-        for piece in pieces:
-            if arr is None:
-                arr = root.create_array(
-                    name,
-                    shape=(size,),
-                    dtype=str if piece.dtype.kind in "OUST" else piece.dtype,
-                    chunks=(max(1, min(chunk, size)),),
-                    dimension_names=(dim,),
-                    overwrite=True,  # token_cells again, when a run stopped before marking complete
-                )
-            if piece.size:
-                arr[at : at + piece.size] = piece
-            at += piece.size
 
 
 def _token_cells(
@@ -370,7 +361,7 @@ def write_encoding(
     totals = np.zeros(n_tokens, dtype=np.int64)
     for b in range(plan.store.n_blocks):  # (n_blocks x n_tokens) int32: small
         totals += np.asarray(root["block_token_cells"][b, :], dtype=np.int64)
-    _write_1d(root, "token_cells", [totals], "token", n_tokens, n_tokens)
+    write_1d(root, "token_cells", [totals], size=n_tokens, chunk=n_tokens, dim="token")
     vocab = plan.vocab
     mark_complete(
         root,

@@ -435,8 +435,6 @@ def _barcodes(sources: Sequence[Source]) -> Iterable[np.ndarray]:
     barcodes = pd.Index(
         np.concatenate([np.asarray(s.info.barcodes, dtype=object) for s in sources])
     )
-    if barcodes.is_unique:  # equal hashes of different strings
-        return [barcodes.to_numpy(dtype=object)]
     dup = barcodes.duplicated(keep="first")
     n_dup = int(dup.sum())
     counter = barcodes.to_series().groupby(barcodes).cumcount().to_numpy()
@@ -444,12 +442,13 @@ def _barcodes(sources: Sequence[Source]) -> Iterable[np.ndarray]:
     while not pd.Index(fixed).is_unique:  # a made-up name can itself exist already
         again = pd.Index(fixed).duplicated(keep="first")
         fixed = np.where(again, fixed + "-dup", fixed)
-    warnings.warn(
-        f"{n_dup} duplicate cell barcodes across the inputs were made unique by appending "
-        "'-1', '-2', ... (the input column 'source' tells which file each cell came from).",
-        FlowWarning,
-        stacklevel=3,
-    )
+    if n_dup:  # else: equal hashes of different strings
+        warnings.warn(
+            f"{n_dup} duplicate cell barcodes across the inputs were made unique by appending "
+            "'-1', '-2', ... (the input column 'source' tells which file each cell came from).",
+            FlowWarning,
+            stacklevel=3,
+        )
     return [np.asarray(fixed, dtype=object)]
 
 
@@ -713,12 +712,10 @@ def _carried_column(name: str, sources: Sequence[Source]) -> Iterable[np.ndarray
         return union_categoricals(parts) if len(parts) > 1 else parts[0]
     numeric = all(c.dtype.kind in "biuf" for c in present)
     fill_value: Any = 1 if name == "filter_pass" else (np.nan if numeric else "")
-    if numeric and len(present) < len(sources):  # the fill makes integers and booleans float
-        out_dtype = np.result_type(*(c.dtype for c in present), np.float64)
-    elif numeric:
-        out_dtype = np.result_type(*(c.dtype for c in present))
-    else:
-        out_dtype = np.dtype(object)
+    out_dtype = np.dtype(object)
+    if numeric:  # as numpy concatenates them (NaN fills make integers float)
+        fills = [np.asarray(fill_value).dtype] if len(present) < len(sources) else []
+        out_dtype = np.result_type(*(c.dtype for c in present), *fills)
 
     def piece(column: pd.Series | None, a: int, b: int) -> np.ndarray:
         if column is None:

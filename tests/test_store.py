@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import dataclass, field
 
 import anndata as ad
@@ -14,6 +15,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import flow.store as flow_store
 from flow import (
     IncompleteStoreError,
     InputError,
@@ -24,6 +26,7 @@ from flow import (
 )
 from flow._io import create_flow_group, mark_complete
 from flow.datasets import synthetic_counts, write_synthetic
+from flow.errors import FlowWarning
 from flow.ingest._source import SourceInfo
 
 from helpers import no_compute
@@ -85,6 +88,69 @@ def test_any_block_size_gives_the_same_content(tmp_path_factory, x, block_size):
     np.testing.assert_array_equal(back.obs["n_counts"], matrix.toarray().sum(axis=1))
     np.testing.assert_array_equal(back.obs["n_genes"], (matrix.toarray() > 0).sum(axis=1))
     assert store.attrs["dtype"] == "uint16"
+
+
+def _unique_reference(barcodes: list[str]) -> list[str]:
+    """The n-th repeat (n >= 1) of a barcode becomes ``<barcode>-n`` (no dashes in the input)."""
+    seen: dict[str, int] = {}
+    out = []
+    for b in barcodes:
+        out.append(f"{b}-{seen[b]}" if b in seen else b)
+        seen[b] = seen.get(b, 0) + 1
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    parts=st.lists(
+        st.tuples(
+            st.lists(st.text("wxyz", min_size=1, max_size=4), min_size=1, max_size=12),
+            st.booleans(),  # has the numeric column
+            st.booleans(),  # has the text column
+            st.booleans(),  # has filter_pass
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    step=st.integers(1, 5),
+)
+def test_obs_written_in_slices_matches_pandas(tmp_path_factory, parts, step):
+    """obs is written a few cells at a time across sources; the table equals one built by
+    pandas from the inputs (barcodes made unique, fills for sources without a column)."""
+    sources, frames = [], []
+    for k, (barcodes, has_int, has_text, has_filter) in enumerate(parts):
+        n = len(barcodes)
+        own = pd.DataFrame(index=pd.RangeIndex(n))
+        if has_int:
+            own["score"] = np.arange(n, dtype=np.int64) * (k + 1)
+        if has_text:
+            own["label"] = np.array([f"{k}-{i}" for i in range(n)], dtype=object)
+        if has_filter:
+            own["filter_pass"] = np.arange(n, dtype=np.int64) % 2
+        matrix = sp.csr_matrix(np.ones((n, 2), dtype=np.int32))
+        sources.append(ArraySource(matrix, path=f"s{k}.h5ad", barcodes=barcodes, obs=own))
+        frames.append(own.assign(n_counts=2, n_genes=2, source=f"s{k}.h5ad"))
+    path = tmp_path_factory.mktemp("obs") / "s.zarr"
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FlowWarning)  # the duplicate barcodes warning
+        patch.setattr(flow_store, "_OBS_STEP", step)
+        write_counts(sources, path, block_size=3)
+
+    want = pd.concat(frames, ignore_index=True)
+    if "label" in want:
+        want["label"] = want["label"].fillna("")
+    if "filter_pass" in want:  # a source without it: every cell passes; integers stay integers
+        want["filter_pass"] = want["filter_pass"].fillna(1).astype(np.int64)
+    got = ad.read_zarr(path).obs
+    assert got.index.tolist() == _unique_reference([b for bs, *_ in parts for b in bs])
+    assert got["source"].tolist() == want["source"].tolist()
+    for name in ("n_counts", "n_genes", "score", "label", "filter_pass"):
+        assert (name in got) == (name in want)
+        if name in want:
+            np.testing.assert_array_equal(got[name].to_numpy(), want[name].to_numpy())
+            assert got[name].dtype.kind == want[name].dtype.kind
+    zarr_obs = zarr.open_group(path, mode="r")["obs"]
+    assert zarr_obs["_index"].chunks == (min(step, len(got)),)
 
 
 def test_explicit_zeros_dropped_and_wider_dtype(tmp_path):

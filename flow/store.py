@@ -421,16 +421,16 @@ def _barcodes(sources: Sequence[Source]) -> Iterable[np.ndarray]:
     Uniqueness is checked on 64-bit hashes (8 bytes per cell), not on an index of the strings;
     only when two hashes are equal are the strings themselves compared.
     """
-    hashes = np.concatenate(
-        [pd.util.hash_array(np.asarray(s.info.barcodes, dtype=object)) for s in sources]
-    )
+
+    def slices() -> Iterator[np.ndarray]:
+        for src in sources:
+            for a in range(0, src.info.n_cells, _OBS_STEP):
+                yield np.asarray(src.info.barcodes[a : a + _OBS_STEP], dtype=object)
+
+    hashes = np.concatenate([pd.util.hash_array(piece) for piece in slices()])
     hashes.sort()
     if not (hashes[1:] == hashes[:-1]).any():
-        return (
-            np.asarray(src.info.barcodes[a : a + _OBS_STEP], dtype=object)
-            for src in sources
-            for a in range(0, src.info.n_cells, _OBS_STEP)
-        )
+        return slices()
     del hashes
     barcodes = pd.Index(
         np.concatenate([np.asarray(s.info.barcodes, dtype=object) for s in sources])

@@ -55,6 +55,7 @@ __all__ = [
     "carried_column",
     "text_column",
     "check_ids",
+    "read_ids",
     "guard_reads",
     "input_errors",
     "open_h5",
@@ -174,6 +175,60 @@ def as_str_array(values: Any, *, missing: str | None = "") -> np.ndarray:
     return out
 
 
+_ID_SLICE = 1 << 16  # identifiers decoded per slice
+
+
+def _plain_strings(elem: Any) -> Any | None:
+    """A plain 1-D text dataset (HDF5 or Zarr) as something to slice into, else None."""
+    if _is_group(elem) or len(elem.shape) != 1:
+        return None
+    if _attr_str(elem.attrs.get("encoding-type")) not in (None, "string-array"):
+        return None
+    kind = getattr(elem.dtype, "kind", "")
+    if kind not in ("O", "S", "U", "T"):
+        return None
+    return elem.asstr() if kind == "O" and hasattr(elem, "asstr") else elem
+
+
+def read_ids(elem: Any, decode: Callable[[Any], np.ndarray] = as_str_array) -> np.ndarray:
+    """A column of cell identifiers (barcodes) as a compact numpy ``StringDType`` array.
+
+    ``StringDType`` holds a 15-character barcode in 16 bytes and an 18-character one in about
+    40, where ``str`` objects take about 75. A plain text dataset (HDF5 or Zarr) is read and
+    decoded a slice at a time, so the object form never exists whole; other encodings
+    (categorical) are read by anndata and converted.
+    """
+    compact = np.dtypes.StringDType()
+    rows = _plain_strings(elem)
+    if rows is None:
+        return decode(_read_elem(elem)).astype(compact)
+    out = np.empty(elem.shape[0], dtype=compact)
+    for a in range(0, elem.shape[0], _ID_SLICE):
+        out[a : a + _ID_SLICE] = decode(rows[a : a + _ID_SLICE])
+    return out
+
+
+def read_cell_column(elem: Any) -> np.ndarray | pd.Categorical | None:
+    """:func:`carried_column` of an obs element, reading a text dataset a slice at a time.
+
+    Labels stored as plain text (a cell type per cell) become a categorical slice by slice,
+    so the million strings never exist at once; mostly distinct text (IDs) is read whole.
+    """
+    from pandas.api.types import union_categoricals
+
+    rows = _plain_strings(elem)
+    n = 0 if rows is None else int(elem.shape[0])
+    if rows is None or n == 0:
+        return carried_column(_read_elem(elem))
+    parts, distinct = [], pd.Index([], dtype=object)
+    for a in range(0, n, _ID_SLICE):
+        parts.append(pd.Categorical(as_str_array(rows[a : a + _ID_SLICE], missing=None)))
+        distinct = distinct.union(parts[-1].categories)
+        if 2 * len(distinct) > n:  # mostly distinct: IDs, kept as text
+            return carried_column(_read_elem(elem))
+    return union_categoricals(parts, sort_categories=True)
+
+
 def text_column(values: Any) -> np.ndarray | pd.Categorical:
     """Text cell values, held compactly: a categorical with ``str`` categories (missing values
     missing), or ``str`` objects (missing ``None``) when most values are distinct (IDs).
@@ -211,7 +266,7 @@ def carried_column(values: Any) -> np.ndarray | pd.Categorical | None:
         return None
     if arr.dtype.kind in "biuf":
         return arr
-    if arr.dtype.kind in "OSU":
+    if arr.dtype.kind in "OSUT":  # T: numpy's StringDType, as zarr v3 returns text
         return text_column(arr)
     return None
 
@@ -533,7 +588,7 @@ def _read_obs(
 ) -> tuple[np.ndarray, pd.DataFrame]:
     index_key, columns = _frame_layout(root, "obs", path)
     obs = root["obs"]
-    barcodes = as_str_array(_read_elem(obs[index_key]))
+    barcodes = read_ids(obs[index_key])
     check_ids(
         barcodes,
         n=n_cells,
@@ -544,7 +599,7 @@ def _read_obs(
     data: dict[str, Any] = {}
     skipped = []
     for name in select_columns(columns, obs_columns, path=path, where="obs"):
-        values = carried_column(_read_elem(obs[name]))
+        values = read_cell_column(obs[name])
         if values is None or len(values) != n_cells:
             if obs_columns is not None and name in obs_columns:
                 msg = f"{path}: obs column {name!r} is not a 1-D column of numbers or strings."

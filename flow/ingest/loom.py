@@ -28,6 +28,7 @@ from .h5ad import (
     guard_reads,
     input_errors,
     open_h5,
+    read_ids,
     select_columns,
     text_column,
 )
@@ -135,12 +136,12 @@ class LoomSource:
             symbols = _loom_strings(rows[sym_key][:]) if sym_key else None
             bc_key = next((a for a in _BARCODE_ATTRS if a in cols), None)
             if bc_key is None:
-                barcodes = np.array([f"cell-{i}" for i in range(n_cells)], dtype=object)
+                barcodes = np.char.add("cell-", np.arange(n_cells).astype(np.dtypes.StringDType()))
                 notes.append(
                     f"no CellID/obs_names column attribute: cells named cell-0..cell-{n_cells - 1}."
                 )
             else:
-                barcodes = _loom_strings(cols[bc_key][:])
+                barcodes = read_ids(cols[bc_key], _loom_strings)
                 check_ids(
                     barcodes,
                     n=n_cells,

@@ -55,7 +55,7 @@ from ._transpose import (
     rebatch,
     transpose_disk_bytes,
 )
-from .h5ad import as_str_array, check_ids, guard_reads, input_errors, open_h5
+from .h5ad import as_str_array, check_ids, guard_reads, input_errors, open_h5, read_ids
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Mapping
@@ -193,7 +193,7 @@ class TenxH5Source:
                 msg = f"{path}: /{self._group} lacks {', '.join(missing)}. {fix}"
                 raise InputError(msg)
             n_all_genes, n_cells = (int(s) for s in group["shape"][:])
-            barcodes = as_str_array(group["barcodes"][:])
+            barcodes = read_ids(group["barcodes"])
         check_ids(ids, n=n_all_genes, path=path, what="gene IDs", fix=fix)
         check_ids(barcodes, n=n_cells, path=path, what="barcodes", fix=fix)
         if n_cells == 0 or n_all_genes == 0:
@@ -478,6 +478,7 @@ class TenxMtxSource:
         barcodes_path = _find(folder, prefix, _BARCODE_NAMES, "barcodes.tsv", path, so)
         features = _read_tsv(features_path, so)
         barcodes = as_str_array(_read_tsv(barcodes_path, so)[0].to_numpy())
+        barcodes = barcodes.astype(np.dtypes.StringDType())  # compact (see read_ids)
         ids = as_str_array(features[0].to_numpy())
         fix = "The matrix and its features/barcodes files do not belong together: re-export them."
         check_ids(ids, n=header.n_genes, path=features_path, what="gene IDs", fix=fix)

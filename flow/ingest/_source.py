@@ -37,7 +37,9 @@ class SourceInfo:
     gene_symbols : numpy.ndarray or None
         Gene symbols (str) when the input has them.
     barcodes : numpy.ndarray
-        One identifier per cell (str), as found in the input.
+        One identifier per cell (str), as found in the input. flow's readers hold them as
+        numpy ``StringDType`` (compact: about half the memory of ``str`` objects); any 1-D
+        array of ``str`` works. The writer reads them a slice at a time.
     obs : pandas.DataFrame
         Cell metadata to carry (one row per cell, index ignored), e.g. ``filter_pass``.
     fingerprint : str

@@ -607,6 +607,32 @@ def test_text_cell_columns_read_in_slices_match_a_whole_read(
     assert isinstance(got["cell_id"], np.ndarray)  # distinct values stay text
 
 
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_anndata_zarr_text_columns_are_carried(tmp_path, zarr_format):
+    """AnnData Zarr stores text as plain string arrays that anndata reads back as numpy
+    StringDType: such a column (distinct IDs) is carried, not dropped."""
+    n = 6
+    obs = pd.DataFrame(
+        {"cell_id": [f"id{i}" for i in range(n)], "label": ["T", "B"] * (n // 2)},
+        index=pd.Index([f"c{i}" for i in range(n)]),
+    )
+    adata = ad.AnnData(X=sp.csr_matrix(np.ones((n, 2), np.int32)), obs=obs)
+    adata.var_names = ["G1", "G2"]
+    path = tmp_path / "x.zarr"
+    with quiet_anndata_writes(), ad.settings.override(zarr_write_format=zarr_format):
+        adata.write_zarr(path)
+    assert (
+        zarr.open_group(path, mode="r")["obs"]["cell_id"].attrs["encoding-type"] == "string-array"
+    )
+    src = open_source(path)
+    assert src.info.notes == []
+    assert src.info.barcodes.tolist() == obs.index.tolist()
+    assert src.info.obs["cell_id"].tolist() == obs["cell_id"].tolist()
+    assert src.info.obs["label"].tolist() == obs["label"].tolist()
+    store = write_counts([src], tmp_path / "counts.zarr")
+    assert store.obs_column("cell_id").tolist() == obs["cell_id"].tolist()
+
+
 # --------------------------------------------------------------------------- property tests
 
 

@@ -35,6 +35,8 @@ __all__ = [
     "open_flow_group",
     "create_flow_group",
     "store_url",
+    "ChunkedWriter",
+    "create_1d",
     "write_1d",
 ]
 
@@ -147,6 +149,84 @@ def remove_partial_writes(group: zarr.Group) -> int:
     return removed
 
 
+class ChunkedWriter:
+    """Write a 1-D Zarr array in order, ``unit`` values at a time (whole chunks or shards):
+    no chunk is written twice, and memory holds at most one unit plus one appended piece.
+
+    With ``grow`` the array starts empty and is resized as values arrive (size unknown up
+    front). ``hasher`` is fed the bytes of every value, in order.
+    """
+
+    def __init__(self, array: Any, unit: int, *, grow: bool = False, hasher: Any = None) -> None:
+        self.array, self.unit, self.grow, self.hasher = array, unit, grow, hasher
+        self.pending: list[np.ndarray] = []
+        self.n_pending = 0
+        self.written = 0
+
+    def append(self, values: np.ndarray) -> None:
+        values = values.astype(self.array.dtype, copy=False)
+        if self.hasher is not None:
+            self.hasher.update(values.tobytes())
+        self.pending.append(values)
+        self.n_pending += values.size
+        if self.n_pending >= self.unit:
+            self._flush(final=False)
+
+    def _flush(self, *, final: bool) -> None:
+        import numpy as np
+
+        if not self.pending:
+            return
+        buf = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        n_whole = buf.size if final else (buf.size // self.unit) * self.unit
+        if n_whole:
+            end = self.written + n_whole
+            if self.grow:
+                self.array.resize((end,))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # zarr: the string dtype has no v3 spec yet
+                self.array[self.written : end] = buf[:n_whole]
+            self.written = end
+            if self.grow:
+                release_free_memory()  # large buffers: give their pages back
+        rest = buf[n_whole:]
+        self.pending = [rest] if rest.size else []
+        self.n_pending = rest.size
+
+    def close(self) -> int:
+        """Write what is left; return how many values were written in all."""
+        self._flush(final=True)
+        return self.written
+
+
+def create_1d(
+    group: zarr.Group,
+    name: str,
+    dtype: Any,
+    *,
+    size: int,
+    chunk: int,
+    dim: str,
+    attrs: Mapping[str, Any] | None = None,
+) -> ChunkedWriter:
+    """Create a 1-D array of ``size`` values (text dtypes as Zarr strings; an existing array
+    of that name is replaced) and return a writer that fills it in order, chunk by chunk."""
+    import numpy as np
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr: the string dtype has no v3 spec yet
+        arr = group.create_array(
+            name,
+            shape=(size,),
+            dtype=str if np.dtype(dtype).kind in "OUST" else dtype,
+            chunks=(max(1, min(chunk, size)),),
+            dimension_names=(dim,),
+            attributes=dict(attrs or {}),
+            overwrite=True,
+        )
+    return ChunkedWriter(arr, arr.chunks[0])
+
+
 def write_1d(
     group: zarr.Group,
     name: str,
@@ -157,31 +237,20 @@ def write_1d(
     dim: str,
     attrs: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write a 1-D array of ``size`` values given as consecutive pieces, one piece at a time.
+    """Write a 1-D array of ``size`` values given as consecutive pieces, chunk by chunk.
 
-    Text pieces (object, ``str``) are stored as Zarr strings; the dtype comes from the first
-    piece. An existing array of that name is replaced.
+    The dtype comes from the first piece (text as Zarr strings).
     """
-    arr: Any = None
-    at = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zarr: the string dtype has no v3 spec yet
-        for piece in pieces:
-            if arr is None:
-                arr = group.create_array(
-                    name,
-                    shape=(size,),
-                    dtype=str if piece.dtype.kind in "OUST" else piece.dtype,
-                    chunks=(max(1, min(chunk, size)),),
-                    dimension_names=(dim,),
-                    attributes=dict(attrs or {}),
-                    overwrite=True,
-                )
-            if piece.size:
-                arr[at : at + piece.size] = piece
-            at += piece.size
-    if at != size:
-        msg = f"{name}: {at} values were written for an array of {size}"
+    writer = None
+    for piece in pieces:
+        if writer is None:
+            writer = create_1d(
+                group, name, piece.dtype, size=size, chunk=chunk, dim=dim, attrs=attrs
+            )
+        writer.append(piece)
+    written = 0 if writer is None else writer.close()
+    if written != size:
+        msg = f"{name}: {written} values were written for an array of {size}"
         raise AssertionError(msg)
 
 

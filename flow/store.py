@@ -21,7 +21,6 @@ attributes so a block is read without touching ``indptr`` of the others.
 
 from __future__ import annotations
 
-import itertools
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -39,14 +38,14 @@ from dask.base import tokenize
 from . import __version__
 from ._io import (
     COUNT_CODECS,
+    ChunkedWriter,
     content_hasher,
+    create_1d,
     create_flow_group,
     flow_attrs,
     mark_complete,
     open_flow_group,
-    release_free_memory,
     store_url,
-    write_1d,
 )
 from .errors import FlowWarning, InputError, SchemaError
 
@@ -512,44 +511,6 @@ def _needed_dtype(block: sp.csr_matrix, current: np.dtype[Any]) -> np.dtype[Any]
     return None
 
 
-class _Appender:
-    """Append values to a 1-D Zarr array, writing whole shards only (writers own shards)."""
-
-    def __init__(self, array: Any, hasher: Any) -> None:
-        self.array = array
-        self.pending: list[np.ndarray] = []
-        self.n_pending = 0
-        self.written = 0
-        self.hasher = hasher
-
-    def append(self, values: np.ndarray) -> None:
-        values = values.astype(self.array.dtype, copy=False)
-        self.hasher.update(values.tobytes())
-        self.pending.append(values)
-        self.n_pending += values.size
-        if self.n_pending >= _SHARD:
-            self._flush(final=False)
-
-    def _flush(self, *, final: bool) -> None:
-        if not self.pending:
-            return
-        buf = np.concatenate(self.pending)
-        n_whole = buf.size if final else (buf.size // _SHARD) * _SHARD
-        if n_whole:
-            end = self.written + n_whole
-            self.array.resize((end,))
-            self.array[self.written : end] = buf[:n_whole]
-            self.written = end
-            release_free_memory()
-        rest = buf[n_whole:]
-        self.pending = [rest] if rest.size else []
-        self.n_pending = rest.size
-
-    def close(self) -> int:
-        self._flush(final=True)
-        return self.written
-
-
 def _write_counts(
     sources: Sequence[Source],
     path: str | os.PathLike[str],
@@ -587,11 +548,23 @@ def _write_counts(
     indices = x.create_array("indices", shape=(0,), dtype=np.int32, **sharded)
     hasher = content_hasher()
     hasher.update(f"{n_cells}x{n_genes}".encode())
-    data_out, indices_out = _Appender(data, hasher), _Appender(indices, hasher)
+    data_out = ChunkedWriter(data, _SHARD, grow=True, hasher=hasher)
+    indices_out = ChunkedWriter(indices, _SHARD, grow=True, hasher=hasher)
 
-    indptr = np.zeros(n_cells + 1, dtype=np.int64)
-    totals = np.zeros(n_cells, dtype=np.float64)
-    detected = np.zeros(n_cells, dtype=np.int32)
+    # per-cell arrays are written as the blocks go, a chunk at a time: none is held whole
+    indptr = x.create_array(
+        "indptr",
+        shape=(n_cells + 1,),
+        dtype=np.int64,
+        chunks=(min(n_cells + 1, 1 << 20),),
+        compressors=COUNT_CODECS,
+    )
+    indptr_out = ChunkedWriter(indptr, indptr.chunks[0])
+    indptr_out.append(np.zeros(1, dtype=np.int64))
+    carried_names = {_obs_column_name(name): name for name in carried}
+    obs = _obs_group(root, ["n_counts", "n_genes", "source", *carried_names])
+    totals_out = _obs_array(obs, "n_counts", np.float64 if dtype.kind == "f" else np.int64, n_cells)
+    detected_out = _obs_array(obs, "n_genes", np.int32, n_cells)
     block_offsets = [0]
     row = 0
     pending: list[sp.csr_matrix] = []
@@ -599,14 +572,13 @@ def _write_counts(
 
     def emit(block: sp.csr_matrix) -> None:
         nonlocal row
-        r1 = row + block.shape[0]
-        indptr[row + 1 : r1 + 1] = block.indptr[1:] + indptr[row]
-        totals[row:r1] = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
-        detected[row:r1] = np.diff(block.indptr)
+        indptr_out.append(block.indptr[1:].astype(np.int64) + block_offsets[-1])
+        totals_out.append(np.asarray(block.sum(axis=1), dtype=np.float64).ravel())
+        detected_out.append(np.diff(block.indptr))
         data_out.append(block.data)
         indices_out.append(block.indices)
-        block_offsets.append(int(indptr[r1]))
-        row = r1
+        block_offsets.append(block_offsets[-1] + int(block.indptr[-1]))
+        row += block.shape[0]
         if progress is not None:
             progress(row, n_cells)
 
@@ -642,15 +614,13 @@ def _write_counts(
 
     nnz = data_out.close()
     indices_out.close()
-    x.create_array(
-        "indptr", data=indptr, chunks=(min(n_cells + 1, 1 << 20),), compressors=COUNT_CODECS
-    )
+    for out in (indptr_out, totals_out, detected_out):
+        out.close()
     x.attrs["shape"] = [n_cells, n_genes]
 
     paths = list(dict.fromkeys(s.info.path for s in sources))
     columns: dict[str, Iterable[np.ndarray] | pd.Categorical] = {
-        "n_counts": [totals if dtype.kind == "f" else totals.astype(np.int64)],
-        "n_genes": [detected],
+        "_index": barcodes,
         "source": pd.Categorical.from_codes(  # codes, not a path string per cell
             np.repeat(
                 [paths.index(s.info.path) for s in sources], [s.info.n_cells for s in sources]
@@ -658,9 +628,9 @@ def _write_counts(
             categories=paths,
         ),
     }
-    for name in carried:
-        columns[_obs_column_name(name)] = _carried_column(name, sources)
-    _write_obs(root, barcodes, columns, n_cells)
+    for out_name, name in carried_names.items():
+        columns[out_name] = _carried_column(name, sources)
+    _write_obs(obs, columns, n_cells)
     var = pd.DataFrame({"gene_symbol": symbols.astype(str)}, index=pd.Index(gene_ids.astype(str)))
     _write_var(root, var)
 
@@ -737,45 +707,47 @@ def _text(value: Any) -> str:
     return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
-def _write_obs(
-    root: zarr.Group,
-    barcodes: Iterable[np.ndarray],
-    columns: Mapping[str, Iterable[np.ndarray] | pd.Categorical],
-    n_cells: int,
-) -> None:
-    """Write obs in anndata's dataframe encoding, one slice of each column at a time."""
-    import anndata as ad
-
+def _obs_group(root: zarr.Group, columns: list[str]) -> zarr.Group:
+    """Create ``obs`` in anndata's dataframe encoding (columns written separately)."""
     obs = root.create_group("obs")
     obs.attrs.update(
         {
             "_index": "_index",
-            "column-order": list(columns),
+            "column-order": columns,
             "encoding-type": "dataframe",
             "encoding-version": "0.2.0",
         }
     )
-    for name, column in {"_index": barcodes, **columns}.items():
+    return obs
+
+
+def _obs_array(obs: zarr.Group, name: str, dtype: Any, n_cells: int) -> ChunkedWriter:
+    """A writer of one obs column (anndata's array encoding), filled in order."""
+    text = np.dtype(dtype).kind in "OUST"
+    attrs = {"encoding-type": "string-array" if text else "array", "encoding-version": "0.2.0"}
+    return create_1d(obs, name, dtype, size=n_cells, chunk=_OBS_STEP, dim="cell", attrs=attrs)
+
+
+def _write_obs(
+    obs: zarr.Group, columns: Mapping[str, Iterable[np.ndarray] | pd.Categorical], n_cells: int
+) -> None:
+    """Write obs columns: categoricals with anndata, the others one slice at a time."""
+    import anndata as ad
+
+    for name, column in columns.items():
         if isinstance(column, pd.Categorical):  # one small code per cell
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # zarr v3 string dtype spec warnings (third party)
                 ad.io.write_elem(obs, name, column)
             continue
-        pieces = iter(column)
-        first = next(pieces)
-        text = first.dtype.kind in "OUST"
-        write_1d(
-            obs,
-            name,
-            itertools.chain([first], pieces),
-            size=n_cells,
-            chunk=_OBS_STEP,
-            dim="cell",
-            attrs={
-                "encoding-type": "string-array" if text else "array",
-                "encoding-version": "0.2.0",
-            },
-        )
+        out = None
+        for piece in column:
+            if out is None:
+                out = _obs_array(obs, name, piece.dtype, n_cells)
+            out.append(piece)
+        if out is None or out.close() != n_cells:
+            msg = f"obs column {name!r}: the inputs did not give one value per cell"
+            raise AssertionError(msg)
 
 
 def _write_var(root: zarr.Group, var: pd.DataFrame) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from flow import (
     open_counts,
     write_counts,
 )
-from flow._io import create_flow_group, mark_complete
+from flow._io import ChunkedWriter, create_flow_group, mark_complete
 from flow.datasets import synthetic_counts, write_synthetic
 from flow.errors import FlowWarning
 from flow.ingest._source import SourceInfo
@@ -151,6 +152,44 @@ def test_obs_written_in_slices_matches_pandas(tmp_path_factory, parts, step):
             assert got[name].dtype.kind == want[name].dtype.kind
     zarr_obs = zarr.open_group(path, mode="r")["obs"]
     assert zarr_obs["_index"].chunks == (min(step, len(got)),)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 9), min_size=1, max_size=8),
+    unit=st.integers(1, 6),
+    grow=st.booleans(),
+)
+def test_chunked_writer_writes_every_value_once_in_order(tmp_path_factory, sizes, unit, grow):
+    """Pieces of any size come out as one array equal to their concatenation, written in
+    whole units only (each chunk once: a write never straddles a unit boundary)."""
+    pieces = [
+        np.arange(sum(sizes[:i]), sum(sizes[: i + 1]), dtype=np.int64) for i in range(len(sizes))
+    ]
+    total = sum(sizes)
+    group = zarr.open_group(tmp_path_factory.mktemp("w") / "g.zarr", mode="w")
+    array = group.create_array("a", shape=(0 if grow else total,), dtype=np.int32, chunks=(unit,))
+    writes: list[tuple[int, int]] = []
+
+    class Recording:  # the array, recording the slices written to it
+        dtype = array.dtype
+
+        def resize(self, shape):
+            array.resize(shape)
+
+        def __setitem__(self, where, values):
+            writes.append((where.start, where.stop))
+            array[where] = values
+
+    writer = ChunkedWriter(Recording(), unit, grow=grow)
+    for piece in pieces:
+        writer.append(piece)
+    assert writer.close() == total
+    np.testing.assert_array_equal(array[:], np.arange(total))
+    assert [w for w in writes if w[0] != w[1]] == writes  # no empty writes
+    assert all(start % unit == 0 for start, _ in writes)
+    assert all(stop % unit == 0 for _, stop in writes[:-1])
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(writes))  # in order
 
 
 def test_explicit_zeros_dropped_and_wider_dtype(tmp_path):

@@ -21,6 +21,7 @@ attributes so a block is read without touching ``indptr`` of the others.
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -46,6 +47,7 @@ from ._io import (
     mark_complete,
     open_flow_group,
     store_url,
+    write_1d,
 )
 from .errors import FlowWarning, InputError, SchemaError
 
@@ -721,10 +723,15 @@ def _obs_group(root: zarr.Group, columns: list[str]) -> zarr.Group:
     return obs
 
 
+def _obs_attrs(dtype: Any) -> dict[str, str]:
+    """anndata's encoding attributes of a plain obs column of ``dtype``."""
+    text = np.dtype(dtype).kind in "OUST"
+    return {"encoding-type": "string-array" if text else "array", "encoding-version": "0.2.0"}
+
+
 def _obs_array(obs: zarr.Group, name: str, dtype: Any, n_cells: int) -> ChunkedWriter:
     """A writer of one obs column (anndata's array encoding), filled in order."""
-    text = np.dtype(dtype).kind in "OUST"
-    attrs = {"encoding-type": "string-array" if text else "array", "encoding-version": "0.2.0"}
+    attrs = _obs_attrs(dtype)
     return create_1d(obs, name, dtype, size=n_cells, chunk=_OBS_STEP, dim="cell", attrs=attrs)
 
 
@@ -740,14 +747,11 @@ def _write_obs(
                 warnings.simplefilter("ignore")  # zarr v3 string dtype spec warnings (third party)
                 ad.io.write_elem(obs, name, column)
             continue
-        out = None
-        for piece in column:
-            if out is None:
-                out = _obs_array(obs, name, piece.dtype, n_cells)
-            out.append(piece)
-        if out is None or out.close() != n_cells:
-            msg = f"obs column {name!r}: the inputs did not give one value per cell"
-            raise AssertionError(msg)
+        pieces = iter(column)
+        first = next(pieces)  # its dtype is the column's
+        attrs = _obs_attrs(first.dtype)
+        pieces = itertools.chain([first], pieces)
+        write_1d(obs, name, pieces, size=n_cells, chunk=_OBS_STEP, dim="cell", attrs=attrs)
 
 
 def _write_var(root: zarr.Group, var: pd.DataFrame) -> None:

@@ -272,23 +272,13 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     first = np.unique(col[col >= 0], return_index=True)[1]
     matched = np.flatnonzero(col >= 0)[first]
     symbol_of_token[plan.gene_map.kept_tokens[col[matched]]] = var_symbols[matched]
-    write_1d(
-        root,
-        "token_gene_id",
-        [gene_of_token.astype(str)],
-        size=n_tokens,
-        chunk=n_tokens,
-        dim="token",
-    )
-    write_1d(
-        root,
-        "token_symbol",
-        [symbol_of_token.astype(str)],
-        size=n_tokens,
-        chunk=n_tokens,
-        dim="token",
-    )
-    write_1d(root, "token_median", [median_of_token], size=n_tokens, chunk=n_tokens, dim="token")
+    token_table = {
+        "token_gene_id": gene_of_token.astype(str),
+        "token_symbol": symbol_of_token.astype(str),
+        "token_median": median_of_token,
+    }
+    for name, values in token_table.items():
+        write_1d(root, name, [values], size=n_tokens, chunk=n_tokens, dim="token")
     # The plan is recorded last: a store killed while being laid out is created afresh on rerun.
     meta = flow_attrs(root)
     meta["plan"] = plan.fingerprint

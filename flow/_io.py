@@ -16,15 +16,16 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.storage import LocalStore
 
+from ._location import Location, LocationLike
 from .errors import IncompleteStoreError, SchemaError, StoreNotFoundError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
-
-    import numpy as np
 
 __all__ = [
     "COUNT_CODECS",
@@ -44,27 +45,13 @@ __all__ = [
 COUNT_CODECS = (BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle),)
 
 
-def store_url(path: str | os.PathLike[str]) -> str:
-    """Return a string form of a local path or an fsspec URL (``s3://...``), unchanged otherwise."""
-    text = os.fspath(path)
-    return text if "://" in text else os.path.abspath(text)
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _exists(url: str, storage_options: Mapping[str, Any] | None) -> bool:
-    if _is_local(url):
-        return os.path.exists(url.removeprefix("file://"))
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    return bool(fs.exists(root))
+def store_url(path: LocationLike) -> str:
+    """Return a string form of a local path (absolute) or an fsspec URL (unchanged)."""
+    return Location.of(path).url
 
 
 def create_flow_group(
-    path: str | os.PathLike[str],
+    where: LocationLike,
     kind: str,
     schema_version: int,
     *,
@@ -72,26 +59,20 @@ def create_flow_group(
     overwrite: bool = True,
     extra_attrs: Mapping[str, Any] | None = None,
 ) -> zarr.Group:
-    """Create (or replace) a flow store group, marked incomplete until :func:`mark_complete`."""
-    url = store_url(path)
-    group = zarr.open_group(
-        url,
-        mode="w" if overwrite else "w-",
-        zarr_format=3,
-        storage_options=_opts(url, storage_options),
-    )
+    """Create (or replace) a flow store group, marked incomplete until :func:`mark_complete`.
+
+    ``storage_options`` is used only when ``where`` is not already a :class:`Location`.
+    """
+    location = Location.of(where, storage_options)
+    group = location.open_group(mode="w" if overwrite else "w-", zarr_format=3)
     attrs: dict[str, Any] = dict(extra_attrs or {})
     attrs["flow"] = {"kind": kind, "schema_version": schema_version, "complete": False}
     group.attrs.update(attrs)
     return group
 
 
-def _opts(url: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    return None if _is_local(url) else dict(storage_options or {})
-
-
 def open_flow_group(
-    path: str | os.PathLike[str],
+    where: LocationLike,
     kind: str,
     *,
     mode: str = "r",
@@ -101,21 +82,24 @@ def open_flow_group(
 ) -> zarr.Group:
     """Open a flow store of the given kind, checking its kind, schema and completeness.
 
+    ``storage_options`` is used only when ``where`` is not already a :class:`Location`.
+
     Raises
     ------
     StoreNotFoundError
-        Nothing at ``path``.
+        Nothing at ``where``.
     SchemaError
         The store is not a flow store of ``kind``.
     IncompleteStoreError
         The writer did not finish (``require_complete=True``).
     """
-    url = store_url(path)
-    if not _exists(url, storage_options):
+    location = Location.of(where, storage_options)
+    url = location.url
+    if not location.exists():
         msg = f"No flow {kind} store at {url!r}."
         raise StoreNotFoundError(msg)
     try:
-        group = zarr.open_group(url, mode=mode, storage_options=_opts(url, storage_options))  # type: ignore[arg-type]
+        group = location.open_group(mode=mode)
     except (FileNotFoundError, ValueError, KeyError) as err:
         msg = f"{url!r} is not a Zarr v3 group, so not a flow {kind} store: {err}"
         raise SchemaError(msg) from err
@@ -138,8 +122,6 @@ def remove_partial_writes(group: zarr.Group) -> int:
     written again afterwards. Object stores write each object whole: nothing to remove there.
     Returns how many files were removed.
     """
-    from zarr.storage import LocalStore
-
     if not isinstance(group.store, LocalStore):
         return 0
     removed = 0
@@ -173,8 +155,6 @@ class ChunkedWriter:
             self._flush(final=False)
 
     def _flush(self, *, final: bool) -> None:
-        import numpy as np
-
         if not self.pending:
             return
         buf = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
@@ -211,8 +191,6 @@ def create_1d(
 ) -> ChunkedWriter:
     """Create a 1-D array of ``size`` values (text dtypes as Zarr strings; an existing array
     of that name is replaced) and return a writer that fills it in order, chunk by chunk."""
-    import numpy as np
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr: the string dtype has no v3 spec yet
         arr = group.create_array(
@@ -289,11 +267,10 @@ def file_fingerprint(
     ``storage_options``: its size comes from the filesystem's ``info`` and only the two MiB
     are read (two range reads), giving the same fingerprint as the same bytes on a local disk.
     """
-    p = os.fspath(path)
-    if "://" in p:
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(p, **dict(storage_options or {}))
+    location = Location.of(path, storage_options)
+    p = location.path
+    if location.is_url:
+        fs, root = location.fs()
         return _fs_fingerprint(fs, root)
     h = content_hasher()
     if os.path.isdir(p):

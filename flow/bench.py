@@ -24,16 +24,29 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import anndata as ad
+import dask
+import h5py
 import numpy as np
+import pandas as pd
+from dask.base import compute as dask_compute
+
+from . import medians as med
+from .datasets import synthetic_counts, write_synthetic
+from .encode.store import open_encoding, plan_encoding, write_encoding
+from .errors import FlowError
+from .query import dropped_genes
+from .store import open_counts
+from .vocab import vocabulary_from_genes
 
 __all__ = ["main", "median_accuracy", "run_stage", "write_h5ad"]
 
-STAGES = ("convert", "medians", "medians-exact", "tokenize", "export", "drop-rates")
+STAGES = ("convert", "medians", "medians-exact", "tokenize", "export", "drop-rates", "retention")
 
 
 def _tree_rss(pid: int) -> tuple[int, int, int]:
     """RSS of a process tree: (all processes, the root alone, its largest descendant)."""
-    import psutil
+    import psutil  # optional: in the test and bench extras, not a dependency of flow
 
     def rss(p: psutil.Process) -> int:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -90,11 +103,6 @@ def write_h5ad(
     path: str, n_cells: int, n_genes: int, *, seed: int, mean_genes: float, block: int = 4096
 ) -> None:
     """Write a synthetic CSR h5ad block by block with h5py (out of core)."""
-    import h5py
-    import pandas as pd
-
-    from .datasets import synthetic_counts
-
     src = synthetic_counts(n_cells, n_genes, seed=seed, mean_genes=mean_genes)
     with h5py.File(path, "w") as f:
         f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
@@ -123,8 +131,6 @@ def write_h5ad(
             indptr[row + 1 : row + 1 + blk.shape[0]] = blk.indptr[1:] + n0
             row += blk.shape[0]
         x.create_dataset("indptr", data=indptr)
-    import anndata as ad
-
     with h5py.File(path, "a") as f:
         obs = pd.DataFrame(
             {"cell_type": src.info.obs["cell_type"].astype(str).to_numpy()},
@@ -145,14 +151,6 @@ def median_accuracy(store_path: str, workdir: str) -> dict[str, Any]:
     1,000 nonzeros), and the rank positions (first 2,048 and full rankings) whose token differs
     when cells are ranked with the t-digest medians instead of the exact ones.
     """
-    import dask
-    from dask.base import compute as dask_compute
-
-    from . import medians as med
-    from .encode.store import plan_encoding, write_encoding
-    from .store import open_counts
-    from .vocab import vocabulary_from_genes
-
     store = open_counts(store_path)
     with dask.config.set(scheduler="threads"):
         approx = med.medians_of([store], compute=dask_compute)
@@ -194,9 +192,6 @@ def median_accuracy(store_path: str, workdir: str) -> dict[str, Any]:
 
 def _time_cell_queries(encoding: str, n: int = 5) -> float:
     """Median seconds of ``dropped_genes`` at 2,048 for the ``n`` longest cells (after a warm-up)."""
-    from .encode.store import open_encoding
-    from .query import dropped_genes
-
     enc = open_encoding(encoding)
     cells = np.argsort(enc.lengths, kind="stable")[-n:]
     dropped_genes(enc, int(cells[0]), 2048)  # opens the store, reads attributes
@@ -210,9 +205,6 @@ def _time_cell_queries(encoding: str, n: int = 5) -> float:
 
 def _same_store(path: str, n_cells: int, n_genes: int) -> bool:
     """Whether ``path`` is a complete count store of ``n_cells`` x ``n_genes``."""
-    from .errors import FlowError
-    from .store import open_counts
-
     try:
         attrs = open_counts(path).attrs
     except (FlowError, OSError):
@@ -224,8 +216,7 @@ def _fmt(n: float) -> str:
     return f"{n:,.0f}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmarks and print a Markdown table (and write JSON with --out)."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flow.bench", description=__doc__.split("\n")[0])
     p.add_argument("--cells", type=int, nargs="+", default=[20_000, 100_000])
     p.add_argument("--genes", type=int, default=20_000)
@@ -252,88 +243,100 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="STORE.zarr",
         help="instead: t-digest vs exact medians on these count stores, and tokens changed",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def _commands(args: argparse.Namespace, work: str) -> dict[str, list[str]]:
+    """The ``flow`` command of each stage after convert, on the files of ``work``."""
+    flow = [sys.executable, "-m", "flow.cli"]
+    cluster = ["--workers", str(args.workers), "--threads-per-worker", str(args.threads)]
+    cluster += ["--memory-limit", args.memory_limit, "-q"]
+    store, enc = os.path.join(work, "counts.zarr"), os.path.join(work, "encoding.zarr")
+    medians = os.path.join(work, "medians.zarr")
+    return {
+        "medians": [*flow, "medians", store, "-o", medians, *cluster],
+        "medians-exact": [
+            *flow, "medians", store, "-o", medians + ".exact", "--method", "exact", *cluster
+        ],
+        "tokenize": [*flow, "tokenize", store, "-o", enc, "--medians", medians, *cluster],
+        "export": [
+            *flow, "export", enc, "-o", os.path.join(work, "dataset"), "--preset", "V2", *cluster
+        ],
+        "drop-rates": [
+            *flow, "drop-rates", enc, "--cutoff", "2048", "-o", os.path.join(work, "rates.csv"),
+            *cluster,
+        ],
+        "retention": [
+            *flow, "retention", enc, "-o", os.path.join(work, "retention.csv"),
+            "--tail-output", os.path.join(work, "tail.csv"), *cluster,
+        ],
+    }  # fmt: skip
+
+
+def _bench_size(args: argparse.Namespace, n: int, stages: list[str], work: str) -> dict[str, Any]:
+    """Every chosen stage at ``n`` cells, in ``work``: the results of :func:`run_stage`."""
+    os.makedirs(work, exist_ok=True)
+    store = os.path.join(work, "counts.zarr")
+    result: dict[str, Any] = {
+        "cells": n,
+        "genes": args.genes,
+        "genes_per_cell": args.genes_per_cell,
+    }
+    t = time.perf_counter()
+    if "convert" in stages:
+        h5ad = os.path.join(work, "input.h5ad")
+        write_h5ad(h5ad, n, args.genes, seed=1, mean_genes=args.genes_per_cell)
+        result["generate_h5ad_s"] = time.perf_counter() - t
+        convert = [sys.executable, "-m", "flow.cli", "convert", h5ad, "-o", store, "-q"]
+        result["convert"] = run_stage(convert)
+        os.remove(h5ad)
+    elif not (args.reuse and _same_store(store, n, args.genes)):
+        write_synthetic(store, n, args.genes, seed=1, mean_genes=args.genes_per_cell)
+        result["generate_store_s"] = time.perf_counter() - t
+    for old in ("medians.zarr", "medians.zarr.exact", "encoding.zarr", "dataset"):
+        shutil.rmtree(os.path.join(work, old), ignore_errors=True)  # never resume an old run
+    for stage, cmd in _commands(args, work).items():
+        if stage in stages:
+            result[stage] = run_stage(cmd)
+    if "tokenize" in stages:
+        result["cell_query_s"] = _time_cell_queries(os.path.join(work, "encoding.zarr"))
+    return result
+
+
+def _print_table(rows: list[dict[str, Any]], stages: list[str]) -> None:
+    print(
+        "| cells | stage | seconds | cells/s | peak RSS (MiB) | driver / largest worker (MiB) |\n"
+        "|---:|---|---:|---:|---:|---:|"
+    )
+    for r in rows:
+        for stage in (s for s in stages if s in r):
+            s = r[stage]
+            print(
+                f"| {_fmt(r['cells'])} | {stage} | {s['seconds']:.1f} | {_fmt(r['cells'] / s['seconds'])} | "
+                f"{_fmt(s['peak_rss'] / 2**20)} | {_fmt(s['peak_rss_driver'] / 2**20)} / "
+                f"{_fmt(s['peak_rss_worker'] / 2**20)} |"
+            )
+    for r in rows:
+        if "cell_query_s" in r:
+            print(
+                f"| {_fmt(r['cells'])} | one-cell dropped-genes query | {r['cell_query_s']:.3f} | | | |"
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmarks and print a Markdown table (and write JSON with --out)."""
+    args = _parser().parse_args(argv)
     if args.accuracy:
         with tempfile.TemporaryDirectory() as tmp:
             for path in args.accuracy:
                 print(json.dumps(median_accuracy(path, tmp)))
         return 0
     stages = [s for s in args.stages.split(",") if s]
-    flow = [sys.executable, "-m", "flow.cli"]
-    cluster = [
-        "--workers",
-        str(args.workers),
-        "--threads-per-worker",
-        str(args.threads),
-        "--memory-limit",
-        args.memory_limit,
-        "-q",
-    ]
     root = args.workdir or tempfile.mkdtemp(prefix="flow-bench-")
     rows = []
     for n in args.cells:
         work = os.path.join(root, f"n{n}")
-        os.makedirs(work, exist_ok=True)
-        store, enc = os.path.join(work, "counts.zarr"), os.path.join(work, "encoding.zarr")
-        med = os.path.join(work, "medians.zarr")
-        result: dict[str, Any] = {
-            "cells": n,
-            "genes": args.genes,
-            "genes_per_cell": args.genes_per_cell,
-        }
-        t = time.perf_counter()
-        if "convert" in stages:
-            h5ad = os.path.join(work, "input.h5ad")
-            write_h5ad(h5ad, n, args.genes, seed=1, mean_genes=args.genes_per_cell)
-            result["generate_h5ad_s"] = time.perf_counter() - t
-            result["convert"] = run_stage([*flow, "convert", h5ad, "-o", store, "-q"])
-            os.remove(h5ad)
-        elif not (args.reuse and _same_store(store, n, args.genes)):
-            from .datasets import write_synthetic
-
-            write_synthetic(store, n, args.genes, seed=1, mean_genes=args.genes_per_cell)
-            result["generate_store_s"] = time.perf_counter() - t
-        commands = {
-            "medians": [*flow, "medians", store, "-o", med, *cluster],
-            "medians-exact": [
-                *flow,
-                "medians",
-                store,
-                "-o",
-                med + ".exact",
-                "--method",
-                "exact",
-                *cluster,
-            ],
-            "tokenize": [*flow, "tokenize", store, "-o", enc, "--medians", med, *cluster],
-            "export": [
-                *flow,
-                "export",
-                enc,
-                "-o",
-                os.path.join(work, "dataset"),
-                "--preset",
-                "V2",
-                *cluster,
-            ],
-            "drop-rates": [
-                *flow,
-                "drop-rates",
-                enc,
-                "--cutoff",
-                "2048",
-                "-o",
-                os.path.join(work, "rates.csv"),
-                *cluster,
-            ],
-        }
-        for old in (med, med + ".exact", enc, os.path.join(work, "dataset")):
-            shutil.rmtree(old, ignore_errors=True)  # never resume an earlier run's output
-        for stage, cmd in commands.items():
-            if stage in stages:
-                result[stage] = run_stage(cmd)
-        if "tokenize" in stages:
-            result["cell_query_s"] = _time_cell_queries(enc)
+        result = _bench_size(args, n, stages, work)
         rows.append(result)
         if args.out:
             with open(args.out, "a") as fh:
@@ -341,24 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         print(json.dumps(result), file=sys.stderr)
-    print(
-        "| cells | stage | seconds | cells/s | peak RSS (MiB) | driver / largest worker (MiB) |\n"
-        "|---:|---|---:|---:|---:|---:|"
-    )
-    for r in rows:
-        for stage in stages:
-            if stage in r:
-                s = r[stage]
-                print(
-                    f"| {_fmt(r['cells'])} | {stage} | {s['seconds']:.1f} | {_fmt(r['cells'] / s['seconds'])} | "
-                    f"{_fmt(s['peak_rss'] / 2**20)} | {_fmt(s['peak_rss_driver'] / 2**20)} / "
-                    f"{_fmt(s['peak_rss_worker'] / 2**20)} |"
-                )
-    for r in rows:
-        if "cell_query_s" in r:
-            print(
-                f"| {_fmt(r['cells'])} | one-cell dropped-genes query | {r['cell_query_s']:.3f} | | | |"
-            )
+    _print_table(rows, stages)
     if not args.keep and args.workdir is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -9,22 +9,30 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TextIO
 
 from dask import config as dask_config
 from dask.base import compute as dask_compute
+from dask.diagnostics.progress import ProgressBar
 from distributed import Client, LocalCluster, Variable, get_client, progress, wait
+from distributed.diagnostics.progressbar import TextProgressBar
 
 from .errors import FlowError
 
 __all__ = [
     "MEDIANS_MMAP_THRESHOLD",
+    "QUIET",
+    "Reporter",
     "SchedulerError",
+    "TextProgress",
     "compute",
     "current_client",
     "flow_client",
+    "lazy_client",
     "run_task",
     "worker_environ",
 ]
@@ -70,11 +78,59 @@ class SchedulerError(FlowError, ConnectionError):
 
 
 def current_client() -> Client | None:
-    """The ``distributed.Client`` in use (the current one), or None."""
+    """The ``distributed.Client`` in use (the current one), or None.
+
+    Inside :func:`lazy_client`, the first call starts (or connects to) its cluster.
+    """
+    client = _default_client()
+    if client is None and _PENDING:
+        return _PENDING[-1].client()
+    return client
+
+
+def _default_client() -> Client | None:
+    """distributed's default client, if one is set."""
     try:
         return get_client()
     except ValueError:
         return None
+
+
+class _LazyCluster:
+    """A cluster that :func:`flow_client` starts on first use, and closes with the block."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._stack = contextlib.ExitStack()
+        self._client: Client | None = None
+
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = self._stack.enter_context(flow_client(**self._options))
+        return self._client
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+_PENDING: list[_LazyCluster] = []
+
+
+@contextlib.contextmanager
+def lazy_client(**options: Any) -> Iterator[Callable[[], Client]]:
+    """:func:`flow_client`, started only when something is first computed in the block.
+
+    Commands check their arguments and read metadata first: a mistake is reported without
+    waiting for a cluster, and work that computes nothing (a dictionary import, a one-cell
+    query) starts none. Yields a function that returns the client, starting it if needed.
+    """
+    pending = _LazyCluster(**options)
+    _PENDING.append(pending)
+    try:
+        yield pending.client
+    finally:
+        _PENDING.remove(pending)
+        pending.close()
 
 
 @contextlib.contextmanager
@@ -107,7 +163,7 @@ def flow_client(
     if isinstance(scheduler, Client):
         yield scheduler
         return
-    existing = current_client() if scheduler is None else None
+    existing = _default_client() if scheduler is None else None
     if existing is not None:
         yield existing
         return
@@ -150,26 +206,75 @@ def _announce(client: Client, quiet: bool, what: str) -> None:
 def compute(*collections: Any, quiet: bool = True, label: str = "") -> tuple[Any, ...]:
     """Compute Dask collections on the current client (or dask's default scheduler).
 
-    With ``quiet=False`` a progress bar is drawn on standard error while they run.
+    With ``quiet=False`` progress is shown on standard error while they run: a progress bar
+    on a terminal, plain lines at a modest rate (every 10% or 30 s) in a log file.
     """
     client = current_client()
+    if not quiet and label:
+        print(label, file=sys.stderr)
     if client is None:
         if quiet:
             return tuple(dask_compute(*collections))
-        from dask.diagnostics.progress import ProgressBar
-
-        if label:
-            print(label, file=sys.stderr)
-        with ProgressBar(out=sys.stderr):
+        bar = ProgressBar(out=sys.stderr) if _on_terminal() else _LocalLogProgress(label)
+        with bar:
             return tuple(dask_compute(*collections))
     futures = client.compute(list(collections))
     if not quiet:
-        if label:
-            print(label, file=sys.stderr)
-        with contextlib.redirect_stdout(sys.stderr):
-            progress(futures, notebook=False)
-        print(file=sys.stderr)
+        if _on_terminal():
+            with contextlib.redirect_stdout(sys.stderr):
+                progress(futures, notebook=False)
+            print(file=sys.stderr)
+        else:
+            _LogProgressBar(futures, label=label)
     return tuple(client.gather(futures))
+
+
+def _on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+class _Throttle:
+    """Decides when a plain progress line is worth printing (every 10% or 30 s)."""
+
+    STEP, SECONDS = 10, 30.0
+
+    def __init__(self, label: str) -> None:
+        self.label = label or "progress"
+        self.last_pct, self.last_time = -self.STEP, time.monotonic()
+
+    def line(self, pct: int, what: str, *, final: bool = False) -> None:
+        now = time.monotonic()
+        due = pct >= self.last_pct + self.STEP or now - self.last_time >= self.SECONDS
+        if (due or final) and pct != self.last_pct:
+            print(f"{self.label}: {what} ({pct}%)", file=sys.stderr, flush=True)
+            self.last_pct, self.last_time = pct, now
+
+
+class _LogProgressBar(TextProgressBar):
+    """distributed's text progress bar, as plain lines for a log file."""
+
+    def __init__(self, keys: Any, *, label: str, **kwargs: Any) -> None:
+        self._throttle = _Throttle(label)
+        super().__init__(keys, **kwargs)
+
+    def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:
+        done = all - remaining
+        pct = int(100 * done / all) if all else 100
+        self._throttle.line(pct, f"{done:,}/{all:,} tasks", final=remaining == 0)
+
+    def _draw_stop(self, **kwargs: Any) -> None:
+        return None
+
+
+class _LocalLogProgress(ProgressBar):
+    """dask's local progress bar, as plain lines for a log file."""
+
+    def __init__(self, label: str) -> None:
+        super().__init__(out=sys.stderr)
+        self._throttle = _Throttle(label)
+
+    def _draw_bar(self, frac: float, elapsed: float) -> None:
+        self._throttle.line(int(100 * frac), f"{elapsed:.0f} s elapsed", final=frac >= 1)
 
 
 def run_task(
@@ -211,3 +316,58 @@ def _report_progress(
 ) -> Any:
     """The task of :func:`run_task`: call ``func``, keeping its latest progress in ``latest``."""
     return func(*args, progress=lambda done, total: latest.set((done, total)), **kwargs)
+
+
+class TextProgress:
+    """A one-line progress counter on standard error, for work done in the driver process."""
+
+    def __init__(self, label: str, *, quiet: bool = False) -> None:
+        self.label = label
+        self.quiet = quiet
+        self._last = -1
+        self._log = None if _on_terminal() else _Throttle(label)
+
+    def __call__(self, done: int, total: int) -> None:
+        """Report ``done`` of ``total`` cells (in a log file: a plain line now and then)."""
+        if self.quiet:
+            return
+        pct = int(100 * done / total) if total else 100
+        if self._log is not None:
+            self._log.line(pct, f"{done:,}/{total:,} cells", final=done >= total)
+        elif pct != self._last:
+            self._last = pct
+            end = "\n" if done >= total else ""
+            print(f"\r{self.label}: {done:,}/{total:,} cells ({pct}%)", end=end, file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class Reporter:
+    """How a long piece of work talks to its user: one object, passed down from the edge.
+
+    Parameters
+    ----------
+    quiet
+        No progress bars (and no dashboard link where a cluster is started).
+    messages
+        Where :meth:`say` writes one-line messages about each step (None: nowhere).
+    """
+
+    quiet: bool = True
+    messages: TextIO | None = None
+
+    def say(self, text: str) -> None:
+        """Tell the user what is happening (a line on :attr:`messages`, if any)."""
+        if self.messages is not None:
+            print(text, file=self.messages)
+
+    def progress(self, label: str) -> Callable[[int, int], None]:
+        """A ``progress(done, total)`` callback for cells processed in this process."""
+        return TextProgress(label, quiet=self.quiet)
+
+    def compute(self, *collections: Any, label: str = "") -> tuple[Any, ...]:
+        """:func:`compute` the collections, with a progress bar unless :attr:`quiet`."""
+        return compute(*collections, quiet=self.quiet, label=label)
+
+
+#: A reporter that says nothing (the default of library calls).
+QUIET = Reporter()

@@ -16,16 +16,14 @@ import os
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from .ingest._source import SourceInfo
-
-if TYPE_CHECKING:
-    from .store import CountStore
+from .store import DEFAULT_BLOCK_SIZE, CountStore, write_counts
 
 __all__ = ["SyntheticCounts", "synthetic_counts", "write_synthetic"]
 
@@ -160,6 +158,21 @@ class SyntheticCounts:
         if n_pending:
             yield sp.vstack(pending, format="csr")
 
+    #: Any range of cells is generated on its own (see :meth:`read_rows`).
+    supports_ranges: ClassVar[bool] = True
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Cells ``start:stop`` as CSR, generating only the seeded chunks that hold them."""
+        if not 0 <= start <= stop <= self.n_cells:
+            msg = f"rows {start}:{stop} are not a range of the {self.n_cells} cells."
+            raise ValueError(msg)
+        first = start // RNG_CHUNK
+        chunks = [self._chunk(c) for c in range(first, -(-stop // RNG_CHUNK))]
+        if not chunks:
+            return sp.csr_matrix((0, self.n_genes), dtype=np.int32)
+        offset = first * RNG_CHUNK
+        return sp.vstack(chunks, format="csr")[start - offset : stop - offset]
+
     def to_dense(self) -> np.ndarray:
         """The whole matrix as a dense array (for tests on small sizes)."""
         blocks = list(self.iter_blocks(max(self.n_cells, 1)))
@@ -197,7 +210,6 @@ def write_synthetic(
     ...     store.counts.shape
     (600, 300)
     """
-    from .store import DEFAULT_BLOCK_SIZE, write_counts
 
     source = synthetic_counts(n_cells, n_genes, seed=seed, **kwargs)
     return write_counts(

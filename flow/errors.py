@@ -38,6 +38,10 @@ class IncompleteStoreError(FlowError, RuntimeError):
     """A store was not finished (its writer was stopped); rerun the same command to finish it."""
 
 
+class OutputExistsError(FlowError, FileExistsError):
+    """The output path holds something a run would replace (pass ``overwrite`` to allow it)."""
+
+
 class VocabularyError(FlowError, ValueError):
     """Gene identifiers and the vocabulary or median set do not fit together."""
 

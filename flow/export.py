@@ -5,11 +5,13 @@ first ``L`` tokens of each cell (V1), or ``<cls>``, the first ``L - 2`` tokens a
 (V2), exactly as upstream Geneformer truncates (``input_ids[0:L-2]``, then ``<cls>`` inserted
 first and ``<eos>`` last). Only the rank columns the model needs are read.
 
-:func:`write_model_dataset` is a writer (a documented compute boundary). Every cell block is
-one Dask task that writes its own shard file from its own block; nothing is built in memory
-whole. A last task removes stale shards of a previous run and writes the small metadata files,
-after all shards exist. The Hugging Face layout is the one ``datasets.Dataset.save_to_disk``
-writes, so ``datasets.load_from_disk(path)`` opens it::
+:func:`write_model_dataset` is the export stage: an opened encoding store and a preset in, a
+dataset directory out. :func:`write_model_arrays` does the same from plain Dask arrays (any
+tokens, lengths and per-cell columns). Both are writers (a documented compute boundary). Every
+cell block is one Dask task that writes its own shard file from its own block; nothing is
+built in memory whole. A last task removes stale shards of a previous run and writes the
+small metadata files, after all shards exist. The Hugging Face layout is the one
+``datasets.Dataset.save_to_disk`` writes, so ``datasets.load_from_disk(path)`` opens it::
 
     path/
         data-00000-of-000NN.arrow    Arrow IPC *stream* files, one per cell block
@@ -28,152 +30,54 @@ cell metadata columns. The export does not import ``datasets``.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import dask.array as da
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 
-from . import __version__
-from ._io import store_url
-from .errors import ChunkingError, InputError
+from ._export_arrow import (
+    BATCH_ROWS,
+    RESERVED,
+    ModelInput,
+    block_batches,
+    column_type,
+    export_schema,
+    features,
+    model_input_arrays,
+)
+from ._location import Location, LocationLike
+from ._version import __version__
+from .errors import ChunkingError
 
 if TYPE_CHECKING:
-    import numpy.typing as npt
+    from .encode.store import EncodingStore
+    from .vocab import Preset
 
-__all__ = ["model_input_block", "write_model_dataset"]
+__all__ = ["BATCH_ROWS", "model_input_block", "write_model_arrays", "write_model_dataset"]
 
 ExportFormat = Literal["hf", "parquet"]
 
-#: Rows per Arrow record batch / Parquet row group (``datasets``' default writer batch size).
-BATCH_ROWS = 1000
-
-_INT32_MAX = int(np.iinfo(np.int32).max)
 _INFO_FILE = "dataset_info.json"  # datasets.config.DATASET_INFO_FILENAME
 _STATE_FILE = "state.json"  # datasets.config.DATASET_STATE_JSON_FILENAME
 _SUCCESS_FILE = "_SUCCESS"
-_RESERVED = frozenset({"input_ids", "length"})
 _SHARD_PATTERNS = {
     "hf": re.compile(r"data-\d{5,}-of-\d{5,}\.arrow"),
     "parquet": re.compile(r"part-\d{5,}\.parquet"),
 }
 _MARKERS = (_STATE_FILE, _INFO_FILE, _SUCCESS_FILE)
 
-# Arrow type -> ``datasets.Value`` dtype name (``str(pa.float32())`` is "float", not "float32").
-_VALUE_DTYPES: dict[pa.DataType, str] = {
-    pa.bool_(): "bool",
-    pa.int8(): "int8",
-    pa.int16(): "int16",
-    pa.int32(): "int32",
-    pa.int64(): "int64",
-    pa.uint8(): "uint8",
-    pa.uint16(): "uint16",
-    pa.uint32(): "uint32",
-    pa.uint64(): "uint64",
-    pa.float16(): "float16",
-    pa.float32(): "float32",
-    pa.float64(): "float64",
-    pa.string(): "string",
-}
-_IDS_TYPE = pa.int32()
-_LENGTH_TYPE = pa.int64()
-
 
 # --------------------------------------------------------------------------------------------
-# numpy kernel
+# numpy kernel (the pure kernels are in flow._export_arrow)
 # --------------------------------------------------------------------------------------------
-
-
-def _parse_specials(input_size: int, cls: int | None, eos: int | None) -> int:
-    """Validate the input size and special tokens; return the number of special tokens."""
-    if isinstance(input_size, bool) or not isinstance(input_size, int | np.integer):
-        msg = f"input_size must be an int, got {type(input_size).__name__}"
-        raise TypeError(msg)
-    if (cls is None) != (eos is None):
-        msg = (
-            f"give both cls and eos (V2 models: <cls> first, <eos> last) or neither (V1), "
-            f"got cls={cls!r}, eos={eos!r}"
-        )
-        raise ValueError(msg)
-    n_special = 0 if cls is None else 2
-    for name, tok in (("cls", cls), ("eos", eos)):
-        if tok is not None and not (0 <= int(tok) <= _INT32_MAX):
-            msg = f"{name} must be a token ID in [0, {_INT32_MAX}], got {tok!r}"
-            raise ValueError(msg)
-    if input_size < n_special + 1:
-        kind = (
-            "with <cls> and <eos> (at least 3: two special tokens and one gene)"
-            if n_special
-            else "(at least 1)"
-        )
-        msg = f"input_size {input_size} is too small {kind}"
-        raise ValueError(msg)
-    return n_special
-
-
-def _model_input_arrays(
-    tokens: np.ndarray,
-    lengths: np.ndarray,
-    *,
-    input_size: int,
-    cls: int | None,
-    eos: int | None,
-    row_offset: int = 0,
-) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
-    """Flat ``input_ids`` values (int32) and per-cell sizes (int64) of one block of cells.
-
-    ``values[sum(sizes[:i]) : sum(sizes[:i + 1])]`` is cell ``i``'s model input.
-    """
-    n_special = _parse_specials(input_size, cls, eos)
-    tokens = np.asarray(tokens)
-    lengths = np.asarray(lengths).reshape(-1)
-    if tokens.ndim != 2 or tokens.shape[0] != lengths.shape[0]:
-        msg = (
-            f"tokens must be (n_cells, width) with one length per cell, "
-            f"got {tokens.shape} and {lengths.shape}"
-        )
-        raise ValueError(msg)
-    rows, width = tokens.shape
-    genes = np.minimum(lengths.astype(np.int64, copy=False), input_size - n_special)
-    if rows and (genes.min() < 0 or genes.max() > width):
-        bad = int(np.flatnonzero((genes < 0) | (genes > width))[0])
-        msg = (
-            f"cell {row_offset + bad}: length {int(lengths[bad])} does not fit its ranking of "
-            f"{width} stored rank columns (the lengths do not belong to these tokens?)"
-        )
-        raise InputError(msg)
-    w = int(genes.max()) if rows else 0
-    # row-major boolean selection: cell by cell, each in rank order
-    gene_values = tokens[:, :w][np.arange(w) < genes[:, None]]
-    if (
-        gene_values.size
-        and not np.can_cast(gene_values.dtype, np.int32)
-        and (int(gene_values.max()) > _INT32_MAX or int(gene_values.min()) < 0)
-    ):
-        msg = (
-            f"cells {row_offset}..{row_offset + rows}: token IDs outside "
-            f"[0, {_INT32_MAX}] do not fit input_ids (int32)"
-        )
-        raise InputError(msg)
-    sizes = genes + n_special
-    if cls is None or eos is None:  # V1 (n_special == 0)
-        return gene_values.astype(np.int32, copy=False), sizes
-    ends = np.cumsum(sizes)
-    starts = ends - sizes
-    values = np.empty(int(ends[-1]) if rows else 0, dtype=np.int32)
-    is_gene = np.ones(values.shape[0], dtype=bool)
-    is_gene[starts] = False
-    is_gene[ends - 1] = False
-    values[is_gene] = gene_values
-    values[starts] = cls
-    values[ends - 1] = eos
-    return values, sizes
 
 
 def model_input_block(
@@ -229,117 +133,11 @@ def model_input_block(
     ... ]
     [[2, 7, 5, 3], [2, 3]]
     """
-    values, sizes = _model_input_arrays(tokens, lengths, input_size=input_size, cls=cls, eos=eos)
+    model = ModelInput(input_size, cls, eos)
+    values, sizes = model_input_arrays(tokens, lengths, model=model)
     if not sizes.shape[0]:
         return []
     return np.split(values, np.cumsum(sizes)[:-1])
-
-
-# --------------------------------------------------------------------------------------------
-# Arrow tables of one block
-# --------------------------------------------------------------------------------------------
-
-
-def _column_type(name: str, col: np.ndarray | da.Array) -> pa.DataType:
-    """The Arrow type of a carried column (str, int, float or bool), checked at call time."""
-    kind = col.dtype.kind
-    typ: pa.DataType | None = None
-    if kind in "biuf":
-        typ = pa.from_numpy_dtype(col.dtype)
-    elif kind == "U":
-        typ = pa.string()
-    elif kind == "O":
-        if isinstance(col, da.Array):
-            typ = pa.string()  # cannot look inside without computing: strings, checked per block
-        else:
-            try:
-                typ = pa.array(col, from_pandas=True).type
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-                msg = f"column {name!r}: object values must be all str, int, float or bool"
-                raise TypeError(msg) from err
-            if pa.types.is_null(typ):
-                typ = pa.string()
-    if typ not in _VALUE_DTYPES:
-        msg = (
-            f"column {name!r} has dtype {col.dtype}; carried columns must be str, int, "
-            f"float or bool"
-        )
-        raise TypeError(msg)
-    return typ
-
-
-def _features(schema: pa.Schema) -> dict[str, Any]:
-    """``datasets`` features (as in ``dataset_info.json``) of the export schema."""
-    feats: dict[str, Any] = {}
-    for field in schema:
-        if field.name == "input_ids":
-            feats[field.name] = {
-                "feature": {"dtype": _VALUE_DTYPES[_IDS_TYPE], "_type": "Value"},
-                "_type": "List",
-            }
-        else:
-            feats[field.name] = {"dtype": _VALUE_DTYPES[field.type], "_type": "Value"}
-    return feats
-
-
-def _export_schema(column_types: Mapping[str, pa.DataType]) -> pa.Schema:
-    fields = [pa.field("input_ids", pa.list_(_IDS_TYPE)), pa.field("length", _LENGTH_TYPE)]
-    fields += [pa.field(name, typ) for name, typ in column_types.items()]
-    schema = pa.schema(fields)
-    # The same schema metadata datasets' ArrowWriter writes: it restores the features on load.
-    meta = {"info": {"features": _features(schema)}}
-    return schema.with_metadata({"huggingface": json.dumps(meta)})
-
-
-def _block_batches(
-    tokens: np.ndarray,
-    lengths: np.ndarray,
-    keep: np.ndarray | None,
-    columns: Mapping[str, np.ndarray],
-    *,
-    schema: pa.Schema,
-    input_size: int,
-    cls: int | None,
-    eos: int | None,
-    row_offset: int,
-) -> list[pa.RecordBatch]:
-    """Record batches of at most :data:`BATCH_ROWS` kept cells of one block."""
-    lengths = np.asarray(lengths).reshape(-1)
-    rows = np.arange(lengths.shape[0])
-    if keep is not None:
-        rows = np.flatnonzero(np.asarray(keep, dtype=bool).reshape(-1))
-    batches = []
-    for start in range(0, max(rows.shape[0], 1), BATCH_ROWS):
-        sel = rows[start : start + BATCH_ROWS]
-        first = int(sel[0]) + row_offset if sel.size else row_offset
-        whole = keep is None and sel.size == lengths.shape[0]
-        values, sizes = _model_input_arrays(
-            tokens if whole else tokens[sel],
-            lengths if whole else lengths[sel],
-            input_size=input_size,
-            cls=cls,
-            eos=eos,
-            row_offset=first,
-        )
-        offsets = np.zeros(sizes.shape[0] + 1, dtype=np.int32)
-        np.cumsum(sizes, out=offsets[1:])
-        arrays = [
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=_IDS_TYPE)),
-            pa.array(sizes, type=_LENGTH_TYPE),
-        ]
-        for field in schema:
-            if field.name in _RESERVED:
-                continue
-            col = np.asarray(columns[field.name])
-            try:
-                arrays.append(
-                    pa.array(col if whole else col[sel], type=field.type, from_pandas=True)
-                )
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-                msg = f"column {field.name!r}, cells from {first}: values are not {field.type}"
-                raise InputError(msg) from err
-        batches.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
-    return batches
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,23 +145,25 @@ def _block_batches(
 # --------------------------------------------------------------------------------------------
 
 
-def _fs(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
-    import fsspec
+@dataclass(frozen=True)
+class _ShardSpec:
+    """What every task of one export shares: where, which format, the schema, the model."""
 
-    options = {} if "://" not in url or url.startswith("file://") else dict(storage_options or {})
-    fs, root = fsspec.core.url_to_fs(url, **options)
-    return fs, str(root)
+    location: Location
+    fmt: ExportFormat
+    schema: pa.Schema
+    model: ModelInput
 
 
-def _prepare_dir(url: str, storage_options: Mapping[str, Any] | None) -> str:
+def _prepare_dir(location: Location) -> str:
     """Create the directory and remove the completion markers: a killed run is never complete."""
-    fs, root = _fs(url, storage_options)
+    fs, root = location.fs()
     fs.makedirs(root, exist_ok=True)
     for name in _MARKERS:
         path = posixpath.join(root, name)
         if fs.exists(path):
             fs.rm(path)
-    return url
+    return location.url
 
 
 def _write_shard(
@@ -373,66 +173,43 @@ def _write_shard(
     columns: dict[str, np.ndarray],
     ready: str,
     *,
+    spec: _ShardSpec,
     name: str,
-    fmt: ExportFormat,
-    schema: pa.Schema,
-    input_size: int,
-    cls: int | None,
-    eos: int | None,
     row_offset: int,
-    storage_options: Mapping[str, Any] | None,
 ) -> int:
-    """Write one cell block's shard file; return the number of rows written."""
-    batches = _block_batches(
-        tokens,
-        lengths,
-        keep,
-        columns,
-        schema=schema,
-        input_size=input_size,
-        cls=cls,
-        eos=eos,
-        row_offset=row_offset,
+    """Write one cell block's shard file (after ``ready``: the directory is prepared); return
+    the number of rows written."""
+    batches = block_batches(
+        tokens, lengths, keep, columns, schema=spec.schema, model=spec.model, row_offset=row_offset
     )
-    fs, root = _fs(ready, storage_options)
+    fs, root = spec.location.fs()
     with fs.open(posixpath.join(root, name), "wb") as sink:
-        if fmt == "hf":
-            with pa.ipc.new_stream(sink, schema) as writer:
+        if spec.fmt == "hf":
+            with pa.ipc.new_stream(sink, spec.schema) as writer:
                 for batch in batches:
                     if batch.num_rows:
                         writer.write_batch(batch)
         else:
-            import pyarrow.parquet as pq
-
-            with pq.ParquetWriter(sink, schema) as pwriter:
+            with pq.ParquetWriter(sink, spec.schema) as pwriter:
                 for batch in batches:
                     if batch.num_rows:
                         pwriter.write_batch(batch)
     return sum(batch.num_rows for batch in batches)
 
 
-def _finalize(
-    n_rows: list[int],
-    *,
-    url: str,
-    fmt: ExportFormat,
-    names: list[str],
-    schema: pa.Schema,
-    fingerprint: str,
-    description: str,
-    storage_options: Mapping[str, Any] | None,
-) -> str:
-    """After all shards: remove stale shards, then write the metadata files (last)."""
-    fs, root = _fs(url, storage_options)
+def _finalize(n_rows: list[int], *, spec: _ShardSpec, names: list[str], fingerprint: str) -> str:
+    """After all shards (``n_rows``: what each wrote): remove stale shards, then write the
+    metadata files (last)."""
+    fs, root = spec.location.fs()
     current = set(names)
     for entry in fs.ls(root, detail=False):
         base = posixpath.basename(str(entry).rstrip("/"))
         if base not in current and any(p.fullmatch(base) for p in _SHARD_PATTERNS.values()):
             fs.rm(posixpath.join(root, base))
-    if fmt == "parquet":
+    if spec.fmt == "parquet":
         with fs.open(posixpath.join(root, _SUCCESS_FILE), "wb"):
             pass
-        return url
+        return spec.location.url
     state: dict[str, Any] = {
         "_data_files": [{"filename": name} for name in names],
         "_fingerprint": fingerprint,
@@ -444,8 +221,8 @@ def _finalize(
     }
     info = {
         "citation": "",
-        "description": description,
-        "features": _features(schema),
+        "description": spec.model.describe(),
+        "features": features(spec.schema),
         "homepage": "",
         "license": "",
     }
@@ -453,11 +230,11 @@ def _finalize(
         json.dump(state, f, indent=2, sort_keys=True)
     with fs.open(posixpath.join(root, _INFO_FILE), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=2)
-    return url
+    return spec.location.url
 
 
 # --------------------------------------------------------------------------------------------
-# argument parsing and dask wiring
+# argument parsing
 # --------------------------------------------------------------------------------------------
 
 
@@ -515,10 +292,165 @@ def _shard_names(fmt: ExportFormat, n_blocks: int) -> list[str]:
     return [f"part-{i:05d}.parquet" for i in range(n_blocks)]
 
 
-def write_model_dataset(
+def _parse_lengths(lengths: da.Array | np.ndarray, tokens: da.Array) -> da.Array:
+    """``lengths`` as a dask array on the cell chunks of ``tokens`` (numpy is split so)."""
+    cell_chunks = tuple(int(c) for c in tokens.chunks[0])
+    n_cells = int(tokens.shape[0])
+    out: da.Array
+    if isinstance(lengths, da.Array):
+        out = lengths
+        if lengths.ndim != 1 or lengths.shape[0] != n_cells:
+            msg = f"lengths must be (cell,) with {n_cells} cells, got shape {lengths.shape}"
+            raise ValueError(msg)
+        if tuple(lengths.chunks[0]) != cell_chunks:
+            msg = (
+                f"lengths and tokens must have the same cell chunks, got {lengths.chunks[0]} and "
+                f"{tokens.chunks[0]}. Try lengths.rechunk(tokens.chunks[0])"
+            )
+            raise ChunkingError(msg)
+    else:
+        out = da.from_array(_cell_array("lengths", lengths, cell_chunks), chunks=(cell_chunks,))
+    if not np.issubdtype(out.dtype, np.integer):
+        msg = f"lengths must be integers, got dtype {out.dtype}"
+        raise TypeError(msg)
+    return out
+
+
+def _parse_keep(
+    keep: np.ndarray | da.Array | None, cell_chunks: tuple[int, ...]
+) -> np.ndarray | da.Array | None:
+    if keep is None:
+        return None
+    out = _cell_array("keep", keep, cell_chunks)
+    if out.dtype != bool:
+        msg = f"keep must be boolean (one per cell), got dtype {out.dtype}"
+        raise TypeError(msg)
+    return out
+
+
+def _parse_columns(
+    columns: Mapping[str, np.ndarray | da.Array] | None, cell_chunks: tuple[int, ...]
+) -> dict[str, np.ndarray | da.Array]:
+    out: dict[str, np.ndarray | da.Array] = {}
+    for name, col in (columns or {}).items():
+        if not isinstance(name, str) or name in RESERVED:
+            msg = (
+                f"column name {name!r} is reserved or not a string: rename it "
+                f"(input_ids and length are the model input)"
+            )
+            raise ValueError(msg)
+        out[name] = _cell_array(f"column {name!r}", col, cell_chunks)
+    return out
+
+
+@dataclass(frozen=True)
+class _CellInputs:
+    """The checked inputs of an export: tokens, and per-cell arrays along its cell chunks."""
+
+    tokens: da.Array
+    lengths: da.Array
+    keep: np.ndarray | da.Array | None
+    columns: dict[str, np.ndarray | da.Array]
+
+    @classmethod
+    def parse(
+        cls,
+        tokens: da.Array,
+        lengths: da.Array | np.ndarray,
+        keep: np.ndarray | da.Array | None,
+        columns: Mapping[str, np.ndarray | da.Array] | None,
+    ) -> _CellInputs:
+        """Check shapes, dtypes and chunks at call time (nothing is computed)."""
+        tokens = _parse_tokens(tokens)
+        cell_chunks = tuple(int(c) for c in tokens.chunks[0])
+        return cls(
+            tokens=tokens,
+            lengths=_parse_lengths(lengths, tokens),
+            keep=_parse_keep(keep, cell_chunks),
+            columns=_parse_columns(columns, cell_chunks),
+        )
+
+    @property
+    def cell_chunks(self) -> tuple[int, ...]:
+        """Cells per block: one shard is written per block."""
+        return tuple(int(c) for c in self.tokens.chunks[0])
+
+    def schema(self) -> pa.Schema:
+        """The export's Arrow schema (raises TypeError for a column of another type)."""
+        return export_schema({name: column_type(name, c) for name, c in self.columns.items()})
+
+    def head(self, model: ModelInput) -> da.Array:
+        """The rank columns the model reads, one chunk along rank (lazy; no other is read)."""
+        width = min(model.max_genes, int(self.tokens.shape[1]))
+        head = self.tokens[:, :width]
+        if head.numblocks[1] != 1:
+            head = head.rechunk({1: -1})  # concatenates the few rank chunks of each block
+        return head
+
+
+# --------------------------------------------------------------------------------------------
+# dask wiring and the writers
+# --------------------------------------------------------------------------------------------
+
+
+def _export_graph(
+    cells: _CellInputs, location: Location, fmt: ExportFormat, model: ModelInput
+) -> Delayed:
+    """The lazy export: prepare the directory, one shard task per cell block, then finalize."""
+    schema = cells.schema()
+    head = cells.head(model)
+    url = location.url
+    token = tokenize(
+        head,
+        cells.lengths,
+        cells.keep,
+        cells.columns,
+        url,
+        fmt,
+        model.input_size,
+        model.cls,
+        model.eos,
+        __version__,
+    )
+    chunks = cells.cell_chunks
+    names = _shard_names(fmt, len(chunks))
+    spec = _ShardSpec(Location(url, location.storage_options), fmt, schema, model)
+    ready = delayed(_prepare_dir, pure=True)(
+        spec.location, dask_key_name=f"flow-export-prepare-{token}"
+    )
+    token_parts = head.to_delayed().ravel()
+    length_parts = cells.lengths.to_delayed().ravel()
+    keep_parts = [None] * len(chunks) if cells.keep is None else _cell_parts(cells.keep, chunks)
+    col_parts = {name: _cell_parts(col, chunks) for name, col in cells.columns.items()}
+    offsets = np.cumsum((0, *chunks))
+    shards = [
+        delayed(_write_shard, pure=True)(
+            token_parts[i],
+            length_parts[i],
+            keep_parts[i],
+            {name: parts[i] for name, parts in col_parts.items()},
+            ready,
+            spec=spec,
+            name=names[i],
+            row_offset=int(offsets[i]),
+            dask_key_name=(f"flow-export-shard-{token}", i),
+        )
+        for i in range(len(chunks))
+    ]
+    result: Delayed = delayed(_finalize, pure=True)(
+        shards,
+        spec=spec,
+        names=names,
+        fingerprint=token[:16],
+        dask_key_name=f"flow-export-finalize-{token}",
+    )
+    return result
+
+
+def write_model_arrays(
     tokens: da.Array,
     lengths: da.Array | np.ndarray,
-    path: str | os.PathLike[str],
+    output: LocationLike,
     *,
     input_size: int,
     cls: int | None = None,
@@ -526,10 +458,11 @@ def write_model_dataset(
     keep: np.ndarray | da.Array | None = None,
     columns: Mapping[str, np.ndarray | da.Array] | None = None,
     format: ExportFormat = "hf",
-    compute: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    compute: bool = True,
 ) -> str | Delayed:
-    """Write the model input of an encoding as a Hugging Face dataset or Parquet directory.
+    """Write the model input of rankings given as arrays as a Hugging Face dataset or Parquet
+    directory (:func:`write_model_dataset` does it from an encoding store and a preset).
 
     This is a writer: with ``compute=True`` (default) it runs the export on the current Dask
     scheduler and returns when the directory is complete. Each cell block is one task
@@ -547,10 +480,10 @@ def write_model_dataset(
     lengths
         ``(cell,)`` ranked genes per cell. A dask array must have the cell chunks of
         ``tokens``; a numpy array is split along them.
-    path
-        Output directory (local path or fsspec URL such as ``s3://bucket/prefix``). Created
-        if missing. The directory belongs to the export: shard files and metadata files of a
-        previous export there are replaced; other files are left alone.
+    output
+        Output directory (a :class:`~flow._location.Location`, local path or fsspec URL such
+        as ``s3://bucket/prefix``), created if missing. Shard and metadata files of a previous
+        export there are replaced; other files are left alone.
     input_size
         Model input size, special tokens included (2,048 for V1 models, 4,096 for V2).
     cls, eos
@@ -562,11 +495,10 @@ def write_model_dataset(
         Carried cell metadata, one value per cell (str, int, float or bool), written after
         ``input_ids`` and ``length`` under their names.
     format
-        ``"hf"``: a directory that ``datasets.load_from_disk`` opens (what
-        ``Dataset.save_to_disk`` writes: ``data-00000-of-000NN.arrow`` Arrow stream shards,
-        ``dataset_info.json``, ``state.json``). ``"parquet"``: ``part-00000.parquet`` ...
-        and a ``_SUCCESS`` marker, read by ``pyarrow.parquet.read_table`` and
-        ``pandas.read_parquet``.
+        ``"hf"``: what ``Dataset.save_to_disk`` writes (``datasets.load_from_disk`` opens it);
+        ``"parquet"``: Parquet parts and a ``_SUCCESS`` marker (layouts: see :mod:`flow.export`).
+    storage_options
+        fsspec options of a URL; used only when ``output`` is not a Location.
     compute
         If False, return a :class:`dask.delayed.Delayed` that does the whole export (shards,
         then metadata) when computed; building it reads and writes nothing.
@@ -603,7 +535,7 @@ def write_model_dataset(
     ... )
     >>> lengths = da.from_array(np.array([3, 1, 2], np.int32), chunks=2)
     >>> with tempfile.TemporaryDirectory() as tmp:
-    ...     out = write_model_dataset(
+    ...     out = write_model_arrays(
     ...         tokens, lengths, tmp, input_size=4, cls=2, eos=3, format="parquet"
     ...     )
     ...     import pyarrow.parquet as pq
@@ -612,100 +544,70 @@ def write_model_dataset(
     [[2, 7, 5, 3], [2, 4, 3], [2, 6, 8, 3]]
     """
     fmt = _parse_format(format)
-    n_special = _parse_specials(input_size, cls, eos)
-    tokens = _parse_tokens(tokens)
-    cell_chunks = tuple(int(c) for c in tokens.chunks[0])
-    n_cells = int(tokens.shape[0])
-    lengths_da: da.Array
-    if isinstance(lengths, da.Array):
-        lengths_da = lengths
-        if lengths.ndim != 1 or lengths.shape[0] != n_cells:
-            msg = f"lengths must be (cell,) with {n_cells} cells, got shape {lengths.shape}"
-            raise ValueError(msg)
-        if tuple(lengths.chunks[0]) != cell_chunks:
-            msg = (
-                f"lengths and tokens must have the same cell chunks, got {lengths.chunks[0]} and "
-                f"{tokens.chunks[0]}. Try lengths.rechunk(tokens.chunks[0])"
-            )
-            raise ChunkingError(msg)
-    else:
-        lengths_da = da.from_array(
-            _cell_array("lengths", lengths, cell_chunks), chunks=(cell_chunks,)
-        )
-    if not np.issubdtype(lengths_da.dtype, np.integer):
-        msg = f"lengths must be integers, got dtype {lengths_da.dtype}"
-        raise TypeError(msg)
-    keep_arr = None
-    if keep is not None:
-        keep_arr = _cell_array("keep", keep, cell_chunks)
-        if keep_arr.dtype != bool:
-            msg = f"keep must be boolean (one per cell), got dtype {keep_arr.dtype}"
-            raise TypeError(msg)
-    cols: dict[str, np.ndarray | da.Array] = {}
-    for name, col in (columns or {}).items():
-        if not isinstance(name, str) or name in _RESERVED:
-            msg = (
-                f"column name {name!r} is reserved or not a string: rename it "
-                f"(input_ids and length are the model input)"
-            )
-            raise ValueError(msg)
-        cols[name] = _cell_array(f"column {name!r}", col, cell_chunks)
-    schema = _export_schema({name: _column_type(name, col) for name, col in cols.items()})
-
-    # Lazy head of the ranking: only the rank chunks the model reads, one chunk along rank.
-    width = min(input_size - n_special, int(tokens.shape[1]))
-    head = tokens[:, :width]
-    if head.numblocks[1] != 1:
-        head = head.rechunk({1: -1})  # concatenates the few rank chunks of each block
-    url = store_url(path)
-    token = tokenize(head, lengths_da, keep_arr, cols, url, fmt, input_size, cls, eos, __version__)
-    names = _shard_names(fmt, len(cell_chunks))
-
-    options = dict(storage_options) if storage_options else None
-    ready = delayed(_prepare_dir, pure=True)(
-        url, options, dask_key_name=f"flow-export-prepare-{token}"
-    )
-    token_parts = head.to_delayed().ravel()
-    length_parts = lengths_da.to_delayed().ravel()
-    keep_parts = (
-        _cell_parts(keep_arr, cell_chunks) if keep_arr is not None else [None] * len(cell_chunks)
-    )
-    col_parts = {name: _cell_parts(col, cell_chunks) for name, col in cols.items()}
-    offsets = np.cumsum((0, *cell_chunks))
-    shards = [
-        delayed(_write_shard, pure=True)(
-            token_parts[i],
-            length_parts[i],
-            keep_parts[i],
-            {name: parts[i] for name, parts in col_parts.items()},
-            ready,
-            name=names[i],
-            fmt=fmt,
-            schema=schema,
-            input_size=input_size,
-            cls=cls,
-            eos=eos,
-            row_offset=int(offsets[i]),
-            storage_options=options,
-            dask_key_name=(f"flow-export-shard-{token}", i),
-        )
-        for i in range(len(cell_chunks))
-    ]
-    description = (
-        f"Geneformer model input written by flow {__version__}: input_size={input_size}, "
-        f"cls={cls}, eos={eos}"
-    )
-    result: Delayed = delayed(_finalize, pure=True)(
-        shards,
-        url=url,
-        fmt=fmt,
-        names=names,
-        schema=schema,
-        fingerprint=token[:16],
-        description=description,
-        storage_options=options,
-        dask_key_name=f"flow-export-finalize-{token}",
-    )
+    model = ModelInput(input_size, cls, eos)
+    cells = _CellInputs.parse(tokens, lengths, keep, columns)
+    graph = _export_graph(cells, Location.of(output, storage_options), fmt, model)
     if compute:
-        return str(result.compute())
-    return result
+        return str(graph.compute())
+    return graph
+
+
+def write_model_dataset(
+    enc: EncodingStore,
+    output: LocationLike,
+    *,
+    preset: Preset,
+    format: ExportFormat = "hf",
+    storage_options: Mapping[str, Any] | None = None,
+    compute: bool = True,
+) -> str | Delayed:
+    """Write the model input of an encoding store, as ``preset`` defines it, as a Hugging Face
+    dataset or Parquet directory: the export stage.
+
+    A writer, as :func:`write_model_arrays` (which it calls): with ``compute=True`` (default)
+    it runs the export on the current Dask scheduler; with ``compute=False`` it returns the
+    lazy :class:`~dask.delayed.Delayed` and reads and writes nothing. Each cell block of the
+    store is one shard task that reads only the first rank columns the preset needs, and the
+    block's length, ``filter_pass`` and carried columns (lazy per-cell arrays).
+
+    Parameters
+    ----------
+    enc
+        An opened encoding store (:func:`flow.encode.store.open_encoding`).
+    output
+        Output directory (a :class:`~flow._location.Location`, local path or fsspec URL).
+        Shard and metadata files of a previous export there are replaced.
+    preset
+        Input size and special tokens (:func:`flow.vocab.resolve_preset`): V2 puts the
+        encoding's ``<cls>`` first and ``<eos>`` last.
+    format
+        ``"hf"`` (``datasets.load_from_disk``) or ``"parquet"``.
+    storage_options
+        fsspec options of a URL; used only when ``output`` is not a Location.
+    compute
+        If False, return the lazy export (a Delayed returning the output directory).
+
+    Returns
+    -------
+    str or Delayed
+        The output directory as an absolute path or URL (or a Delayed returning it).
+
+    Raises
+    ------
+    VocabularyError
+        The preset needs special tokens (``<cls>``, ``<eos>``) the encoding's vocabulary
+        lacks. Other errors as :func:`write_model_arrays`.
+    """
+    model = ModelInput.of_preset(preset, enc.attrs["special"])
+    return write_model_arrays(
+        enc.tokens,
+        enc.cell_array("length"),
+        Location.of(output, storage_options),
+        input_size=model.input_size,
+        cls=model.cls,
+        eos=model.eos,
+        keep=enc.cell_array("filter_pass").astype(bool),
+        columns={name: enc.cell_array(name) for name in enc.obs_columns},  # lazy, per block
+        format=format,
+        compute=compute,
+    )

@@ -13,30 +13,41 @@ A median set is a Zarr v3 store that opens as an :class:`xarray.Dataset` with di
 
 Methods: ``"tdigest"`` (one pass, mergeable), ``"exact"`` (two passes, bit-identical to
 ``numpy.median`` of each gene's nonzero values), ``"imported"`` (from a Geneformer dictionary).
+
+Genes are the store's columns collapsed by :func:`flow._genes.collapse_gene_ids` (normalised,
+optionally mapped, duplicates summed), in first-seen order: the same collapse tokenization uses.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import pickle
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+import xarray as xr
 import zarr
 
-from . import __version__
-from ._io import create_flow_group, flow_attrs, mark_complete, open_flow_group, store_url
+from . import geneformer
+from ._genes import GeneMapping, collapse_gene_ids, normalize_gene_ids
+from ._io import create_flow_group, flow_attrs, mark_complete, open_flow_group
+from ._kernels import TARGET_SUM
+from ._location import Location, LocationLike
+from ._pickle import load_dict
+from ._version import __version__
+from .cluster import compute as cluster_compute
 from .errors import VocabularyError
 from .sketch import _tdigest
-from .sketch.reduce import MEDIAN_SPLIT_EVERY, TARGET_SUM, bracket_values, nonzero_digests
+from .sketch.reduce import MEDIAN_SPLIT_EVERY, bracket_values, nonzero_digests
 
 if TYPE_CHECKING:
-    import scipy.sparse as sp
-    import xarray as xr
     from dask.delayed import Delayed
 
     from .store import CountStore
@@ -46,8 +57,10 @@ __all__ = [
     "compute_medians",
     "export_medians",
     "import_median_dictionary",
+    "medians_of",
     "merge_median_sets",
     "open_medians",
+    "open_medians_dataset",
     "write_medians",
 ]
 
@@ -63,7 +76,11 @@ NORMALIZATION = {
 
 @dataclass(frozen=True)
 class MedianSet:
-    """Per-gene nonzero medians, with the digests they came from (in memory: one row per gene)."""
+    """Per-gene nonzero medians, with the digests they came from (in memory: one row per gene).
+
+    ``location`` is where the set is stored (:func:`write_medians` and :func:`open_medians`
+    bind it), or None for a set only in memory (computed, merged or imported).
+    """
 
     gene_ids: np.ndarray
     medians: np.ndarray
@@ -72,6 +89,12 @@ class MedianSet:
     method: str
     compression: float | None
     stores: tuple[dict[str, Any], ...] = ()
+    location: Location | None = field(default=None, compare=False)
+
+    @property
+    def url(self) -> str | None:
+        """Where the set is stored (absolute local path or URL), or None (in memory only)."""
+        return None if self.location is None else self.location.url
 
     def as_dict(self) -> dict[str, float]:
         """``{gene_id: median}`` for genes with a median (Geneformer's dictionary format)."""
@@ -81,42 +104,77 @@ class MedianSet:
     @property
     def fingerprint(self) -> str:
         """SHA-256 of gene IDs and medians: identifies the values tokens depend on."""
-        import hashlib
-
         h = hashlib.sha256()
         h.update("\n".join(map(str, self.gene_ids)).encode())
         h.update(np.ascontiguousarray(self.medians, dtype=np.float64).tobytes())
         return h.hexdigest()
 
+    def describe(self, output: LocationLike | None = None) -> str:
+        """A short summary of the median set (``output``: where it was written, if shown)."""
+        expressed = int(np.sum(~np.isnan(self.medians)))
+        where = f" -> {output}" if output else ""
+        cells = sum(max(0, int(s.get("n_cells", 0))) for s in self.stores)
+        return (
+            f"median set{where}: {len(self.gene_ids):,} genes ({expressed:,} expressed), "
+            f"method {self.method}, {cells:,} cells from {len(self.stores)} store(s)"
+        )
+
 
 # --------------------------------------------------------------------------- computing
 
 
-def _store_genes(
-    store: CountStore, mapping: Mapping[str, str] | None
-) -> tuple[np.ndarray, sp.csr_matrix | None]:
-    """Normalized gene IDs of a store, and the matrix that sums columns sharing one ID."""
-    import scipy.sparse as sp
+@dataclass(frozen=True)
+class _StoreInputs:
+    """What both passes read besides the counts: genes, their collapse, and the cells."""
 
-    from .vocab import normalize_gene_ids
-
-    ids = normalize_gene_ids(store.var.index.to_numpy(dtype=str))
-    if mapping:
-        ids = np.asarray([mapping.get(g, g) for g in ids], dtype=object)
-    inverse, unique = pd.factorize(pd.Index(ids))  # first-seen order: store order if no repeats
-    unique = np.asarray(unique, dtype=object)
-    if unique.size == ids.size:
-        return ids, None
-    collapse = sp.csr_matrix(
-        (np.ones(ids.size, dtype=np.float64), (np.arange(ids.size), inverse)),
-        shape=(ids.size, unique.size),
-    )
-    return unique, collapse
+    gene_ids: np.ndarray
+    collapse: sp.csr_matrix | None  # sums the columns sharing one gene; None: no sharing
+    n_counts: np.ndarray
+    keep: np.ndarray | None  # None: every cell passes filter
 
 
-def _cells(store: CountStore, n_counts_column: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _store_inputs(
+    store: CountStore, mapping: GeneMapping | None, n_counts_column: str
+) -> _StoreInputs:
+    genes = collapse_gene_ids(store.var.index.to_numpy(dtype=str), mapping)
+    collapse = None
+    if genes.has_duplicates:
+        n = genes.n_columns
+        collapse = sp.csr_matrix(
+            (np.ones(n, dtype=np.float64), (np.arange(n), genes.index)),
+            shape=(n, genes.ids.size),
+        )
     n_counts, keep = store.cells(n_counts_column)
-    return n_counts, None if keep.all() else keep
+    return _StoreInputs(genes.ids, collapse, n_counts, None if keep.all() else keep)
+
+
+def _digest_graph(
+    store: CountStore, inputs: _StoreInputs, compression: float, split_every: int
+) -> Delayed:
+    return nonzero_digests(
+        store.counts,
+        inputs.n_counts,
+        keep=inputs.keep,
+        collapse=inputs.collapse,
+        compression=compression,
+        split_every=split_every,
+    )
+
+
+def _bracket_graph(
+    store: CountStore, inputs: _StoreInputs, digests: _tdigest.Digests, split_every: int
+) -> Delayed:
+    lo, hi = _tdigest.median_bracket(digests)
+    return bracket_values(
+        store.counts,
+        inputs.n_counts,
+        lo,
+        hi,
+        digests.counts,
+        keep=inputs.keep,
+        collapse=inputs.collapse,
+        split_every=split_every,
+    )
 
 
 def compute_medians(
@@ -125,7 +183,7 @@ def compute_medians(
     compression: float = _tdigest.DEFAULT_COMPRESSION,
     split_every: int = MEDIAN_SPLIT_EVERY,
     n_counts_column: str = "n_counts",
-    gene_mapping: Mapping[str, str] | None = None,
+    gene_mapping: GeneMapping | None = None,
 ) -> tuple[np.ndarray, Delayed]:
     """The t-digest pass over a count store, as a lazy graph.
 
@@ -140,17 +198,8 @@ def compute_medians(
         The gene IDs (numpy) and a Delayed that computes to their
         :class:`~flow.sketch._tdigest.Digests`.
     """
-    gene_ids, collapse = _store_genes(store, gene_mapping)
-    n_counts, keep = _cells(store, n_counts_column)
-    digests = nonzero_digests(
-        store.counts,
-        n_counts,
-        keep=keep,
-        collapse=collapse,
-        compression=compression,
-        split_every=split_every,
-    )
-    return gene_ids, digests
+    inputs = _store_inputs(store, gene_mapping, n_counts_column)
+    return inputs.gene_ids, _digest_graph(store, inputs, compression, split_every)
 
 
 def exact_medians_pass(
@@ -158,7 +207,7 @@ def exact_medians_pass(
     digests: _tdigest.Digests,
     *,
     n_counts_column: str = "n_counts",
-    gene_mapping: Mapping[str, str] | None = None,
+    gene_mapping: GeneMapping | None = None,
     split_every: int = MEDIAN_SPLIT_EVERY,
 ) -> Delayed:
     """Second pass of exact mode, given the first pass's computed digests (lazy).
@@ -166,19 +215,8 @@ def exact_medians_pass(
     Computes to float64 medians bit-identical to ``numpy.median`` of each gene's nonzero values
     (count / n_counts) * 10,000, whatever the block size.
     """
-    _, collapse = _store_genes(store, gene_mapping)
-    n_counts, keep = _cells(store, n_counts_column)
-    lo, hi = _tdigest.median_bracket(digests)
-    return bracket_values(
-        store.counts,
-        n_counts,
-        lo,
-        hi,
-        digests.counts,
-        keep=keep,
-        collapse=collapse,
-        split_every=split_every,
-    )
+    inputs = _store_inputs(store, gene_mapping, n_counts_column)
+    return _bracket_graph(store, inputs, digests, split_every)
 
 
 def _store_record(store: CountStore) -> dict[str, Any]:
@@ -189,6 +227,15 @@ def _store_record(store: CountStore) -> dict[str, Any]:
     }
 
 
+def _check_method(method: str, n_stores: int) -> None:
+    if method not in ("tdigest", "exact"):
+        msg = f"method must be 'tdigest' or 'exact'; got {method!r}."
+        raise ValueError(msg)
+    if method == "exact" and n_stores > 1:  # the bracket pass needs every cell of one store
+        msg = "Exact mode over several stores: convert them into one store first (flow convert A B -o AB)."
+        raise VocabularyError(msg)
+
+
 def medians_of(
     stores: Sequence[CountStore],
     *,
@@ -196,62 +243,34 @@ def medians_of(
     compression: float = _tdigest.DEFAULT_COMPRESSION,
     split_every: int = MEDIAN_SPLIT_EVERY,
     n_counts_column: str = "n_counts",
-    gene_mapping: Mapping[str, str] | None = None,
-    compute: Any = None,
+    gene_mapping: GeneMapping | None = None,
+    compute: Callable[..., Sequence[Any]] = cluster_compute,
 ) -> MedianSet:
-    """Compute the median set of one or more count stores (a compute boundary).
+    """Compute the median set of one or more opened count stores (a compute boundary).
 
     ``compute`` is the function that runs graphs (default :func:`flow.cluster.compute`).
     With several stores their digests are merged (genes united by ID). Exact mode needs the
     first pass's digests first, so it runs two passes, over one store (several are refused
-    before anything is computed: convert them into one store).
+    before anything is computed: convert them into one store). The result is in memory
+    (``location`` None): :func:`write_medians` stores it.
     """
-    from .cluster import compute as default_compute
-
-    run = compute or default_compute
-    if method not in ("tdigest", "exact"):
-        msg = f"method must be 'tdigest' or 'exact'; got {method!r}."
-        raise ValueError(msg)
-    if method == "exact" and len(stores) > 1:  # the bracket pass needs every cell of one store
-        msg = "Exact mode over several stores: convert them into one store first (flow convert A B -o AB)."
-        raise VocabularyError(msg)
+    _check_method(method, len(stores))
+    inputs = [_store_inputs(s, gene_mapping, n_counts_column) for s in stores]
     graphs = [
-        compute_medians(
-            s,
-            compression=compression,
-            split_every=split_every,
-            n_counts_column=n_counts_column,
-            gene_mapping=gene_mapping,
-        )
-        for s in stores
+        _digest_graph(s, i, compression, split_every) for s, i in zip(stores, inputs, strict=True)
     ]
-    digest_list = run(*[g for _, g in graphs])
+    digest_list = compute(*graphs)
     parts = [
-        MedianSet(ids, _tdigest.median(d), d.counts, d, "tdigest", compression, (_store_record(s),))
-        for (ids, _), d, s in zip(graphs, digest_list, stores, strict=True)
-    ]
-    merged = merge_median_sets(parts) if len(parts) > 1 else parts[0]
-    if method == "tdigest":
-        return merged
-    assert merged.digests is not None
-    (exact,) = run(
-        exact_medians_pass(
-            stores[0],
-            merged.digests,
-            n_counts_column=n_counts_column,
-            gene_mapping=gene_mapping,
-            split_every=split_every,
+        MedianSet(
+            i.gene_ids, _tdigest.median(d), d.counts, d, "tdigest", compression, (_store_record(s),)
         )
-    )
-    return MedianSet(
-        merged.gene_ids,
-        np.asarray(exact),
-        merged.n_nonzero,
-        merged.digests,
-        "exact",
-        compression,
-        merged.stores,
-    )
+        for s, i, d in zip(stores, inputs, digest_list, strict=True)
+    ]
+    if method == "tdigest":
+        return merge_median_sets(parts) if len(parts) > 1 else parts[0]
+    # exact: one store (checked above), its digests bracket each median for the second pass
+    (exact,) = compute(_bracket_graph(stores[0], inputs[0], digest_list[0], split_every))
+    return dataclasses.replace(parts[0], medians=np.asarray(exact), method="exact")
 
 
 # --------------------------------------------------------------------------- merging
@@ -265,6 +284,7 @@ def merge_median_sets(sets: Sequence[MedianSet]) -> MedianSet:
     VocabularyError
         A set is exact or imported (no mergeable digests), or compressions differ.
     """
+    digests = []
     for s in sets:
         if s.method != "tdigest" or s.digests is None:
             msg = (
@@ -273,15 +293,15 @@ def merge_median_sets(sets: Sequence[MedianSet]) -> MedianSet:
                 "exact medians over all stores together."
             )
             raise VocabularyError(msg)
+        digests.append(s.digests)
     if len({s.compression for s in sets}) > 1:
         msg = f"Cannot merge median sets with different compressions: {[s.compression for s in sets]}."
         raise VocabularyError(msg)
     all_ids = pd.Index(np.concatenate([s.gene_ids for s in sets])).unique()
-    aligned = []
-    for s in sets:
-        assert s.digests is not None
-        where = all_ids.get_indexer(pd.Index(s.gene_ids))
-        aligned.append(_reindex(s.digests, where, len(all_ids)))
+    aligned = [
+        _reindex(d, all_ids.get_indexer(pd.Index(s.gene_ids)), len(all_ids))
+        for s, d in zip(sets, digests, strict=True)
+    ]
     merged = _tdigest.merge(aligned)
     stores = tuple(r for s in sets for r in s.stores)
     return MedianSet(
@@ -327,13 +347,18 @@ def _create_1d(group: zarr.Group, name: str, data: np.ndarray, dim: str) -> None
 
 def write_medians(
     medians: MedianSet,
-    path: str | os.PathLike[str],
+    where: LocationLike,
     *,
     storage_options: Mapping[str, Any] | None = None,
-) -> str:
-    """Write a median set to a Zarr store (replacing it); returns its URL."""
-    url = store_url(path)
-    root = create_flow_group(url, KIND, SCHEMA_VERSION, storage_options=storage_options)
+) -> MedianSet:
+    """Write a median set to a Zarr store (replacing it); returns it bound to that store.
+
+    ``storage_options`` is used only when ``where`` is not already a
+    :class:`~flow._location.Location`. The returned set is ``medians`` with ``location`` set:
+    use it on without reading the store back.
+    """
+    location = Location.of(where, storage_options)
+    root = create_flow_group(location, KIND, SCHEMA_VERSION)
     _create_1d(root, "gene_id", np.asarray(medians.gene_ids, dtype=str), "gene")
     _create_1d(root, "median", np.asarray(medians.medians, dtype=np.float64), "gene")
     _create_1d(root, "n_nonzero", np.asarray(medians.n_nonzero, dtype=np.int64), "gene")
@@ -352,37 +377,41 @@ def write_medians(
         fingerprint=medians.fingerprint,
         flow_version=__version__,
     )
-    return url
+    return dataclasses.replace(medians, location=location)
+
+
+def _read_digests(root: Any, compression: float | None) -> _tdigest.Digests:
+    arrays = {
+        k: np.asarray(root[f"digest_{k.rstrip('s')}"][:])
+        for k in ("means", "weights", "mins", "maxs")
+    }
+    arrays["offsets"] = np.asarray(root["digest_offset"][:])
+    arrays["compression"] = np.asarray(compression or _tdigest.DEFAULT_COMPRESSION)
+    return _tdigest.from_arrays(arrays)
 
 
 def open_medians(
-    path: str | os.PathLike[str],
+    where: LocationLike,
     *,
     storage_options: Mapping[str, Any] | None = None,
     digests: bool = True,
 ) -> MedianSet:
     """Read a median set store (small: one row per gene), or a Geneformer median pickle.
 
-    ``digests=False`` leaves the t-digests unread (``MedianSet.digests`` is None): enough to
-    tokenize, and tens of MB less memory at 20,000 genes.
+    ``storage_options`` is used only when ``where`` is not already a
+    :class:`~flow._location.Location`. ``digests=False`` leaves the t-digests unread
+    (``MedianSet.digests`` is None): enough to tokenize, and tens of MB less memory at 20,000
+    genes. A store's set is bound to it (``location``); an imported pickle's is not.
     """
-    text = os.fspath(path)
-    if text.endswith((".pkl", ".pickle")):
-        return import_median_dictionary(text)
-    root: Any = open_flow_group(
-        text, KIND, storage_options=storage_options, finish_hint="run `flow medians` again"
-    )
+    location = Location.of(where, storage_options)
+    if location.path.endswith((".pkl", ".pickle")):
+        return import_median_dictionary(location.path)
+    root: Any = open_flow_group(location, KIND, finish_hint="run `flow medians` again")
     meta = flow_attrs(root)
     compression = meta.get("compression")
     state = None
     if digests and meta["method"] == "tdigest":
-        arrays = {
-            k: np.asarray(root[f"digest_{k.rstrip('s')}"][:])
-            for k in ("means", "weights", "mins", "maxs")
-        }
-        arrays["offsets"] = np.asarray(root["digest_offset"][:])
-        arrays["compression"] = np.asarray(compression or _tdigest.DEFAULT_COMPRESSION)
-        state = _tdigest.from_arrays(arrays)
+        state = _read_digests(root, compression)
     return MedianSet(
         np.asarray(root["gene_id"][:], dtype=object),
         np.asarray(root["median"][:], dtype=np.float64),
@@ -391,15 +420,22 @@ def open_medians(
         str(meta["method"]),
         compression,
         tuple(meta.get("stores", [])),
+        location,
     )
 
 
-def open_medians_dataset(path: str | os.PathLike[str], **kwargs: Any) -> xr.Dataset:
-    """Open a median set store as a lazy :class:`xarray.Dataset` with dimension ``gene``."""
-    import xarray as xr
+def open_medians_dataset(
+    where: LocationLike, *, storage_options: Mapping[str, Any] | None = None, **kwargs: Any
+) -> xr.Dataset:
+    """Open a median set store as a lazy :class:`xarray.Dataset` with dimension ``gene``.
 
-    root = open_flow_group(path, KIND, storage_options=kwargs.get("storage_options"))
-    ds = xr.open_zarr(store_url(path), consolidated=False, **kwargs)
+    ``kwargs`` go to :func:`xarray.open_zarr`.
+    """
+    location = Location.of(where, storage_options)
+    root = open_flow_group(location, KIND)
+    ds = xr.open_zarr(
+        location.url, consolidated=False, storage_options=location.store_options, **kwargs
+    )
     ds.attrs["flow"] = flow_attrs(root)
     return ds.set_coords("gene_id")
 
@@ -408,19 +444,32 @@ def open_medians_dataset(path: str | os.PathLike[str], **kwargs: Any) -> xr.Data
 
 
 def import_median_dictionary(path: str | os.PathLike[str]) -> MedianSet:
-    """Import Geneformer's ``gene_median_dictionary*.pkl`` (read with a restricted unpickler)."""
-    from ._pickle import load_dict
-    from .vocab import normalize_gene_ids
+    """Import Geneformer's ``gene_median_dictionary*.pkl`` (read with a restricted unpickler).
 
-    raw = load_dict(path)
+    The result is in memory (``location`` None); its record names the pickle.
+    """
+    return median_set_from_dict(load_dict(path), Location.of(path).url)
+
+
+def bundled_medians(preset: str) -> MedianSet:
+    """Geneformer's gene median dictionary of ``preset`` (``"V1"``/``"V2"``), as shipped with
+    flow (see :mod:`flow.geneformer`); equal to importing the pickle it was converted from."""
+    name = geneformer.bundled_path(preset, "medians")
+    return median_set_from_dict(geneformer.load(preset, "medians"), str(name))
+
+
+def median_set_from_dict(raw: Mapping[Any, Any], source: str) -> MedianSet:
+    """An in-memory median set from ``{gene_id: median}`` (IDs normalised and sorted)."""
     ids = normalize_gene_ids(list(map(str, raw.keys())))
     values = np.asarray([float(v) for v in raw.values()], dtype=np.float64)
     order = np.argsort(ids, kind="stable")
     ids, values = ids[order], values[order]
     if np.unique(ids).size != ids.size:
-        msg = f"{path}: gene IDs repeat after normalization (version suffix / case); cannot import."
+        msg = (
+            f"{source}: gene IDs repeat after normalization (version suffix / case); cannot import."
+        )
         raise VocabularyError(msg)
-    record = {"url": store_url(path), "fingerprint": "imported", "n_cells": -1}
+    record = {"url": source, "fingerprint": "imported", "n_cells": -1}
     return MedianSet(
         ids, values, np.full(ids.size, -1, dtype=np.int64), None, "imported", None, (record,)
     )

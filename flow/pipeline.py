@@ -1,474 +1,482 @@
-"""The stages chained together; the only place (with the CLI) that decides what to compute when.
+"""The stages chained together: the one place (with the CLI) that decides what runs when.
 
-Each function here is a compute boundary: it reads inputs, runs graphs on the current Dask
-client (see :mod:`flow.cluster`) and writes a store.
+Every stage takes opened, typed artifacts and returns the one it wrote, so a chain such as
+:func:`run` opens each store and each dictionary file once::
+
+    inputs --convert--> CountStore --nonzero_medians--> MedianSet
+    CountStore + MedianSet + Vocabulary (+ GeneMapping) --tokenize--> EncodingStore
+    EncodingStore + Preset --export--> Hugging Face dataset / Parquet
+
+A stage also accepts a path (or :class:`~flow._location.Location`) where it takes an
+artifact: that is the caller's first call, and the path is opened there, once. Each function
+here is a compute boundary: it runs graphs on the current Dask client (see
+:mod:`flow.cluster`) and writes a store. Messages and progress go through one
+:class:`~flow.cluster.Reporter` (silent by default).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from distributed import Client
 
-from .store import DEFAULT_BLOCK_SIZE, CountStore, write_counts
+from ._location import Location, LocationLike
+from .cluster import QUIET, Reporter, run_task
+from .datasets import synthetic_counts
+from .encode.store import EncodingStore, open_encoding, plan_encoding, write_encoding
+from .errors import InputError, SchemaError, StoreNotFoundError
+from .export import write_model_dataset
+from .ingest import ReadOptions, Source, open_source
+from .medians import (
+    MedianSet,
+    bundled_medians,
+    export_medians,
+    import_median_dictionary,
+    medians_of,
+    merge_median_sets,
+    open_medians,
+    write_medians,
+)
+from .query import coverage_summary
+from .sketch._tdigest import DEFAULT_COMPRESSION
+from .store import DEFAULT_BLOCK_SIZE, CountStore, open_counts, write_counts
+from .vocab import (
+    DEFAULT_PRESET,
+    GeneMapping,
+    Preset,
+    Vocabulary,
+    bundled_gene_mapping,
+    bundled_vocabulary,
+    read_gene_mapping,
+    read_vocabulary,
+    resolve_preset,
+    vocabulary_from_genes,
+)
 
-__all__ = ["convert", "demo", "describe_counts", "describe_medians", "medians"]
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "RunResult",
+    "convert",
+    "demo",
+    "export",
+    "load_gene_mapping",
+    "load_medians",
+    "load_vocabulary",
+    "medians",
+    "nonzero_medians",
+    "preset_dictionaries",
+    "run",
+    "tokenize",
+]
+
+Format = Literal["hf", "parquet"]
+Method = Literal["tdigest", "exact"]
+
+
+# --------------------------------------------------------------------------- opening, once
+
+
+def _counts(
+    store: CountStore | LocationLike, storage_options: Mapping[str, Any] | None
+) -> CountStore:
+    return (
+        store
+        if isinstance(store, CountStore)
+        else open_counts(store, storage_options=storage_options)
+    )
+
+
+def load_medians(
+    medians: MedianSet | LocationLike, *, storage_options: Mapping[str, Any] | None = None
+) -> MedianSet:
+    """A median set: as given, read from a median set store (without its digests: enough to
+    tokenize), or imported from a Geneformer median pickle."""
+    if isinstance(medians, MedianSet):
+        return medians
+    return open_medians(medians, storage_options=storage_options, digests=False)
+
+
+def load_vocabulary(
+    vocabulary: Vocabulary | LocationLike | None,
+    median_set: MedianSet | None = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Vocabulary:
+    """A vocabulary: as given, read from a token dictionary file (``.pkl``/``.json``/``.tsv``),
+    or built from the expressed genes of a median set (a ``.zarr`` median set path, or
+    ``median_set`` when ``vocabulary`` is None: a new model's vocabulary)."""
+    if isinstance(vocabulary, Vocabulary):
+        return vocabulary
+    if vocabulary is not None:
+        where = Location.of(vocabulary, storage_options)
+        if not where.path.rstrip("/").endswith(".zarr"):
+            return read_vocabulary(where.path)
+        median_set = load_medians(where)
+    if median_set is None:
+        msg = "No vocabulary: give a token dictionary (--vocabulary) or the medians to build one from."
+        raise InputError(msg)
+    return vocabulary_from_genes(median_set.gene_ids[~np.isnan(median_set.medians)])
+
+
+def load_gene_mapping(mapping: GeneMapping | LocationLike | None) -> GeneMapping | None:
+    """A gene mapping: as given, or read (and normalised) from a file; None for none."""
+    if mapping is None or isinstance(mapping, GeneMapping):
+        return mapping
+    return read_gene_mapping(Location.of(mapping).path)
+
+
+def preset_dictionaries(preset: Preset | str) -> dict[str, Any]:
+    """Geneformer's dictionaries for a model preset, as shipped with flow: ``medians``,
+    ``vocabulary`` and ``gene_mapping`` (its Ensembl mapping, applied as upstream does; V2's
+    also maps upper-case gene symbols, V1's is the identity on its vocabulary), ready for
+    :func:`run` or :func:`tokenize`: ``run(inputs, out, preset="V2", **preset_dictionaries("V2"))``.
+    """
+    chosen = resolve_preset(preset)
+    if chosen.dictionaries is None:
+        msg = f"Preset {chosen.name!r} has no Geneformer dictionaries; use V1 or V2."
+        raise InputError(msg)
+    return {
+        "medians": bundled_medians(chosen.name),
+        "vocabulary": bundled_vocabulary(chosen.name),
+        "gene_mapping": bundled_gene_mapping(chosen.name),
+    }
+
+
+# --------------------------------------------------------------------------- stages
 
 
 def convert(
-    inputs: Sequence[str | os.PathLike[str]],
-    output: str | os.PathLike[str],
+    inputs: Sequence[LocationLike | Source],
+    output: LocationLike,
     *,
-    format: str | None = None,
-    layer: str | None = None,
-    use_raw: bool = False,
-    gene_id_column: str | None = None,
-    obs_columns: Sequence[str] | None = None,
-    genome: str | None = None,
+    read: ReadOptions | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     allow_non_integer: bool = False,
     storage_options: Mapping[str, Any] | None = None,
-    progress: Any = None,
-    client: Any = None,
+    reporter: Reporter = QUIET,
+    client: Client | None = None,
 ) -> CountStore:
-    """Convert input matrices into one count store (computes and writes; see :func:`write_counts`).
+    """Convert input matrices (paths, URLs or opened sources) into one count store (computes
+    and writes; see :func:`flow.store.write_counts`).
 
     The inputs are read as one stream: in this process, or, given a ``distributed.Client``,
     in one task (``flow-convert``) on a worker of its cluster, which must see the inputs and
-    the output (shared file system or object store). ``progress(done, total)`` is called here
-    either way.
+    the output (shared file system or object store). ``storage_options`` apply to every path
+    given as text, inputs and output alike.
     """
-    from ._io import store_url
-    from .errors import InputError
-    from .store import open_counts
-
-    options: dict[str, Any] = {
-        "format": format,
-        "layer": layer,
-        "use_raw": use_raw,
-        "gene_id_column": gene_id_column,
-        "obs_columns": list(obs_columns) if obs_columns is not None else None,
-        "genome": genome,
-        "block_size": block_size,
-        "allow_non_integer": allow_non_integer,
-        "storage_options": storage_options,
-    }
+    options = read or ReadOptions()
+    out = Location.of(output, storage_options)
+    sources = [_input(s, storage_options) for s in inputs]
+    progress = reporter.progress("convert")
     if client is None:
-        return _convert_here([os.fspath(p) for p in inputs], output, progress=progress, **options)
-    from .cluster import run_task
-
+        return _convert_here(sources, out, options, block_size, allow_non_integer, progress)
     # a worker's working directory is not this one: local paths go as absolute paths
-    paths = [store_url(p) for p in inputs]
+    absolute = [
+        Location(s.url, s.storage_options) if isinstance(s, Location) else s for s in sources
+    ]
     try:
         url = run_task(
             client,
             "convert",
             _convert_to_url,
-            paths,
-            store_url(output),
+            absolute,
+            Location(out.url, out.storage_options),
+            options,
+            block_size,
+            allow_non_integer,
             progress=progress,
-            **options,
         )
     except InputError as err:  # a path seen here may not be seen by the workers
-        where = client.scheduler.address
+        where = getattr(client.scheduler, "address", "?")
         msg = f"{err} (read on a worker of the cluster at {where}: inputs must be reachable from the workers)"
         raise InputError(msg) from err
-    return open_counts(url, storage_options=storage_options)
+    return open_counts(Location(url, out.storage_options))
 
 
-def _convert_to_url(*args: Any, **kwargs: Any) -> str:
-    """:func:`_convert_here`, returning the store's URL (what a task sends back)."""
-    return _convert_here(*args, **kwargs).url
+def _input(
+    item: LocationLike | Source, storage_options: Mapping[str, Any] | None
+) -> Location | Source:
+    """A path or URL as a Location (with the storage options); an opened source as it is."""
+    if isinstance(item, str | os.PathLike | Location):
+        return Location.of(item, storage_options)
+    return item
 
 
 def _convert_here(
-    inputs: Sequence[str],
-    output: str | os.PathLike[str],
-    *,
+    inputs: Sequence[Location | Source],
+    output: Location,
+    read: ReadOptions,
     block_size: int,
     allow_non_integer: bool,
-    storage_options: Mapping[str, Any] | None,
     progress: Any,
-    **reader_options: Any,
 ) -> CountStore:
     """Open the inputs and write the count store, in this process."""
-    from .ingest import open_source
-
-    sources = [open_source(p, storage_options=storage_options, **reader_options) for p in inputs]
+    sources = [s if not isinstance(s, Location) else open_source(s, read) for s in inputs]
     return write_counts(
         sources,
         output,
         block_size=block_size,
         allow_non_integer=allow_non_integer,
-        storage_options=storage_options,
         progress=progress,
     )
 
 
-def describe_counts(store: CountStore) -> str:
-    """A short human-readable summary of a count store (reads obs only)."""
-    a = store.attrs
-    genes = store.obs_column("n_genes")
-    q = np.percentile(genes, [0, 50, 90, 99, 100]) if genes.size else np.zeros(5)
-    sources = "\n".join(
-        f"    {s['path']} ({s['format']}, {s['n_cells']:,} cells)" for s in a["sources"]
-    )
-    return (
-        f"count store {store.url}\n"
-        f"  cells x genes: {a['n_cells']:,} x {a['n_genes']:,}; nonzeros {a['nnz']:,}; dtype {a['dtype']}\n"
-        f"  detected genes per cell: min {q[0]:.0f}, median {q[1]:.0f}, p90 {q[2]:.0f}, "
-        f"p99 {q[3]:.0f}, max {q[4]:.0f}\n"
-        f"  blocks: {store.n_blocks} of {a['block_size']:,} cells\n"
-        f"  sources:\n{sources}"
+def _convert_to_url(
+    inputs: Sequence[Location | Source],
+    output: Location,
+    read: ReadOptions,
+    block_size: int,
+    allow_non_integer: bool,
+    *,
+    progress: Any = None,
+) -> str:
+    """:func:`_convert_here` on a worker, returning the store's URL (what a task sends back)."""
+    return _convert_here(inputs, output, read, block_size, allow_non_integer, progress).url
+
+
+def nonzero_medians(
+    stores: CountStore | LocationLike | Sequence[CountStore | LocationLike],
+    *,
+    method: Method = "tdigest",
+    compression: float | None = None,
+    n_counts_column: str = "n_counts",
+    gene_mapping: GeneMapping | LocationLike | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    reporter: Reporter = QUIET,
+) -> MedianSet:
+    """The median set of one or more count stores (computes; writes nothing)."""
+    many = stores if isinstance(stores, Sequence) and not isinstance(stores, str) else [stores]
+    opened = [_counts(s, storage_options) for s in many]
+    return medians_of(
+        opened,
+        method=method,
+        compression=compression or DEFAULT_COMPRESSION,
+        n_counts_column=n_counts_column,
+        gene_mapping=load_gene_mapping(gene_mapping),
+        compute=lambda *graphs: reporter.compute(*graphs, label=f"medians ({method})"),
     )
 
 
 def medians(
-    stores: Sequence[str | os.PathLike[str]],
-    output: str | os.PathLike[str] | None,
+    stores: Sequence[CountStore | LocationLike],
+    output: LocationLike | None,
     *,
-    method: str = "tdigest",
+    method: Method = "tdigest",
     compression: float | None = None,
-    update: str | os.PathLike[str] | None = None,
-    merge: Sequence[str | os.PathLike[str]] = (),
-    import_dictionary: str | os.PathLike[str] | None = None,
-    export: str | os.PathLike[str] | None = None,
+    update: MedianSet | LocationLike | None = None,
+    merge: Sequence[MedianSet | LocationLike] = (),
+    import_dictionary: LocationLike | None = None,
+    preset: str | None = None,
+    export: LocationLike | None = None,
     n_counts_column: str = "n_counts",
-    gene_mapping: str | os.PathLike[str] | None = None,
+    gene_mapping: GeneMapping | LocationLike | None = None,
     storage_options: Mapping[str, Any] | None = None,
-    quiet: bool = True,
-) -> Any:
+    reporter: Reporter = QUIET,
+) -> MedianSet:
     """Compute, merge, update, import and/or export a median set (computes and writes).
 
     ``update`` and ``merge`` name existing median sets whose digests are merged with those of
-    ``stores``; the old data is not read again. Returns the resulting :class:`MedianSet`.
+    ``stores``; the old data is not read again. ``import_dictionary`` (a Geneformer median
+    pickle) and ``preset`` (``"V1"``/``"V2"``: Geneformer's medians shipped with flow) are
+    merged in too. Returns the resulting :class:`MedianSet`, bound to ``output`` when written.
     """
-    from functools import partial
-
-    from . import medians as med
-    from .cluster import compute
-    from .sketch import _tdigest
-    from .store import open_counts
-    from .vocab import read_gene_mapping
-
-    mapping = read_gene_mapping(gene_mapping) if gene_mapping else None
     parts = []
     if import_dictionary is not None:
-        parts.append(med.import_median_dictionary(import_dictionary))
+        parts.append(import_median_dictionary(Location.of(import_dictionary).path))
+    if preset is not None:
+        parts.append(bundled_medians(resolve_preset(preset).name))
+    earlier = [*([update] if update is not None else []), *merge]
     parts.extend(
-        med.open_medians(path, storage_options=storage_options)
-        for path in [*([update] if update else []), *merge]
+        p if isinstance(p, MedianSet) else open_medians(p, storage_options=storage_options)
+        for p in earlier
     )
     if stores:
-        opened = [open_counts(s, storage_options=storage_options) for s in stores]
         parts.append(
-            med.medians_of(
-                opened,
-                method=method,  # type: ignore[arg-type]
-                compression=compression or _tdigest.DEFAULT_COMPRESSION,
+            nonzero_medians(
+                stores,
+                method=method,
+                compression=compression,
                 n_counts_column=n_counts_column,
-                gene_mapping=mapping,
-                compute=partial(compute, quiet=quiet, label=f"medians ({method})"),
+                gene_mapping=gene_mapping,
+                storage_options=storage_options,
+                reporter=reporter,
             )
         )
-    result = med.merge_median_sets(parts) if len(parts) > 1 else parts[0]
+    if not parts:
+        msg = "Nothing to compute: give count stores, --import, --preset, --update or --merge."
+        raise InputError(msg)
+    result = merge_median_sets(parts) if len(parts) > 1 else parts[0]
     if output is not None:
-        med.write_medians(result, output, storage_options=storage_options)
+        result = write_medians(result, Location.of(output, storage_options))
     if export is not None:
-        med.export_medians(result, export)
+        export_medians(result, Location.of(export).path)
     return result
 
 
-def describe_medians(result: Any, output: str | os.PathLike[str] | None) -> str:
-    """A short summary of a median set."""
-    expressed = int(np.sum(~np.isnan(result.medians)))
-    where = f" -> {output}" if output else ""
-    cells = sum(max(0, int(s.get("n_cells", 0))) for s in result.stores)
-    return (
-        f"median set{where}: {len(result.gene_ids):,} genes ({expressed:,} expressed), "
-        f"method {result.method}, {cells:,} cells from {len(result.stores)} store(s)"
-    )
-
-
-def demo(
-    outdir: str | os.PathLike[str],
-    *,
-    n_cells: int = 20_000,
-    n_genes: int = 20_000,
-    seed: int = 0,
-    quiet: bool = False,
-) -> dict[str, str]:
-    """The whole pipeline on seeded synthetic data, printing what it did (computes and writes).
-
-    Returns the paths of what it wrote.
-    """
-    import sys
-    import time
-
-    from .cli._common import TextProgress
-    from .datasets import write_synthetic
-
-    os.makedirs(outdir, exist_ok=True)
-    paths = {
-        "counts": os.path.join(outdir, "counts.zarr"),
-        "medians": os.path.join(outdir, "medians.zarr"),
-    }
-
-    def say(text: str) -> None:
-        print(text, file=sys.stderr if quiet else sys.stdout)
-
-    t0 = time.perf_counter()
-    say(
-        f"[1/4] generating {n_cells:,} synthetic cells x {n_genes:,} genes (seed {seed}) into {paths['counts']}"
-    )
-    store = write_synthetic(
-        paths["counts"],
-        n_cells,
-        n_genes,
-        seed=seed,
-        progress=TextProgress("      cells", quiet=quiet),
-    )
-    say(describe_counts(store))
-    t1 = time.perf_counter()
-    say(f"      {n_cells / (t1 - t0):,.0f} cells/s")
-    say(f"[2/4] per-gene nonzero medians (t-digest) -> {paths['medians']}")
-    result = medians([paths["counts"]], paths["medians"], quiet=quiet)
-    say(describe_medians(result, paths["medians"]))
-    t2 = time.perf_counter()
-    say(f"      {n_cells / (t2 - t1):,.0f} cells/s")
-    paths["encoding"] = os.path.join(outdir, "encoding.zarr")
-    say(f"[3/4] full rank value encodings -> {paths['encoding']}")
-    enc = tokenize(paths["counts"], paths["encoding"], medians=paths["medians"], quiet=quiet)
-    say(describe_encoding(enc))
-    t3 = time.perf_counter()
-    say(f"      {n_cells / (t3 - t2):,.0f} cells/s")
-    paths["dataset"] = os.path.join(outdir, "dataset")
-    say(f"[4/4] model input (V2: <cls> + up to 4,094 genes + <eos>) -> {paths['dataset']}")
-    export(paths["encoding"], paths["dataset"], preset="V2", quiet=quiet)
-    t4 = time.perf_counter()
-    say(
-        f"      {n_cells / (t4 - t3):,.0f} cells/s; open with datasets.load_from_disk({paths['dataset']!r})"
-    )
-    try:
-        from .query import coverage_summary
-    except ImportError:  # pragma: no cover - the query stage is optional in the demo
-        coverage_summary = None  # type: ignore[assignment]
-    if coverage_summary is not None:
-        say(coverage_summary(enc))
-    say(f"Done in {t4 - t0:.1f} s. Results are in {os.path.abspath(outdir)}/")
-    return paths
-
-
-def _load_medians(
-    medians_path: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
-) -> Any:
-    from .medians import open_medians
-
-    return open_medians(medians_path, storage_options=storage_options, digests=False)
-
-
-def _load_vocabulary(
-    vocabulary: str | os.PathLike[str] | None,
-    median_set: Any,
-    storage_options: Mapping[str, Any] | None,
-) -> Any:
-    """A vocabulary from a file, or built from a median set's genes (a new model's vocabulary)."""
-    from .vocab import read_vocabulary, vocabulary_from_genes
-
-    if vocabulary is None:
-        ok = ~np.isnan(median_set.medians)
-        return vocabulary_from_genes(median_set.gene_ids[ok])
-    text = os.fspath(vocabulary)
-    if text.rstrip("/").endswith(".zarr"):
-        built = _load_medians(text, storage_options)
-        return vocabulary_from_genes(built.gene_ids[~np.isnan(built.medians)])
-    return read_vocabulary(text)
-
-
 def tokenize(
-    store_path: str | os.PathLike[str],
-    output: str | os.PathLike[str],
+    store: CountStore | LocationLike,
+    output: LocationLike,
     *,
-    medians: str | os.PathLike[str],
-    vocabulary: str | os.PathLike[str] | None = None,
-    gene_mapping: str | os.PathLike[str] | None = None,
+    medians: MedianSet | LocationLike,
+    vocabulary: Vocabulary | LocationLike | None = None,
+    gene_mapping: GeneMapping | LocationLike | None = None,
     n_counts_column: str = "n_counts",
+    overwrite: bool = False,
     storage_options: Mapping[str, Any] | None = None,
-    quiet: bool = True,
-) -> Any:
-    """Rank every cell of a count store into an encoding store (computes and writes; resumes).
+    reporter: Reporter = QUIET,
+) -> EncodingStore:
+    """Rank every cell of a count store into an encoding store (computes and writes).
 
-    ``medians`` is a median set store or a Geneformer median pickle; ``vocabulary`` a token
-    dictionary (.pkl/.json/.tsv) or a median set to build one from (default: ``medians``).
+    ``medians`` is a median set (or its store, or a Geneformer median pickle); ``vocabulary``
+    a token dictionary (or its file), or None to build one from the medians' expressed genes.
+    Rerun with the same arguments, a finished store is left as it is and an unfinished one
+    resumed; an output written from other inputs or parameters is replaced only with
+    ``overwrite`` (see :func:`flow.encode.store.write_encoding`).
     """
-    from functools import partial
-
-    from .cluster import compute
-    from .encode.store import plan_encoding, write_encoding
-    from .store import open_counts
-    from .vocab import read_gene_mapping
-
-    store = open_counts(store_path, storage_options=storage_options)
-    median_set = _load_medians(medians, storage_options)
-    vocab = _load_vocabulary(vocabulary, median_set, storage_options)
-    mapping = read_gene_mapping(gene_mapping) if gene_mapping else None
+    counts = _counts(store, storage_options)
+    median_set = load_medians(medians, storage_options=storage_options)
+    vocab = load_vocabulary(vocabulary, median_set, storage_options=storage_options)
     plan = plan_encoding(
-        store, median_set, vocab, gene_mapping=mapping, n_counts_column=n_counts_column
+        counts,
+        median_set,
+        vocab,
+        gene_mapping=load_gene_mapping(gene_mapping),
+        n_counts_column=n_counts_column,
     )
     return write_encoding(
         plan,
-        output,
-        storage_options=storage_options,
-        compute=partial(compute, quiet=quiet, label="tokenize"),
+        Location.of(output, storage_options),
+        compute=lambda *graphs: reporter.compute(*graphs, label="tokenize"),
+        overwrite=overwrite,
+        say=reporter.say,
     )
 
 
 def export(
-    encoding_path: str | os.PathLike[str],
-    output: str | os.PathLike[str],
+    encoding: EncodingStore | LocationLike,
+    output: LocationLike,
     *,
-    format: str = "hf",
-    preset: str | None = "V1",
+    format: Format = "hf",
+    preset: Preset | str | None = DEFAULT_PRESET,
     input_size: int | None = None,
     storage_options: Mapping[str, Any] | None = None,
-    quiet: bool = True,
+    reporter: Reporter = QUIET,
 ) -> str:
-    """Write the model input of an encoding store as a Hugging Face dataset or Parquet (computes)."""
-    from .cluster import compute
-    from .encode.store import open_encoding
-    from .export import write_model_dataset
-    from .vocab import resolve_preset
-
-    enc = open_encoding(encoding_path, storage_options=storage_options)
+    """Write the model input of an encoding store as a Hugging Face dataset or Parquet
+    (computes); returns where it was written."""
+    enc = (
+        encoding
+        if isinstance(encoding, EncodingStore)
+        else open_encoding(encoding, storage_options=storage_options)
+    )
     chosen = resolve_preset(preset, input_size)
-    special = enc.attrs["special"]
-    specials = {s: special.get(s) for s in (*chosen.prepend, *chosen.append)}
-    missing = [s for s, v in specials.items() if v is None]
-    if missing:
-        from .errors import VocabularyError
+    out = Location.of(output, storage_options)
+    graph = write_model_dataset(enc, out, preset=chosen, format=format, compute=False)
+    label = f"export ({format}, {chosen.name}, {chosen.input_size} tokens)"
+    reporter.compute(graph, label=label)
+    return out.path
 
-        msg = f"Preset {chosen.name} needs special tokens {missing}, which the encoding's vocabulary lacks."
-        raise VocabularyError(msg)
-    cls = special.get(chosen.prepend[0]) if chosen.prepend else None
-    eos = special.get(chosen.append[0]) if chosen.append else None
-    # per-cell arrays stay lazy: each shard task reads its own cells
-    columns = {name: enc.cell_array(name) for name in enc.obs_columns}
-    graph = write_model_dataset(
-        enc.tokens,
-        enc.cell_array("length"),
-        output,
-        input_size=chosen.input_size,
-        cls=cls,
-        eos=eos,
-        keep=enc.cell_array("filter_pass").astype(bool),
-        columns=columns,
-        format=format,  # type: ignore[arg-type]
-        compute=False,
-        storage_options=storage_options,
-    )
-    compute(
-        graph, quiet=quiet, label=f"export ({format}, {chosen.name}, {chosen.input_size} tokens)"
-    )
-    return os.fspath(output)
+
+@dataclass(frozen=True)
+class RunResult:
+    """What :func:`run` wrote (or used), opened, and where each is."""
+
+    counts: CountStore
+    medians: MedianSet
+    encoding: EncodingStore
+    paths: dict[str, str]
 
 
 def run(
-    inputs: Sequence[str | os.PathLike[str]],
-    outdir: str | os.PathLike[str],
+    inputs: Sequence[LocationLike | Source],
+    outdir: LocationLike,
     *,
-    medians_path: str | os.PathLike[str] | None = None,
-    vocabulary: str | os.PathLike[str] | None = None,
-    preset: str | None = "V1",
+    medians: MedianSet | LocationLike | None = None,
+    vocabulary: Vocabulary | LocationLike | None = None,
+    gene_mapping: GeneMapping | LocationLike | None = None,
+    preset: Preset | str | None = DEFAULT_PRESET,
     input_size: int | None = None,
-    gene_mapping: str | os.PathLike[str] | None = None,
-    format: str = "hf",
-    convert_options: Mapping[str, Any] | None = None,
+    format: Format = "hf",
+    read: ReadOptions | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
     storage_options: Mapping[str, Any] | None = None,
-    quiet: bool = True,
-    say: Any = None,
-) -> dict[str, str]:
+    reporter: Reporter = QUIET,
+    client: Client | None = None,
+) -> RunResult:
     """Convert, compute medians (unless given), tokenize and export in one go (computes).
 
     Writes ``counts.zarr``, ``medians.zarr`` (when computed), ``encoding.zarr`` and
-    ``dataset`` (or ``parquet``) under ``outdir``; returns their paths. A single input that is
-    a flow count store is used as it is (no ``counts.zarr`` is written).
+    ``dataset`` (or ``parquet``) under ``outdir``. A single input that is a flow count store is
+    used as it is (no ``counts.zarr`` is written). Each store and dictionary is opened once and
+    handed on as an object. ``client``: read the inputs on a worker (see :func:`convert`).
     """
-    from .cli._common import TextProgress
-
-    tell = say or (lambda text: None)
-    join = (
-        (lambda name: f"{os.fspath(outdir).rstrip('/')}/{name}")
-        if "://" in os.fspath(outdir)
-        else (lambda name: os.path.join(outdir, name))
+    chosen = resolve_preset(preset, input_size)  # a wrong preset fails before any work
+    out = Location.of(outdir, storage_options)
+    out.makedirs()
+    mapping = load_gene_mapping(gene_mapping)
+    given = None if medians is None else load_medians(medians, storage_options=storage_options)
+    vocab = (
+        None if vocabulary is None else load_vocabulary(vocabulary, storage_options=storage_options)
     )
-    if "://" not in os.fspath(outdir):
-        os.makedirs(outdir, exist_ok=True)
-    paths = {
-        "counts": join("counts.zarr"),
-        "encoding": join("encoding.zarr"),
-        "dataset": join("dataset" if format == "hf" else "parquet"),
-    }
     store = _count_store_input(inputs, storage_options)
     if store is not None:
-        paths["counts"] = store.url
-        tell(f"using the count store {store.url} as it is")
+        reporter.say(f"[1/4] using the count store {store.url} as it is")
+        paths = {"counts": store.url}
     else:
-        tell(f"convert {len(inputs)} input(s) -> {paths['counts']}")
+        target = out.join("counts.zarr")
+        paths = {"counts": target.path}
+        reporter.say(f"[1/4] convert {len(inputs)} input(s) -> {target.path}")
         store = convert(
-            inputs,
-            paths["counts"],
-            storage_options=storage_options,
-            progress=TextProgress("convert", quiet=quiet),
-            **dict(convert_options or {}),
+            inputs, target, read=read, block_size=block_size, reporter=reporter, client=client
         )
-    tell(describe_counts(store))
-    if medians_path is None:
-        paths["medians"] = join("medians.zarr")
-        tell(f"medians -> {paths['medians']}")
-        result = medians(
-            [paths["counts"]],
-            paths["medians"],
-            gene_mapping=gene_mapping,
-            storage_options=storage_options,
-            quiet=quiet,
+    reporter.say(store.describe())
+    median_set = given
+    if median_set is not None:
+        paths["medians"] = (
+            (median_set.url or "") if isinstance(medians, MedianSet) else str(medians)
         )
-        tell(describe_medians(result, paths["medians"]))
+        reporter.say(f"[2/4] using the given medians {paths['medians']}")
     else:
-        paths["medians"] = os.fspath(medians_path)
-    tell(f"tokenize -> {paths['encoding']}")
+        target = out.join("medians.zarr")
+        reporter.say(f"[2/4] medians -> {target.path} (t-digest)")
+        median_set = write_medians(
+            nonzero_medians(store, gene_mapping=mapping, reporter=reporter), target
+        )
+        reporter.say(median_set.describe(target.path))
+        paths["medians"] = target.path
+    target = out.join("encoding.zarr")
+    reporter.say(f"[3/4] tokenize -> {target.path} (full rankings)")
     enc = tokenize(
-        paths["counts"],
-        paths["encoding"],
-        medians=paths["medians"],
-        vocabulary=vocabulary,
-        gene_mapping=gene_mapping,
-        storage_options=storage_options,
-        quiet=quiet,
+        store,
+        target,
+        medians=median_set,
+        vocabulary=vocab,
+        gene_mapping=mapping,
+        overwrite=True,  # run owns what it writes under outdir (convert replaces counts too)
+        reporter=reporter,
     )
-    tell(describe_encoding(enc))
-    tell(f"export ({format}) -> {paths['dataset']}")
-    export(
-        paths["encoding"],
-        paths["dataset"],
-        format=format,
-        preset=preset,
-        input_size=input_size,
-        storage_options=storage_options,
-        quiet=quiet,
+    reporter.say(enc.describe())
+    paths["encoding"] = target.path
+    target = out.join("dataset" if format == "hf" else "parquet")
+    reporter.say(
+        f"[4/4] export ({format}) -> {target.path} ({chosen.name}: {chosen.input_size:,} tokens)"
     )
-    return paths
+    paths["dataset"] = export(enc, target, format=format, preset=chosen, reporter=reporter)
+    return RunResult(store, median_set, enc, paths)
 
 
 def _count_store_input(
-    inputs: Sequence[str | os.PathLike[str]], storage_options: Mapping[str, Any] | None
+    inputs: Sequence[LocationLike | Source], storage_options: Mapping[str, Any] | None
 ) -> CountStore | None:
     """The count store given as the only input, or None for inputs to convert."""
-    from .errors import SchemaError, StoreNotFoundError
-    from .store import open_counts
-
-    if len(inputs) != 1:
+    if len(inputs) != 1 or not isinstance(inputs[0], str | os.PathLike | Location):
         return None
     try:
         return open_counts(inputs[0], storage_options=storage_options)
@@ -476,15 +484,28 @@ def _count_store_input(
         return None
 
 
-def describe_encoding(enc: Any) -> str:
-    """A short summary of an encoding store."""
-    a = enc.attrs
-    lengths = enc.lengths
-    keep = enc.cell_column("filter_pass").astype(bool)
-    empty = int(np.sum(keep & (lengths == 0)))
-    return (
-        f"encoding store {enc.url}: {a['n_cells']:,} cells ({int(keep.sum()):,} passing filter), "
-        f"full rankings up to {a['width']:,} genes; {a['n_genes_kept']:,} vocabulary genes matched "
-        f"({a['n_duplicates_summed']:,} duplicate IDs summed); {empty:,} passing cells with no "
-        f"vocabulary gene (kept with length 0)"
+def demo(
+    outdir: LocationLike,
+    *,
+    n_cells: int = 20_000,
+    n_genes: int = 20_000,
+    seed: int = 0,
+    reporter: Reporter = QUIET,
+) -> RunResult:
+    """:func:`run` on a seeded synthetic source (computes and writes), then the coverage.
+
+    The model input is V2's (``<cls>`` + up to 4,094 genes + ``<eos>``); the medians and the
+    vocabulary come from the synthetic data itself.
+    """
+    source = synthetic_counts(n_cells, n_genes, seed=seed)
+    reporter.say(f"synthetic data: {n_cells:,} cells x {n_genes:,} genes (seed {seed})")
+    t0 = time.perf_counter()
+    result = run([source], outdir, preset="V2", reporter=reporter)
+    seconds = time.perf_counter() - t0
+    reporter.say(coverage_summary(result.encoding))
+    reporter.say(
+        f"Done in {seconds:.1f} s ({n_cells / seconds:,.0f} cells/s end to end). Results are in "
+        f"{Location.of(outdir).url}/; open the dataset with "
+        f"datasets.load_from_disk({result.paths['dataset']!r})"
     )
+    return result

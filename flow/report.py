@@ -31,6 +31,7 @@ from .query import (
     coverage_summary,
     drop_rates,
 )
+from .retention import ALL_CELLS, RetentionResult, gene_retention
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -49,6 +50,8 @@ __all__ = [
     "format_gene_drop",
     "plot_coverage",
     "plot_detected_genes",
+    "plot_fold_change",
+    "plot_retention",
     "plot_top_dropped",
     "write_answer",
     "write_report",
@@ -240,6 +243,120 @@ def plot_top_dropped(
     return fig
 
 
+def plot_retention(
+    result: RetentionResult,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    genes: list[str] | None = None,
+    sets: list[str] | None = None,
+    marks: Sequence[int] = MARKS,
+) -> Figure:
+    """Share of each chosen gene's or set's occurrences kept vs input size, and attention cost.
+
+    Left axis: percent of the occurrences (expressing passing cells) whose rank is below ``L``,
+    exact at the result's rank-bin edges (every cutoff is one; lines join them), per gene and
+    gene set (default: the
+    genes asked for and the sets, at most 8 each) and, when every gene was counted, all genes
+    together. Right axis: the relative attention cost ``(L / 2048) ** 2``. Dotted lines at
+    ``marks`` (V1 and V2 input sizes). Saved as an 800 x 450 PNG when ``path`` is given.
+    """
+    curves = result.kept_curve(genes, sets)
+    sizes = curves["input_size"].to_numpy()
+    right = 1.05 * max(float(sizes.max()), *marks)
+    fig = _figure(FIGSIZE)
+    ax = fig.add_subplot()
+    handles = []
+    for i, name in enumerate(c for c in curves.columns if c != "input_size"):
+        share = 100 * curves[name].to_numpy()
+        x, y = np.r_[0, sizes, right], np.r_[0, share, share[-1]]
+        every = name == "all genes"
+        style: dict[str, Any] = {"color": "k" if every else f"C{(i + 2) % 10}"}
+        style["lw"] = 2.2 if every else 1.5
+        (line,) = ax.plot(x, y, label=name, **style)
+        handles.append(line)
+    ax.set_xlabel("model input size L (tokens)")
+    ax.set_ylabel("occurrences kept (%)")
+    ax.set_ylim(0, 101)
+    ax.set_xlim(0, right)
+    ax.grid(alpha=0.3)
+    cost_ax = ax.twinx()
+    grid = np.linspace(0, right, 200)
+    (cost,) = cost_ax.plot(grid, (grid / 2048) ** 2, color="0.5", ls=":", label="attention cost")
+    cost_ax.set_ylabel("relative attention cost (L / 2048)²", color="0.4")
+    cost_ax.set_ylim(bottom=0)
+    for mark, name in zip(marks, ("V1", "V2", *[""] * len(marks)), strict=False):
+        ax.axvline(mark, color="0.3", ls="--", lw=1)
+        ax.annotate(
+            f"{name} {mark:,}".strip(),
+            xy=(mark, 3),
+            xytext=(-3, 0),
+            textcoords="offset points",
+            rotation=90,
+            ha="right",
+            va="bottom",
+            fontsize=9,
+            color="0.2",
+        )
+    fig.legend(
+        handles=[*handles, cost],
+        loc="outside lower center",
+        ncol=min(5, len(handles) + 1),
+        fontsize=8,
+    )
+    ax.set_title("What input size keeps the genes: share of occurrences kept")
+    _save(fig, path)
+    return fig
+
+
+def plot_fold_change(
+    result: RetentionResult,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    cutoffs: Sequence[int] | None = None,
+) -> Figure:
+    """The fold change against the corpus (log2 of the ranking value) of kept vs dropped
+    occurrences, one panel per cutoff (at most 4; every passing cell).
+
+    Each part is drawn as a share of its occurrences per 1/16-octave bin; the line at 0 is
+    the corpus median, and each panel names the share of each part below it. Saved as an
+    800 x 450 PNG when ``path`` is given.
+    """
+    tail = result.tail_frame()
+    if "group" in tail:
+        tail = tail[tail["group"] == ALL_CELLS]
+    chosen = list(result.spec.cutoffs if cutoffs is None else cutoffs)[-4:]
+    fig = _figure(FIGSIZE)
+    axes = fig.subplots(1, len(chosen), sharey=True, squeeze=False)[0]
+    for ax, cutoff in zip(axes, chosen, strict=True):
+        hist = result.fold_change_histogram(cutoff)
+        notes = []
+        for part, color in (("kept", "C0"), ("dropped", "C3")):
+            counts = hist[part].to_numpy()
+            row = tail[(tail["cutoff"] == cutoff) & (tail["part"] == part)].iloc[0]
+            if counts.sum():
+                ax.step(
+                    hist["log2_fold_change"],
+                    100 * counts / counts.sum(),
+                    where="post",
+                    color=color,
+                    lw=1.4,
+                    label=part,
+                )
+                notes.append(f"{part}: {100 * row.below_median_fraction:.0f}% < median")
+            else:
+                notes.append(f"nothing {part}")
+        ax.axvline(0, color="0.3", ls=":", lw=1)
+        ax.set_title(f"L = {cutoff:,}", fontsize=10)
+        ax.text(0.02, 0.98, "\n".join(notes), transform=ax.transAxes, va="top", fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("share of the part's occurrences (%)")
+    fig.supxlabel("log2 fold change against the corpus median (the ranking value)", fontsize=10)
+    axes[0].legend(fontsize=8, loc="center left")
+    fig.suptitle("Kept vs dropped occurrences: fold change against the corpus median")
+    _save(fig, path)
+    return fig
+
+
 # --------------------------------------------------------------------------------------------
 # text
 
@@ -387,6 +504,39 @@ def _img(fig: Figure, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{_png_base64(fig)}">'
 
 
+def _retention_section(
+    enc: EncodingStore,
+    retention: RetentionResult | bool,
+    group_by: str | None,
+    compute: Compute | None,
+) -> list[str]:
+    """The report's section on retention and the tail (plots, tail table, sets table);
+    computes the retention unless it is given."""
+    result = (
+        retention
+        if isinstance(retention, RetentionResult)
+        else gene_retention(enc, group_by=group_by).compute(compute=compute)
+    )
+    tail = result.tail_frame()
+    shown = tail.copy()
+    shown["below_median_fraction"] = [
+        "-" if math.isnan(f) else f"{100 * f:.1f}%" for f in shown["below_median_fraction"]
+    ]
+    parts = [
+        "<h2>Retention and the tail</h2>",
+        "<p>Share of the genes' occurrences (expressing passing cells) kept by each input "
+        "size, against the attention cost; then the fold change against the corpus median "
+        "(the value the cell was ranked by) of the occurrences kept and dropped at each "
+        "cutoff: the genes past a cutoff are those most down-regulated in their cell.</p>",
+        _img(plot_retention(result), "retention by input size"),
+        _img(plot_fold_change(result), "fold change of kept and dropped occurrences"),
+        _html_table(shown, "tail"),
+    ]
+    if result.spec.set_names:
+        parts += ["<h3>Gene sets</h3>", _html_table(result.sets_frame(), "sets")]
+    return parts
+
+
 def write_report(
     enc: EncodingStore,
     path: str | os.PathLike[str],
@@ -395,6 +545,7 @@ def write_report(
     *,
     top: int = 20,
     compute: Compute | None = None,
+    retention: RetentionResult | bool = False,
 ) -> str:
     """Write a one-page, self-contained HTML report of what ``cutoff`` drops (computes).
 
@@ -403,8 +554,11 @@ def write_report(
     :func:`flow.cluster.compute`). The page holds: the coverage summary and curve, the
     distribution of detected genes per cell, the top dropped genes (chart and table), and
     with ``group_by`` (a carried cell column such as ``cell_type``) a table per group: cells,
-    truncated cells and fraction, median length and top dropped genes. Plots are embedded as
-    base64 PNGs. Returns the path written.
+    truncated cells and fraction, median length and top dropped genes. With ``retention``
+    (a computed :class:`flow.retention.RetentionResult`, or True to compute one with the
+    default cutoffs, per group with ``group_by``) a section on retention and the tail: the
+    retention plot, the fold-change plot, the tail table and any gene sets' table. Plots are
+    embedded as base64 PNGs. Returns the path written.
     """
     rates = drop_rates(enc, cutoff, group_by=group_by)
     counts = rates.compute(compute=compute)
@@ -458,6 +612,8 @@ def write_report(
             "-" if math.isnan(f) else f"{100 * f:.1f}%" for f in groups["fraction_truncated"]
         ]
         parts += [f"<h2>By {esc(group_by)}</h2>", _html_table(groups, "groups")]
+    if retention is not False:
+        parts += _retention_section(enc, retention, group_by, compute)
     parts.append("</body></html>")
     out = os.fspath(path)
     with open(out, "w", encoding="utf-8") as fh:

@@ -21,14 +21,12 @@ attributes so a block is read without touching ``indptr`` of the others.
 
 from __future__ import annotations
 
-import itertools
-import os
-import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+import anndata as ad  # ~0.1 s on top of flow's own imports (measured): not worth hiding
 import dask.array as da
 import numpy as np
 import pandas as pd
@@ -36,20 +34,29 @@ import scipy.sparse as sp
 import zarr
 from dask.base import tokenize
 
-from . import __version__
 from ._io import (
     COUNT_CODECS,
     ChunkedWriter,
     content_hasher,
-    create_1d,
     create_flow_group,
     flow_attrs,
     mark_complete,
     open_flow_group,
-    store_url,
-    write_1d,
 )
-from .errors import FlowWarning, InputError, SchemaError
+from ._location import Location, LocationLike
+from ._store_obs import (
+    barcode_slices,
+    carried_column,
+    carried_obs,
+    obs_array,
+    obs_column_name,
+    obs_group,
+    unique_barcodes,
+    write_obs,
+    write_var,
+)
+from ._version import __version__
+from .errors import InputError, SchemaError
 
 if TYPE_CHECKING:
     from .ingest._source import Source
@@ -69,15 +76,6 @@ _SHARD = (
     1 << 22
 )  # values per data/indices shard: one object per 4M nonzeros; the writer buffers one
 _CHUNK = 1 << 18  # values per inner chunk
-_OBS_STEP = 1 << 16  # cells per chunk of an obs column, and per slice written
-_CARRIED_RESERVED = ("n_counts", "n_genes", "source")
-
-
-class _WiderDtypeNeeded(Exception):
-    """Internal: the counts need a wider dtype than the one being written; restart with it."""
-
-    def __init__(self, dtype: np.dtype[Any]) -> None:
-        self.dtype = dtype
 
 
 @dataclass(frozen=True)
@@ -86,18 +84,27 @@ class CountStore:
 
     Attributes
     ----------
-    url : str
-        Where the store is.
+    location : Location
+        Where the store is (an absolute local path or a URL, with its storage options).
     counts : dask.array.Array
         ``(cell, gene)`` counts as lazy CSR blocks, chunked ``(block_size, n_genes)``.
     attrs : dict
         The store's ``attrs["flow"]``.
     """
 
-    url: str
+    location: Location
     counts: da.Array
     attrs: dict[str, Any]
-    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)  # credentials
+
+    @property
+    def url(self) -> str:
+        """Where the store is: an absolute local path or a URL."""
+        return self.location.url
+
+    @property
+    def storage_options(self) -> Mapping[str, Any] | None:
+        """The fsspec options the store was opened with (credentials: not in the repr)."""
+        return self.location.storage_options
 
     @property
     def block_size(self) -> int:
@@ -136,8 +143,19 @@ class CountStore:
         Numeric and boolean columns keep their dtype; string and categorical columns come back
         as ``str``. Unlike :attr:`obs`, memory is one column's, not the whole table's.
         """
+        if name in self._numeric_columns:
+            return self._numeric_columns[name]
         pieces = list(self.iter_obs_column(name))
-        return np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
+        column = np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
+        if column.dtype.kind in "biuf":  # per-cell numbers the stages share: read once
+            column.flags.writeable = False
+            self._numeric_columns[name] = column
+        return column
+
+    @cached_property
+    def _numeric_columns(self) -> dict[str, np.ndarray]:
+        """Numeric obs columns read so far (n_counts, n_genes, filter_pass, ...): 8 B a cell."""
+        return {}
 
     def iter_obs_column(self, name: str, step: int = 1 << 16) -> Iterator[np.ndarray]:
         """One obs column in consecutive slices of ``step`` cells, read one slice at a time.
@@ -149,8 +167,6 @@ class CountStore:
         KeyError
             If the store has no such obs column.
         """
-        import anndata as ad
-
         obs: Any = self._group()["obs"]
         if name != "_index" and name not in self.obs_columns:
             msg = f"{self.url}: no obs column {name!r}; columns are {self.obs_columns}."
@@ -196,8 +212,25 @@ class CountStore:
             return n_counts, np.ones(n_counts.size, dtype=bool)
         return n_counts, parse_filter_pass(self.obs_column("filter_pass"), self.url)
 
+    def describe(self) -> str:
+        """A short human-readable summary of the store (reads the ``n_genes`` obs column only)."""
+        a = self.attrs
+        genes = self.obs_column("n_genes")
+        q = np.percentile(genes, [0, 50, 90, 99, 100]) if genes.size else np.zeros(5)
+        sources = "\n".join(
+            f"    {s['path']} ({s['format']}, {s['n_cells']:,} cells)" for s in a["sources"]
+        )
+        return (
+            f"count store {self.url}\n"
+            f"  cells x genes: {a['n_cells']:,} x {a['n_genes']:,}; nonzeros {a['nnz']:,}; dtype {a['dtype']}\n"
+            f"  detected genes per cell: min {q[0]:.0f}, median {q[1]:.0f}, p90 {q[2]:.0f}, "
+            f"p99 {q[3]:.0f}, max {q[4]:.0f}\n"
+            f"  blocks: {self.n_blocks} ({a['block_size']:,} cells each, the last may be shorter)\n"
+            f"  sources:\n{sources}"
+        )
+
     def _group(self) -> zarr.Group:
-        return open_flow_group(self.url, KIND, storage_options=self.storage_options)
+        return open_flow_group(self.location, KIND)
 
 
 _TRUE = frozenset({"1", "true", "t", "yes", "y"})
@@ -238,8 +271,6 @@ def _as_str(values: np.ndarray) -> np.ndarray:
 
 
 def _read_frame(group: zarr.Group, name: str) -> pd.DataFrame:
-    import anndata as ad
-
     frame = ad.io.read_elem(group[name])
     assert isinstance(frame, pd.DataFrame)  # anndata's dataframe encoding
     return frame
@@ -249,7 +280,7 @@ def _read_frame(group: zarr.Group, name: str) -> pd.DataFrame:
 
 
 def open_counts(
-    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+    where: LocationLike, *, storage_options: Mapping[str, Any] | None = None
 ) -> CountStore:
     """Open a count store lazily.
 
@@ -257,45 +288,49 @@ def open_counts(
     ``scipy.sparse.csr_matrix`` blocks over the store's block grid: chunks are
     ``(block_size, ..., last), (n_genes,)``; each task opens the store and reads its own block.
 
+    Parameters
+    ----------
+    where
+        The store: a :class:`~flow._location.Location`, a local path or an fsspec URL.
+    storage_options
+        fsspec options of a URL; used only when ``where`` is not a Location.
+
     Raises
     ------
     StoreNotFoundError, SchemaError, IncompleteStoreError
         Nothing there, not a count store, or an unfinished one.
     """
-    url = store_url(path)
-    group = open_flow_group(
-        url, KIND, storage_options=storage_options, finish_hint="run `flow convert` again"
-    )
+    given = Location.of(where, storage_options)
+    location = Location(given.url, given.storage_options)  # absolute: the same on any worker
+    group = open_flow_group(location, KIND, finish_hint="run `flow convert` again")
     attrs = flow_attrs(group)
     offsets = [int(o) for o in attrs["block_nnz_offsets"]]
     n_cells, n_genes, bs = int(attrs["n_cells"]), int(attrs["n_genes"]), int(attrs["block_size"])
     row_chunks = tuple(min(bs, n_cells - start) for start in range(0, n_cells, bs)) or (0,)
     dtype = np.dtype(attrs["dtype"])
-    name = f"flow-read-counts-{tokenize(url, attrs['content_sha256'])}"
+    name = f"flow-read-counts-{tokenize(location.url, attrs['content_sha256'])}"
     counts = da.map_blocks(
         _read_block,
-        url=url,
+        location=location,
         offsets=np.asarray(offsets, dtype=np.int64),
         block_size=bs,
         n_genes=n_genes,
         dtype_str=dtype.str,
-        storage_options=dict(storage_options or {}),
         chunks=(row_chunks, (n_genes,)),
         dtype=dtype,
         meta=sp.csr_matrix((0, 0), dtype=dtype),
         name=name,
     )
-    return CountStore(url=url, counts=counts, attrs=attrs, storage_options=storage_options)
+    return CountStore(location=location, counts=counts, attrs=attrs)
 
 
 def _read_block(
     *,
-    url: str,
+    location: Location,
     offsets: Sequence[int],
     block_size: int,
     n_genes: int,
     dtype_str: str,
-    storage_options: Mapping[str, Any],
     block_info: dict[Any, Any] | None = None,
 ) -> sp.csr_matrix:
     """Read one block of cells as CSR (opened per task, so it is safe on any worker)."""
@@ -303,12 +338,11 @@ def _read_block(
     (r0, r1), _ = block_info[None]["array-location"]
     b = r0 // block_size
     p0, p1 = offsets[b], offsets[b + 1]
-    opts = None if "://" not in url or url.startswith("file://") else dict(storage_options)
-    x: Any = zarr.open_group(url, mode="r", storage_options=opts)["X"]
+    x: Any = location.open_group(mode="r")["X"]
     indptr = np.asarray(x["indptr"][r0 : r1 + 1], dtype=np.int64) - p0
     data = np.asarray(x["data"][p0:p1], dtype=np.dtype(dtype_str))
     indices = np.asarray(x["indices"][p0:p1], dtype=np.int32)
-    _check_block(data, indices, indptr, url, b)
+    _check_block(data, indices, indptr, location.url, b)
     return sp.csr_matrix((data, indices, indptr), shape=(r1 - r0, n_genes))
 
 
@@ -336,7 +370,7 @@ def _check_block(
 
 def write_counts(
     sources: Sequence[Source],
-    path: str | os.PathLike[str],
+    where: LocationLike,
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
     allow_non_integer: bool = False,
@@ -350,18 +384,28 @@ def write_counts(
     explicit zeros dropped, and written in whole shards, so memory holds one block and one shard
     whatever the input size. The store is marked complete only after the last write.
 
+    Counts are stored as the smallest dtype that holds every one of them (repeated entries of a
+    cell summed): uint16, else uint32, else float64 (float32 for non-integer counts). Inputs are streams, so that is known only
+    once every count has been read: the store is written with uint16 first, and a count that
+    does not fit stops that pass, which is then written again from the first cell with the
+    wider dtype (at most three passes; real counts almost always fit uint16).
+
     Parameters
     ----------
     sources
         Readers from :mod:`flow.ingest` (see :func:`flow.ingest.open_source`).
-    path
-        Output store (local path or fsspec URL); replaced if it exists.
+    where
+        Output store (a :class:`~flow._location.Location`, local path or fsspec URL);
+        replaced if it exists.
     block_size
         Cells per block of the store's fixed block grid.
     allow_non_integer
         Admit non-integer counts (stored as float32). Otherwise they are an error.
+    storage_options
+        fsspec options of a URL; used only when ``where`` is not a Location.
     progress
-        Optional callable ``progress(n_cells_done, n_cells_total)``.
+        Optional callable ``progress(n_cells_done, n_cells_total)`` (from 0 again when a pass
+        is written again with a wider dtype).
 
     Raises
     ------
@@ -375,14 +419,263 @@ def write_counts(
     if not sources:
         msg = "No inputs given."
         raise InputError(msg)
-    dtype: np.dtype[Any] = np.dtype(np.uint16)
-    while True:
-        try:
-            return _write_counts(
-                sources, path, block_size, dtype, allow_non_integer, storage_options, progress
-            )
-        except _WiderDtypeNeeded as wider:
-            dtype = wider.dtype
+    given = Location.of(where, storage_options)
+    plan = _CountPlan.of(
+        sources,
+        Location(given.url, given.storage_options),  # absolute: the same from any directory
+        block_size=block_size,
+        allow_non_integer=allow_non_integer,
+    )
+    dtype: np.dtype[Any] | None = np.dtype(np.uint16)
+    while dtype is not None:  # one pass per dtype tried: see above
+        dtype = _write_pass(plan, dtype, progress)
+    return open_counts(plan.location)
+
+
+@dataclass(frozen=True)
+class _CountPlan:
+    """What writing a count store needs, worked out from the sources' headers (no counts read).
+
+    ``col_maps[i]`` maps source ``i``'s gene columns to the store's; ``carried`` maps each
+    carried obs column as written to its input name; ``barcodes`` holds the barcodes made
+    unique when the inputs repeat some (None: the sources' own barcodes are unique).
+    """
+
+    sources: tuple[Source, ...]
+    location: Location
+    block_size: int
+    allow_non_integer: bool
+    gene_ids: np.ndarray
+    symbols: np.ndarray
+    col_maps: tuple[np.ndarray, ...]
+    n_cells: int
+    barcodes: np.ndarray | None
+    carried: dict[str, str]
+
+    @classmethod
+    def of(
+        cls,
+        sources: Sequence[Source],
+        location: Location,
+        *,
+        block_size: int,
+        allow_non_integer: bool,
+    ) -> _CountPlan:
+        """Check the sources' headers and plan the store (warns about repeated barcodes)."""
+        gene_ids, symbols, col_maps = _gene_union(sources)
+        n_cells = sum(s.info.n_cells for s in sources)
+        if n_cells == 0:
+            msg = f"{', '.join(s.info.path for s in sources)}: the matrix has no cells."
+            raise InputError(msg)
+        return cls(
+            sources=tuple(sources),
+            location=location,
+            block_size=block_size,
+            allow_non_integer=allow_non_integer,
+            gene_ids=gene_ids,
+            symbols=symbols,
+            col_maps=tuple(col_maps),
+            n_cells=n_cells,
+            barcodes=unique_barcodes(sources),
+            carried={obs_column_name(name): name for name in carried_obs(sources)},
+        )
+
+    @property
+    def n_genes(self) -> int:
+        """Genes (columns) of the store: the union of the sources' genes."""
+        return len(self.gene_ids)
+
+    def barcode_slices(self) -> Iterable[np.ndarray]:
+        """All barcodes, unique, as consecutive slices (each call starts again)."""
+        if self.barcodes is not None:
+            return [self.barcodes]
+        return barcode_slices(self.sources)
+
+    def input_blocks(self) -> Generator[sp.csr_matrix, None, None]:
+        """Every block read from the sources, in cell order, validated, its columns mapped to
+        the store's genes, repeated entries of a cell summed and explicit zeros dropped.
+
+        Raises
+        ------
+        InputError
+            Bad counts (see :func:`_validate`), or a source giving fewer or more cells than
+            its header says.
+        """
+        for src, col_map in zip(self.sources, self.col_maps, strict=True):
+            seen = 0
+            for raw in src.iter_blocks(self.block_size):
+                block = sp.csr_matrix(raw)
+                _validate(block, src.info.path, seen, self.allow_non_integer)
+                block = sp.csr_matrix(
+                    (block.data, col_map[block.indices], block.indptr),
+                    shape=(block.shape[0], self.n_genes),
+                )
+                block.sum_duplicates()  # sorts indices; sums repeated columns of one cell
+                block.eliminate_zeros()
+                seen += block.shape[0]
+                yield block
+            if seen != src.info.n_cells:
+                msg = (
+                    f"{src.info.path}: expected {src.info.n_cells} cells from its header, read "
+                    f"{seen}. The file is truncated or corrupt."
+                )
+                raise InputError(msg)
+
+    def obs_columns(self) -> dict[str, Iterable[np.ndarray] | pd.Categorical]:
+        """The obs columns written after the counts: barcodes, source, carried columns."""
+        sources = self.sources
+        paths = list(dict.fromkeys(s.info.path for s in sources))
+        columns: dict[str, Iterable[np.ndarray] | pd.Categorical] = {
+            "_index": self.barcode_slices(),
+            "source": pd.Categorical.from_codes(  # codes, not a path string per cell
+                np.repeat(
+                    [paths.index(s.info.path) for s in sources], [s.info.n_cells for s in sources]
+                ),
+                categories=paths,
+            ),
+        }
+        for out_name, name in self.carried.items():
+            columns[out_name] = carried_column(name, sources)
+        return columns
+
+    def record(self) -> dict[str, Any]:
+        """What the store records about its inputs and options (``attrs["flow"]``)."""
+        sources = [
+            {
+                "path": s.info.path,
+                "format": s.info.format,
+                "n_cells": s.info.n_cells,
+                "fingerprint": s.info.fingerprint,
+                "notes": list(s.info.notes),
+            }
+            for s in self.sources
+        ]
+        return {
+            "sources": sources,
+            "params": {"allow_non_integer": self.allow_non_integer},
+            "flow_version": __version__,
+        }
+
+
+def _write_pass(plan: _CountPlan, dtype: np.dtype[Any], progress: Any) -> np.dtype[Any] | None:
+    """Write the whole store with counts as ``dtype``, from the first cell.
+
+    Returns None when the store is written and marked complete, or the wider dtype a count
+    needs: the pass then stops there, leaving an unfinished store for the next pass to replace.
+    """
+    writer = _CountWriter(plan, dtype, progress)
+    blocks = plan.input_blocks()
+    for block in blocks:
+        wider = _needed_dtype(block, dtype)
+        if wider is not None:
+            blocks.close()
+            return wider
+        writer.add(block)
+    writer.finish()
+    return None
+
+
+class _CountWriter:
+    """One pass of writing a count store with counts as ``dtype``.
+
+    Creating it creates the store (marked incomplete) and its arrays; :meth:`add` takes input
+    blocks of any size and writes whole store blocks of ``block_size`` cells as they fill up
+    (per-cell arrays too, a chunk at a time: none is held whole); :meth:`finish` writes the
+    last block, obs, var and the attributes, and marks the store complete.
+    """
+
+    def __init__(self, plan: _CountPlan, dtype: np.dtype[Any], progress: Any) -> None:
+        self.plan, self.dtype, self.progress = plan, dtype, progress
+        self.root = create_flow_group(
+            plan.location,
+            KIND,
+            SCHEMA_VERSION,
+            extra_attrs={"encoding-type": "anndata", "encoding-version": "0.1.0"},
+        )
+        self.x = self.root.create_group("X")
+        self.x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
+        sharded: dict[str, Any] = {
+            "chunks": (_CHUNK,),
+            "shards": (_SHARD,),
+            "compressors": COUNT_CODECS,
+        }
+        data = self.x.create_array("data", shape=(0,), dtype=dtype, **sharded)
+        indices = self.x.create_array("indices", shape=(0,), dtype=np.int32, **sharded)
+        self.hasher = content_hasher()
+        self.hasher.update(f"{plan.n_cells}x{plan.n_genes}".encode())
+        self.data_out = ChunkedWriter(data, _SHARD, grow=True, hasher=self.hasher)
+        self.indices_out = ChunkedWriter(indices, _SHARD, grow=True, hasher=self.hasher)
+        indptr = self.x.create_array(
+            "indptr",
+            shape=(plan.n_cells + 1,),
+            dtype=np.int64,
+            chunks=(min(plan.n_cells + 1, 1 << 20),),
+            compressors=COUNT_CODECS,
+        )
+        self.indptr_out = ChunkedWriter(indptr, indptr.chunks[0])
+        self.indptr_out.append(np.zeros(1, dtype=np.int64))
+        self.obs = obs_group(self.root, ["n_counts", "n_genes", "source", *plan.carried])
+        totals_dtype = np.float64 if dtype.kind == "f" else np.int64
+        self.totals_out = obs_array(self.obs, "n_counts", totals_dtype, plan.n_cells)
+        self.detected_out = obs_array(self.obs, "n_genes", np.int32, plan.n_cells)
+        self.block_offsets = [0]
+        self.row = 0
+        self.pending: list[sp.csr_matrix] = []
+        self.n_pending = 0
+
+    def add(self, block: sp.csr_matrix) -> None:
+        """Take the next input block; write every whole store block now complete."""
+        size = self.plan.block_size
+        self.pending.append(block)
+        self.n_pending += block.shape[0]
+        while self.n_pending >= size:
+            merged = self._merged()
+            self._write_block(merged[:size])
+            rest = merged[size:]
+            self.pending, self.n_pending = ([rest] if rest.shape[0] else []), rest.shape[0]
+
+    def _merged(self) -> sp.csr_matrix:
+        return sp.vstack(self.pending, format="csr") if len(self.pending) > 1 else self.pending[0]
+
+    def _write_block(self, block: sp.csr_matrix) -> None:
+        """Append one store block to every array."""
+        offset = self.block_offsets[-1]
+        self.indptr_out.append(block.indptr[1:].astype(np.int64) + offset)
+        self.totals_out.append(np.asarray(block.sum(axis=1), dtype=np.float64).ravel())
+        self.detected_out.append(np.diff(block.indptr))
+        self.data_out.append(block.data)
+        self.indices_out.append(block.indices)
+        self.block_offsets.append(offset + int(block.indptr[-1]))
+        self.row += block.shape[0]
+        if self.progress is not None:
+            self.progress(self.row, self.plan.n_cells)
+
+    def finish(self) -> None:
+        """Write the last (shorter) block, obs and var, then mark the store complete."""
+        plan = self.plan
+        if self.n_pending:
+            self._write_block(self._merged())
+        nnz = self.data_out.close()
+        self.indices_out.close()
+        for out in (self.indptr_out, self.totals_out, self.detected_out):
+            out.close()
+        self.x.attrs["shape"] = [plan.n_cells, plan.n_genes]
+        write_obs(self.obs, plan.obs_columns(), plan.n_cells)
+        var = pd.DataFrame(
+            {"gene_symbol": plan.symbols.astype(str)}, index=pd.Index(plan.gene_ids.astype(str))
+        )
+        write_var(self.root, var)
+        mark_complete(
+            self.root,
+            n_cells=plan.n_cells,
+            n_genes=plan.n_genes,
+            nnz=nnz,
+            dtype=self.dtype.name,
+            block_size=plan.block_size,
+            block_nnz_offsets=self.block_offsets,
+            content_sha256=self.hasher.hexdigest(),
+            **plan.record(),
+        )
 
 
 def _gene_union(sources: Sequence[Source]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
@@ -413,56 +706,6 @@ def _gene_union(sources: Sequence[Source]) -> tuple[np.ndarray, np.ndarray, list
             col_map[j] = where[key]
         maps.append(col_map)
     return np.asarray(ids, dtype=object), np.asarray(symbols, dtype=object), maps
-
-
-def _barcodes(sources: Sequence[Source]) -> Iterable[np.ndarray]:
-    """All barcodes as consecutive slices, made unique (``-1``, ``-2`` ... appended to
-    repeats, with a warning).
-
-    Uniqueness is checked on 64-bit hashes (8 bytes per cell), not on an index of the strings;
-    only when two hashes are equal are the strings themselves compared.
-    """
-
-    def slices() -> Iterator[np.ndarray]:
-        for src in sources:
-            for a in range(0, src.info.n_cells, _OBS_STEP):
-                yield np.asarray(src.info.barcodes[a : a + _OBS_STEP], dtype=object)
-
-    hashes = np.concatenate([pd.util.hash_array(piece) for piece in slices()])
-    hashes.sort()
-    if not (hashes[1:] == hashes[:-1]).any():
-        return slices()
-    del hashes
-    barcodes = pd.Index(
-        np.concatenate([np.asarray(s.info.barcodes, dtype=object) for s in sources])
-    )
-    dup = barcodes.duplicated(keep="first")
-    n_dup = int(dup.sum())
-    counter = barcodes.to_series().groupby(barcodes).cumcount().to_numpy()
-    fixed = np.where(dup, barcodes.astype(str) + "-" + counter.astype(str), barcodes.astype(str))
-    while not pd.Index(fixed).is_unique:  # a made-up name can itself exist already
-        again = pd.Index(fixed).duplicated(keep="first")
-        fixed = np.where(again, fixed + "-dup", fixed)
-    if n_dup:  # else: equal hashes of different strings
-        warnings.warn(
-            f"{n_dup} duplicate cell barcodes across the inputs were made unique by appending "
-            "'-1', '-2', ... (the input column 'source' tells which file each cell came from).",
-            FlowWarning,
-            stacklevel=3,
-        )
-    return [np.asarray(fixed, dtype=object)]
-
-
-def _carried_obs(sources: Sequence[Source]) -> list[str]:
-    """Obs columns carried from the inputs: every column any source has, in first-seen order."""
-    names: list[str] = []
-    for src in sources:
-        names.extend(c for c in map(str, src.info.obs.columns) if c not in names)
-    return names
-
-
-def _obs_column_name(name: str) -> str:
-    return f"input_{name}" if name in _CARRIED_RESERVED else name
 
 
 def _validate(block: sp.csr_matrix, info_path: str, row0: int, allow_non_integer: bool) -> None:
@@ -511,255 +754,3 @@ def _needed_dtype(block: sp.csr_matrix, current: np.dtype[Any]) -> np.dtype[Any]
     if top > np.iinfo(current).max:
         return np.dtype(np.uint32) if top <= np.iinfo(np.uint32).max else np.dtype(np.float64)
     return None
-
-
-def _write_counts(
-    sources: Sequence[Source],
-    path: str | os.PathLike[str],
-    block_size: int,
-    dtype: np.dtype[Any],
-    allow_non_integer: bool,
-    storage_options: Mapping[str, Any] | None,
-    progress: Any,
-) -> CountStore:
-    gene_ids, symbols, col_maps = _gene_union(sources)
-    n_genes = len(gene_ids)
-    n_cells = sum(s.info.n_cells for s in sources)
-    if n_cells == 0:
-        msg = f"{', '.join(s.info.path for s in sources)}: the matrix has no cells."
-        raise InputError(msg)
-    barcodes = _barcodes(sources)
-    carried = _carried_obs(sources)
-
-    url = store_url(path)
-    root = create_flow_group(
-        url,
-        KIND,
-        SCHEMA_VERSION,
-        storage_options=storage_options,
-        extra_attrs={"encoding-type": "anndata", "encoding-version": "0.1.0"},
-    )
-    x = root.create_group("X")
-    x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
-    sharded: dict[str, Any] = {
-        "chunks": (_CHUNK,),
-        "shards": (_SHARD,),
-        "compressors": COUNT_CODECS,
-    }
-    data = x.create_array("data", shape=(0,), dtype=dtype, **sharded)
-    indices = x.create_array("indices", shape=(0,), dtype=np.int32, **sharded)
-    hasher = content_hasher()
-    hasher.update(f"{n_cells}x{n_genes}".encode())
-    data_out = ChunkedWriter(data, _SHARD, grow=True, hasher=hasher)
-    indices_out = ChunkedWriter(indices, _SHARD, grow=True, hasher=hasher)
-
-    # per-cell arrays are written as the blocks go, a chunk at a time: none is held whole
-    indptr = x.create_array(
-        "indptr",
-        shape=(n_cells + 1,),
-        dtype=np.int64,
-        chunks=(min(n_cells + 1, 1 << 20),),
-        compressors=COUNT_CODECS,
-    )
-    indptr_out = ChunkedWriter(indptr, indptr.chunks[0])
-    indptr_out.append(np.zeros(1, dtype=np.int64))
-    carried_names = {_obs_column_name(name): name for name in carried}
-    obs = _obs_group(root, ["n_counts", "n_genes", "source", *carried_names])
-    totals_out = _obs_array(obs, "n_counts", np.float64 if dtype.kind == "f" else np.int64, n_cells)
-    detected_out = _obs_array(obs, "n_genes", np.int32, n_cells)
-    block_offsets = [0]
-    row = 0
-    pending: list[sp.csr_matrix] = []
-    n_pending = 0
-
-    def emit(block: sp.csr_matrix) -> None:
-        nonlocal row
-        indptr_out.append(block.indptr[1:].astype(np.int64) + block_offsets[-1])
-        totals_out.append(np.asarray(block.sum(axis=1), dtype=np.float64).ravel())
-        detected_out.append(np.diff(block.indptr))
-        data_out.append(block.data)
-        indices_out.append(block.indices)
-        block_offsets.append(block_offsets[-1] + int(block.indptr[-1]))
-        row += block.shape[0]
-        if progress is not None:
-            progress(row, n_cells)
-
-    for src, col_map in zip(sources, col_maps, strict=True):
-        seen = 0
-        for raw in src.iter_blocks(block_size):
-            block = sp.csr_matrix(raw)
-            _validate(block, src.info.path, seen, allow_non_integer)
-            wider = _needed_dtype(block, dtype)
-            if wider is not None:
-                raise _WiderDtypeNeeded(wider)
-            block = sp.csr_matrix(
-                (block.data, col_map[block.indices], block.indptr), shape=(block.shape[0], n_genes)
-            )
-            block.sum_duplicates()  # sorts indices; sums repeated columns of one cell
-            block.eliminate_zeros()
-            seen += block.shape[0]
-            pending.append(block)
-            n_pending += block.shape[0]
-            while n_pending >= block_size:
-                merged = sp.vstack(pending, format="csr") if len(pending) > 1 else pending[0]
-                emit(merged[:block_size])
-                rest = merged[block_size:]
-                pending, n_pending = ([rest] if rest.shape[0] else []), rest.shape[0]
-        if seen != src.info.n_cells:
-            msg = (
-                f"{src.info.path}: expected {src.info.n_cells} cells from its header, read "
-                f"{seen}. The file is truncated or corrupt."
-            )
-            raise InputError(msg)
-    if n_pending:
-        emit(sp.vstack(pending, format="csr") if len(pending) > 1 else pending[0])
-
-    nnz = data_out.close()
-    indices_out.close()
-    for out in (indptr_out, totals_out, detected_out):
-        out.close()
-    x.attrs["shape"] = [n_cells, n_genes]
-
-    paths = list(dict.fromkeys(s.info.path for s in sources))
-    columns: dict[str, Iterable[np.ndarray] | pd.Categorical] = {
-        "_index": barcodes,
-        "source": pd.Categorical.from_codes(  # codes, not a path string per cell
-            np.repeat(
-                [paths.index(s.info.path) for s in sources], [s.info.n_cells for s in sources]
-            ),
-            categories=paths,
-        ),
-    }
-    for out_name, name in carried_names.items():
-        columns[out_name] = _carried_column(name, sources)
-    _write_obs(obs, columns, n_cells)
-    var = pd.DataFrame({"gene_symbol": symbols.astype(str)}, index=pd.Index(gene_ids.astype(str)))
-    _write_var(root, var)
-
-    mark_complete(
-        root,
-        n_cells=n_cells,
-        n_genes=n_genes,
-        nnz=nnz,
-        dtype=dtype.name,
-        block_size=block_size,
-        block_nnz_offsets=block_offsets,
-        content_sha256=hasher.hexdigest(),
-        sources=[
-            {
-                "path": s.info.path,
-                "format": s.info.format,
-                "n_cells": s.info.n_cells,
-                "fingerprint": s.info.fingerprint,
-                "notes": list(s.info.notes),
-            }
-            for s in sources
-        ],
-        params={"allow_non_integer": allow_non_integer},
-        flow_version=__version__,
-    )
-    return open_counts(url, storage_options=storage_options)
-
-
-def _carried_column(name: str, sources: Sequence[Source]) -> Iterable[np.ndarray] | pd.Categorical:
-    """One obs column over all sources (consecutive slices); a source without it fills it in.
-
-    The fill is 1 for ``filter_pass`` (no column means every cell passes, as in Geneformer),
-    NaN for numbers and "" for text; booleans and numbers stay numbers when no fill is needed.
-    When every source holds the column as a categorical (readers hold repetitive text so) it
-    stays one, with the union of the categories; other text becomes ``str``.
-    """
-    from pandas.api.types import union_categoricals
-
-    columns = [s.info.obs[name] if name in s.info.obs.columns else None for s in sources]
-    present = [c for c in columns if c is not None]
-    if all(isinstance(c.dtype, pd.CategoricalDtype) for c in present):
-        fill = "1" if name == "filter_pass" else ""
-        parts = [
-            c.array
-            if c is not None
-            else pd.Categorical.from_codes(np.zeros(s.info.n_cells, np.int8), categories=[fill])
-            for c, s in zip(columns, sources, strict=True)
-        ]
-        return union_categoricals(parts) if len(parts) > 1 else parts[0]
-    numeric = all(c.dtype.kind in "biuf" for c in present)
-    fill_value: Any = 1 if name == "filter_pass" else (np.nan if numeric else "")
-    out_dtype = np.dtype(object)
-    if numeric:  # as numpy concatenates them (NaN fills make integers float)
-        fills = [np.asarray(fill_value).dtype] if len(present) < len(sources) else []
-        out_dtype = np.result_type(*(c.dtype for c in present), *fills)
-
-    def piece(column: pd.Series | None, a: int, b: int) -> np.ndarray:
-        if column is None:
-            return np.full(b - a, fill_value, dtype=out_dtype)
-        values = np.asarray(column.iloc[a:b].to_numpy())
-        if numeric:
-            return values.astype(out_dtype)
-        return np.asarray([_text(v) for v in values], dtype=object)
-
-    return (
-        piece(column, a, min(a + _OBS_STEP, src.info.n_cells))
-        for column, src in zip(columns, sources, strict=True)
-        for a in range(0, src.info.n_cells, _OBS_STEP)
-    )
-
-
-def _text(value: Any) -> str:
-    """A cell's text value: missing ones (None, NaN) as ""."""
-    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
-
-
-def _obs_group(root: zarr.Group, columns: list[str]) -> zarr.Group:
-    """Create ``obs`` in anndata's dataframe encoding (columns written separately)."""
-    obs = root.create_group("obs")
-    obs.attrs.update(
-        {
-            "_index": "_index",
-            "column-order": columns,
-            "encoding-type": "dataframe",
-            "encoding-version": "0.2.0",
-        }
-    )
-    return obs
-
-
-def _obs_attrs(dtype: Any) -> dict[str, str]:
-    """anndata's encoding attributes of a plain obs column of ``dtype``."""
-    text = np.dtype(dtype).kind in "OUST"
-    return {"encoding-type": "string-array" if text else "array", "encoding-version": "0.2.0"}
-
-
-def _obs_array(obs: zarr.Group, name: str, dtype: Any, n_cells: int) -> ChunkedWriter:
-    """A writer of one obs column (anndata's array encoding), filled in order."""
-    attrs = _obs_attrs(dtype)
-    return create_1d(obs, name, dtype, size=n_cells, chunk=_OBS_STEP, dim="cell", attrs=attrs)
-
-
-def _write_obs(
-    obs: zarr.Group, columns: Mapping[str, Iterable[np.ndarray] | pd.Categorical], n_cells: int
-) -> None:
-    """Write obs columns: categoricals with anndata, the others one slice at a time."""
-    import anndata as ad
-
-    for name, column in columns.items():
-        if isinstance(column, pd.Categorical):  # one small code per cell
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # zarr v3 string dtype spec warnings (third party)
-                ad.io.write_elem(obs, name, column)
-            continue
-        pieces = iter(column)
-        first = next(pieces)  # its dtype is the column's
-        attrs = _obs_attrs(first.dtype)
-        pieces = itertools.chain([first], pieces)
-        write_1d(obs, name, pieces, size=n_cells, chunk=_OBS_STEP, dim="cell", attrs=attrs)
-
-
-def _write_var(root: zarr.Group, var: pd.DataFrame) -> None:
-    """Write var (one row per gene: small) with anndata, and the empty elements it expects."""
-    import anndata as ad
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zarr v3 string dtype spec warnings (third party)
-        ad.io.write_elem(root, "var", var)
-        for name in ("obsm", "obsp", "varm", "varp", "layers", "uns"):
-            ad.io.write_elem(root, name, {})

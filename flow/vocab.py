@@ -1,19 +1,17 @@
-"""Vocabularies, model presets, gene-ID normalisation and mapping onto a vocabulary.
+"""Vocabularies, model presets, and how a count store's genes map onto a vocabulary.
 
 Everything here is small and eager (a vocabulary has tens of thousands of genes): nothing is
 lazy and nothing touches Dask. The semantics are those of ``DESIGN.md`` section 3:
 
-- **Gene identifiers** are compared after :func:`normalize_gene_ids`: surrounding whitespace
-  removed, upper-cased, and a trailing Ensembl version suffix (``ENSG00000123.12`` ->
-  ``ENSG00000123``) removed from Ensembl-looking IDs.
-- An optional **gene mapping** (Geneformer's ``ensembl_mapping_dict``, or any symbol/ID -> ID
-  table) is applied after normalisation; IDs the mapping does not know are kept as they are.
+- **Gene identifiers** are compared after :func:`normalize_gene_ids` and an optional
+  :class:`GeneMapping` (both in :mod:`flow._genes`, re-exported here).
 - Store genes that land on the same vocabulary gene (exact duplicates included) are **summed**:
   :class:`GeneMap` carries a 0/1 sparse matrix ``collapse`` such that ``counts @ collapse`` is the
-  cells x kept-genes count matrix, with kept genes sorted by token ID.
+  cells x kept-genes count matrix, with kept genes sorted by token ID. It is built on
+  :func:`flow._genes.collapse_gene_ids`, the collapse the median set uses too.
 - **Presets**: ``V1`` = 2,048 tokens, no special tokens; ``V2`` = 4,096 tokens with ``<cls>``
-  first and ``<eos>`` last (at most 4,094 genes). :func:`model_input` cuts a full ranking into the
-  model's input.
+  first and ``<eos>`` last (at most 4,094 genes). :func:`resolve_preset` is the one place a
+  preset is chosen; :data:`DEFAULT_PRESET` is the default.
 
 Dictionary pickles are read with :func:`flow._pickle.load_dict`, which refuses pickles that
 would run code.
@@ -21,11 +19,8 @@ would run code.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import gzip
 import hashlib
-import io
 import json
 import os
 import re
@@ -40,17 +35,29 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-from flow._pickle import load_dict
-from flow.errors import InputError, VocabularyError
+from . import geneformer
+from ._genes import (
+    GeneMapping,
+    collapse_gene_ids,
+    file_kind,
+    normalize_gene_ids,
+    open_text,
+    read_gene_mapping,
+    read_pairs,
+)
+from ._kernels import canonical_csr
+from ._pickle import load_dict
+from .errors import InputError, VocabularyError
 
 __all__ = [
+    "DEFAULT_PRESET",
     "DEFAULT_SPECIAL_TOKENS",
     "PRESETS",
     "GeneMap",
+    "GeneMapping",
     "Preset",
     "Vocabulary",
     "build_gene_map",
-    "model_input",
     "normalize_gene_ids",
     "read_gene_mapping",
     "read_vocabulary",
@@ -65,62 +72,10 @@ PAD: Final = "<pad>"
 CLS: Final = "<cls>"
 EOS: Final = "<eos>"
 
-# Ensembl stable IDs: ENS + optional species code + feature letter(s) + digits, e.g.
-# ENSG00000139618, ENSMUSG00000064370, ENSDARG00000000001. Only a trailing ".digits" is a version.
-_ENSEMBL_VERSIONED: Final = re.compile(r"^(ENS[A-Z]*\d+)\.\d+$")
 _SPECIAL_TOKEN: Final = re.compile(r"^<[^<>]+>$")
 
 IntArray = npt.NDArray[np.integer[Any]]
 StrArray = npt.NDArray[np.str_]
-
-
-# --------------------------------------------------------------------------------------------
-# gene identifiers
-
-
-def _normalize_one(gene_id: str) -> str:
-    s = gene_id.strip().upper()
-    m = _ENSEMBL_VERSIONED.match(s)
-    return m.group(1) if m is not None else s
-
-
-def normalize_gene_ids(ids: Iterable[str]) -> StrArray:
-    """Normalise gene identifiers for matching against a vocabulary.
-
-    Parameters
-    ----------
-    ids
-        Gene identifiers (Ensembl IDs, symbols, ...). Must be strings.
-
-    Returns
-    -------
-    numpy.ndarray of str
-        One normalised ID per input, in input order: surrounding whitespace stripped,
-        upper-cased, and on Ensembl-looking IDs (``ENS`` + letters + digits) a trailing version
-        suffix ``.<digits>`` removed: ``ensg00000123.12`` -> ``ENSG00000123``. Other IDs keep
-        their dots (``RP11-34P13.3`` stays as it is), and suffixes such as GENCODE's
-        ``_PAR_Y`` are kept, so ``ENSG00000002586.20_PAR_Y`` is not merged with its X copy.
-
-    Raises
-    ------
-    InputError
-        If an identifier is not a string (e.g. a missing value).
-
-    Examples
-    --------
-    >>> normalize_gene_ids([" ENSG00000139618.15", "tp53", "ENSG00000141510"]).tolist()
-    ['ENSG00000139618', 'TP53', 'ENSG00000141510']
-    """
-    out: list[str] = []
-    for i, gene_id in enumerate(ids):
-        if not isinstance(gene_id, str):
-            msg = (
-                f"Gene identifier {i} is {gene_id!r} ({type(gene_id).__name__}), expected a "
-                "string. Fill or drop genes with missing IDs before encoding."
-            )
-            raise InputError(msg)
-        out.append(_normalize_one(gene_id))
-    return np.array(out, dtype=np.str_) if out else np.empty(0, dtype="<U1")
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,36 +306,6 @@ def _vocabulary_from_dict(entries: Mapping[str, Any], source: str) -> Vocabulary
         raise VocabularyError(msg) from None
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _read_pairs(path: Path) -> list[tuple[str, str]]:
-    """Two tab-separated columns; '#' comment lines and blank lines are skipped."""
-    pairs: list[tuple[str, str]] = []
-    with _open_text(path) as fh:
-        for lineno, row in enumerate(csv.reader(fh, delimiter="\t"), start=1):
-            if not row or not "".join(row).strip() or row[0].startswith("#"):
-                continue
-            if len(row) < 2:
-                msg = (
-                    f"{os.fspath(path)!r} line {lineno}: expected two tab-separated columns "
-                    f"(ID<TAB>value), got {row!r}."
-                )
-                raise InputError(msg)
-            pairs.append((row[0], row[1]))
-    return pairs
-
-
-def _kind(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    return suffixes[-1] if suffixes else ""
-
-
 def read_vocabulary(path: str | os.PathLike[str]) -> Vocabulary:
     """Read a token dictionary.
 
@@ -412,11 +337,11 @@ def read_vocabulary(path: str | os.PathLike[str]) -> Vocabulary:
         Unreadable file, unsupported extension, or a pickle that would run code.
     """
     p = Path(path)
-    kind = _kind(p)
+    kind = file_kind(p)
     if kind == ".pkl":
         entries: dict[str, Any] = load_dict(p)
     elif kind == ".json":
-        with _open_text(p) as fh:
+        with open_text(p) as fh:
             try:
                 entries = json.load(fh)
             except json.JSONDecodeError as err:
@@ -426,7 +351,7 @@ def read_vocabulary(path: str | os.PathLike[str]) -> Vocabulary:
             msg = f"{os.fspath(p)!r}: expected a JSON object of ID -> token, got {type(entries)}."
             raise InputError(msg)
     elif kind in {".tsv", ".txt"}:
-        pairs = _read_pairs(p)
+        pairs = read_pairs(p)
         if pairs and not _is_int(pairs[0][1]):
             pairs = pairs[1:]  # header
         entries = {}
@@ -490,7 +415,7 @@ def vocabulary_from_genes(
 
 
 # --------------------------------------------------------------------------------------------
-# presets and model input
+# presets
 
 
 @dataclass(frozen=True)
@@ -543,14 +468,20 @@ PRESETS: Final[Mapping[str, Preset]] = MappingProxyType(
 )
 """Geneformer model presets: V1 (2,048 genes) and V2 (``<cls>`` + 4,094 genes + ``<eos>``)."""
 
+DEFAULT_PRESET: Final = "V1"
+"""The preset used when none is named (and no input size is given)."""
 
-def resolve_preset(name: str | Preset | None, input_size: int | None = None) -> Preset:
-    """Choose the preset for a run.
+
+def resolve_preset(
+    name: str | Preset | None = DEFAULT_PRESET, input_size: int | None = None
+) -> Preset:
+    """Choose the preset for a run: the one place a preset is resolved.
 
     Parameters
     ----------
     name
-        ``"V1"``/``"V2"`` (case-insensitive), a :class:`Preset`, or ``None``.
+        ``"V1"``/``"V2"`` (case-insensitive), a :class:`Preset`, or ``None`` (then
+        ``input_size`` is required). Default :data:`DEFAULT_PRESET`.
     input_size
         Overrides the preset's input size (same special tokens). With ``name=None`` it defines
         a ``"custom"`` preset without special tokens.
@@ -567,6 +498,8 @@ def resolve_preset(name: str | Preset | None, input_size: int | None = None) -> 
 
     Examples
     --------
+    >>> resolve_preset().name
+    'V1'
     >>> resolve_preset("v2").max_genes
     4094
     >>> resolve_preset("V2", 2048).max_genes
@@ -595,136 +528,8 @@ def resolve_preset(name: str | Preset | None, input_size: int | None = None) -> 
     return preset
 
 
-def model_input(
-    ranked_tokens: npt.NDArray[np.integer[Any]], preset: Preset, vocab: Vocabulary
-) -> npt.NDArray[Any]:
-    """Cut full rankings into model input (token IDs), as Geneformer feeds its model.
-
-    Parameters
-    ----------
-    ranked_tokens
-        A full ranking (1-D) or a ``(cell, rank)`` block of them (2-D), highest value first,
-        padded on the right with ``vocab.pad_token`` (an encoding store row).
-    preset
-        ``V1``: the first ``input_size`` (2,048) genes. ``V2``: ``<cls>``, the first
-        ``input_size - 2`` (4,094) genes, ``<eos>`` right after the last gene (upstream
-        Geneformer's ``add_cls_eos``).
-    vocab
-        Supplies the pad and special token IDs.
-
-    Returns
-    -------
-    numpy.ndarray
-        1-D input: the variable-length input IDs (no padding), exactly upstream's
-        ``input_ids``. 2-D input: shape ``(n_cells, preset.input_size)``, each row the input IDs
-        followed by ``pad_token``; a row's length is ``(row != pad_token).sum()``. Same dtype as
-        ``ranked_tokens``. Eager numpy (the Dask wrapper maps this over blocks).
-
-    Raises
-    ------
-    VocabularyError
-        If the preset needs a special token the vocabulary lacks (``V2`` with a V1 dictionary).
-    InputError
-        If ``ranked_tokens`` is not 1-D or 2-D.
-    """
-    arr = np.asarray(ranked_tokens)
-    if arr.ndim not in (1, 2):
-        msg = f"ranked_tokens must be 1-D or 2-D, got {arr.ndim}-D."
-        raise InputError(msg)
-    pad = vocab.pad_token
-    head = np.array([vocab.special_token(s) for s in preset.prepend], dtype=arr.dtype)
-    tail = np.array([vocab.special_token(s) for s in preset.append], dtype=arr.dtype)
-    rows = arr[None, :] if arr.ndim == 1 else arr
-    genes = rows[:, : preset.max_genes]
-    lengths = (genes != pad).sum(axis=1)
-    n = rows.shape[0]
-    out = np.full((n, preset.input_size), pad, dtype=arr.dtype)
-    out[:, : head.size] = head
-    out[:, head.size : head.size + genes.shape[1]] = genes
-    if tail.size:
-        cols = head.size + lengths[:, None] + np.arange(tail.size)
-        out[np.arange(n)[:, None], cols] = tail
-    if arr.ndim == 1:
-        return out[0, : head.size + int(lengths[0]) + tail.size]
-    return out
-
-
 # --------------------------------------------------------------------------------------------
-# gene mapping
-
-
-def _normalized_mapping(mapping: Mapping[str, str], source: str) -> dict[str, str]:
-    keys = normalize_gene_ids(list(mapping.keys()))
-    raw_values = list(mapping.values())
-    if not all(isinstance(v, str) for v in raw_values):
-        bad = next(v for v in raw_values if not isinstance(v, str))
-        msg = f"{source}: mapping values must be gene ID strings, got {bad!r}."
-        raise InputError(msg)
-    values = normalize_gene_ids(raw_values)
-    out: dict[str, str] = {}
-    for k, v in zip(keys.tolist(), values.tolist(), strict=True):
-        prev = out.setdefault(k, v)
-        if prev != v:
-            msg = (
-                f"{source}: {k!r} maps to both {prev!r} and {v!r} after normalisation "
-                "(version suffix stripped, upper-cased). Each key must map to one gene ID."
-            )
-            raise VocabularyError(msg)
-    return out
-
-
-def read_gene_mapping(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Read a gene-ID mapping (ID or symbol -> Ensembl ID).
-
-    Parameters
-    ----------
-    path
-        Geneformer's ``ensembl_mapping_dict_*.pkl`` (keys: Ensembl IDs and upper-cased symbols;
-        read with a restricted unpickler), a ``.json`` object, or a two-column ``.tsv``/``.txt``
-        (optionally ``.gz``) ``key<TAB>gene ID`` (``#`` comments skipped; a header line is
-        harmless: it maps one more key).
-
-    Returns
-    -------
-    dict
-        Keys and values normalised with :func:`normalize_gene_ids`. Eager.
-
-    Raises
-    ------
-    VocabularyError
-        If two keys become equal after normalisation but map to different IDs.
-    InputError
-        Unreadable or unsafe file, unsupported extension, non-string values.
-    """
-    p = Path(path)
-    kind = _kind(p)
-    source = os.fspath(p)
-    raw: dict[str, Any]
-    if kind == ".pkl":
-        raw = load_dict(p)
-    elif kind == ".json":
-        with _open_text(p) as fh:
-            try:
-                raw = json.load(fh)
-            except json.JSONDecodeError as err:
-                msg = f"{source!r} is not valid JSON: {err}."
-                raise InputError(msg) from err
-        if not isinstance(raw, dict):
-            msg = f"{source!r}: expected a JSON object of key -> gene ID."
-            raise InputError(msg)
-    elif kind in {".tsv", ".txt"}:
-        raw = {}
-        for k, v in _read_pairs(p):
-            if raw.setdefault(k, v) != v:
-                msg = f"{source!r}: {k!r} maps to both {raw[k]!r} and {v!r}."
-                raise VocabularyError(msg)
-    else:
-        msg = (
-            f"Cannot read a gene mapping from {source!r}: expected a .pkl (Geneformer "
-            "ensembl_mapping_dict), .json or a two-column .tsv."
-        )
-        raise InputError(msg)
-    return _normalized_mapping(raw, repr(source))
+# gene maps
 
 
 @dataclass(frozen=True, eq=False)
@@ -814,11 +619,9 @@ class GeneMap:
             equal to ``counts @ collapse``. Explicit zeros may remain (the rank kernel ignores
             them). Eager: a column selection (or, with duplicates, an index remap) plus, unless
             :attr:`keeps_order`, one packed-key sort per slice of rows
-            (:func:`flow.encode._kernels.canonical_csr`), several times faster than scipy's
+            (:func:`flow._kernels.canonical_csr`), several times faster than scipy's
             own index sorting.
         """
-        from flow.encode._kernels import canonical_csr
-
         block = counts if isinstance(counts, sp.csr_array) else sp.csr_array(counts)
         if block.shape[1] != self.n_store_genes:
             msg = (
@@ -843,7 +646,7 @@ class GeneMap:
 def build_gene_map(
     store_gene_ids: Iterable[str],
     vocab: Vocabulary,
-    mapping: Mapping[str, str] | None = None,
+    mapping: GeneMapping | None = None,
     *,
     min_fraction: float = 0.5,
     min_genes: int = 1000,
@@ -858,8 +661,8 @@ def build_gene_map(
         The vocabulary.
     mapping
         Optional ID/symbol -> gene ID mapping (e.g. :func:`read_gene_mapping` of Geneformer's
-        ``ensembl_mapping_dict``); keys and values are normalised here too. A store ID that is
-        not a key keeps its own ID. With Geneformer's mapping dictionaries this equals upstream
+        ``ensembl_mapping_dict``), applied to the normalised store IDs by
+        :func:`flow._genes.collapse_gene_ids`. A store ID that is not a key keeps its own ID. With Geneformer's mapping dictionaries this equals upstream
         (which drops IDs missing from the mapping), because every vocabulary gene maps to
         itself there, so an ID the mapping lacks is not in the vocabulary either.
     min_fraction, min_genes
@@ -881,11 +684,11 @@ def build_gene_map(
         store and from the vocabulary, and the fixes.
     """
     raw_ids = list(store_gene_ids)
-    ids = normalize_gene_ids(raw_ids)
-    if mapping is not None:
-        norm_map = _normalized_mapping(mapping, "gene mapping")
-        ids = np.array([norm_map.get(g, g) for g in ids.tolist()], dtype=np.str_)
-    vocab_index = vocab.index_of(ids) if ids.size else np.empty(0, dtype=np.int64)
+    genes = collapse_gene_ids(raw_ids, mapping)
+    ids = genes.column_ids
+    vocab_index = (
+        vocab.index_of(genes.ids)[genes.index] if ids.size else np.empty(0, dtype=np.int64)
+    )
     matched = vocab_index >= 0
     n_store = int(ids.size)
     n_matched = int(matched.sum())
@@ -922,22 +725,24 @@ def _mismatch_message(
     ids: StrArray,
     matched: npt.NDArray[np.bool_],
     vocab: Vocabulary,
-    mapping: Mapping[str, str] | None,
+    mapping: GeneMapping | None,
     min_fraction: float,
     min_genes: int,
 ) -> str:
     n_store, n_matched = int(ids.size), int(matched.sum())
     pct = 100.0 * n_matched / n_store if n_store else 0.0
-    unmatched = [raw_ids[i] for i in np.flatnonzero(~matched)[:3].tolist()]
-    store_examples = unmatched or raw_ids[:3]
-    vocab_examples = vocab.gene_ids[:3].tolist()
+    unmatched = [str(raw_ids[i]) for i in np.flatnonzero(~matched)[:3].tolist()]
+    store_examples = unmatched or [str(g) for g in raw_ids[:3]]  # plain str: no np.str_ reprs
+    vocab_examples = [str(g) for g in vocab.gene_ids[:3].tolist()]
     ens = np.char.startswith(ids, "ENS") if ids.size else np.zeros(0, dtype=bool)
     hints: list[str] = []
     if ids.size and ens.mean() < 0.5:
         hints.append(
-            "The store's IDs do not look like Ensembl IDs (gene symbols?): use the Ensembl ID "
-            "column (e.g. 10x 'gene_ids' / the first column of genes.tsv), or pass a gene "
-            "mapping such as Geneformer's ensembl_mapping_dict (read_gene_mapping)."
+            "The store's IDs do not look like Ensembl IDs (gene symbols?). Either convert with "
+            "the Ensembl ID column (flow convert --gene-id-column COLUMN; 10x: the first column "
+            "of genes.tsv), or map symbols to IDs with Geneformer V2's mapping, which holds "
+            "symbols: --preset V2 applies it (or --gene-mapping ensembl_mapping_dict_gc104M.pkl); "
+            "V1's mapping has no symbols."
         )
     else:
         species = sorted({g[:7] for g in ids[ens][:1000].tolist()} - {"ENSG000"})
@@ -945,7 +750,8 @@ def _mismatch_message(
             "The store's IDs look like Ensembl IDs but are not in the vocabulary: check the "
             "species (Geneformer's dictionaries are human, ENSG...)"
             + (f"; store ID prefixes seen: {species[:3]}" if species else "")
-            + ", or pass a gene mapping such as Geneformer's ensembl_mapping_dict."
+            + ", or pass a gene mapping (--gene-mapping FILE, e.g. Geneformer's "
+            "ensembl_mapping_dict)."
         )
     mapped = " after applying the gene mapping" if mapping is not None else ""
     return (
@@ -955,3 +761,17 @@ def _mismatch_message(
         f"Store IDs (unmatched): {store_examples}; vocabulary IDs: {vocab_examples}. "
         + " ".join(hints)
     )
+
+
+def bundled_vocabulary(preset: str) -> Vocabulary:
+    """Geneformer's token dictionary of ``preset`` (``"V1"``: gc30M, ``"V2"``: gc104M), as
+    shipped with flow (see :mod:`flow.geneformer`). Eager and small."""
+    name = geneformer.bundled_path(preset, "token_dictionary")
+    return _vocabulary_from_dict(geneformer.load(preset, "token_dictionary"), str(name))
+
+
+def bundled_gene_mapping(preset: str) -> GeneMapping:
+    """Geneformer's Ensembl mapping dictionary of ``preset`` (V2's also maps upper-case gene
+    symbols to IDs), as shipped with flow. Eager."""
+    name = geneformer.bundled_path(preset, "gene_mapping")
+    return GeneMapping.from_dict(geneformer.load(preset, "gene_mapping"), source=str(name))

@@ -70,7 +70,7 @@ def test_stages_then_run(capsys, tmp_path, h5ad):
     status, out, _ = run_cli(capsys, "info", counts)
     assert status == 0
     assert f"count store {counts}" in out
-    assert "blocks: 1 of 4,096 cells" in out
+    assert "blocks: 1 (4,096 cells each" in out
 
     status, out, _ = run_cli(capsys, "medians", counts, "-o", med, *CLUSTER)
     assert status == 0
@@ -95,7 +95,8 @@ def test_stages_then_run(capsys, tmp_path, h5ad):
 
     # run: the same four steps in one command gives the same dataset
     outdir = os.fspath(tmp_path / "run")
-    status, out, err = run_cli(capsys, "run", h5ad, "-o", outdir, "--preset", "V2", *CLUSTER)
+    own = ("--preset", "V2", "--own-dictionaries")  # the data's medians, as the stages above
+    status, out, err = run_cli(capsys, "run", h5ad, "-o", outdir, *own, *CLUSTER)
     assert status == 0
     assert f"dataset: {os.path.join(outdir, 'dataset')}" in out
     assert "tokenize ->" in err  # what it did, on standard error
@@ -105,7 +106,7 @@ def test_stages_then_run(capsys, tmp_path, h5ad):
 
     # run from the count store: used as it is, not converted again; the same dataset
     outdir = os.fspath(tmp_path / "from-store")
-    status, out, err = run_cli(capsys, "run", counts, "-o", outdir, "--preset", "V2", *CLUSTER)
+    status, out, err = run_cli(capsys, "run", counts, "-o", outdir, *own, *CLUSTER)
     assert status == 0
     assert f"counts: {counts}" in out
     assert f"using the count store {counts} as it is" in err

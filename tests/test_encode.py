@@ -7,6 +7,8 @@ against the plain-Python reference (``tests/reference.py``) cell by cell.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -24,10 +26,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flow import pipeline
+from flow._genes import GeneMapping
+from flow._location import Location
 from flow.datasets import synthetic_counts, write_synthetic
+from flow.encode import store as encode_store
 from flow.encode.rank import rank_cells
 from flow.encode.store import encoding_graph, open_encoding, plan_encoding, write_encoding
-from flow.errors import IncompleteStoreError, InputError, VocabularyError
+from flow.errors import IncompleteStoreError, InputError, OutputExistsError, VocabularyError
 from flow.ingest._source import SourceInfo
 from flow.medians import MedianSet, medians_of
 from flow.store import open_counts, write_counts
@@ -35,6 +40,7 @@ from flow.vocab import Vocabulary
 
 from helpers import no_compute
 from reference import reference_rank_cell
+from strategies import small_matrices
 
 datasets = pytest.importorskip("datasets")
 
@@ -126,22 +132,6 @@ class ArraySource:
 # ----------------------------------------------------------------------------------------------
 # properties on synthetic stores
 # ----------------------------------------------------------------------------------------------
-
-
-@st.composite
-def small_matrices(draw):
-    n_cells = draw(st.integers(1, 70))
-    n_genes = draw(st.integers(6, 30))
-    mean_genes = draw(st.integers(1, max(1, n_genes // 2)))
-    return {
-        "n_cells": n_cells,
-        "n_genes": n_genes,
-        "mean_genes": mean_genes,
-        "seed": draw(st.integers(0, 2**16)),
-        "fraction": draw(st.sampled_from([0.6, 0.8, 1.0])),
-        "levels": draw(st.sampled_from([1, 3, 50])),
-        "odd_block": draw(st.integers(1, n_cells)),
-    }
 
 
 @SMALL
@@ -334,10 +324,8 @@ def test_filter_pass_empty_cells_and_carried_columns(handmade):
             expressed[ref] += 1
     np.testing.assert_array_equal(enc.token_table()["cells"], expressed)
     # empty cells are kept, with length 0, and counted in the summary
-    assert "2 passing cells with no vocabulary gene (kept with length 0)" in (
-        pipeline.describe_encoding(enc)
-    )
-    assert "(4 passing filter)" in pipeline.describe_encoding(enc)
+    assert "2 passing cells with no vocabulary gene (kept with length 0)" in enc.describe()
+    assert "(4 passing filter)" in enc.describe()
     # export: failing cells excluded, carried columns present and aligned
     for preset, head, tail in (("V1", [], []), ("V2", [CLS], [EOS])):
         pipeline.export(path / "e.zarr", path / preset, preset=preset)
@@ -397,6 +385,74 @@ def test_too_few_vocabulary_genes_is_an_error(tmp_path):
     )
     with pytest.raises(VocabularyError, match="gene symbols"):
         plan_encoding(store, median_set, vocab)
+
+
+def test_a_gene_mapping_collapses_columns_as_the_medians_do(tmp_path):
+    """Columns the mapping sends to one gene are summed by medians and tokenize alike: the
+    median set keeps first-seen gene order, the encoding equals the reference on the summed
+    columns, and the plan records the mapping's content fingerprint."""
+    gene_ids = ["TP53", "ENSG00000000002.1", "p53alias", "ENSG00000000003", "ENSG00000000009"]
+    raw = {"tp53": "ENSG00000000001.4", "P53ALIAS": "ENSG00000000001",
+           "ENSG00000000003": "ENSG00000000002"}  # fmt: skip
+    mapping = GeneMapping.from_dict(raw)
+    rng = np.random.default_rng(11)
+    counts = rng.integers(0, 6, (12, 5)) * (rng.random((12, 5)) < 0.7)
+    counts[0] = 0
+    store = write_counts([ArraySource(counts, gene_ids)], tmp_path / "c.zarr", block_size=5)
+    summed = np.stack([counts[:, 0] + counts[:, 2], counts[:, 1] + counts[:, 3], counts[:, 4]], 1)
+    n_counts = counts.sum(axis=1)
+
+    median_set = medians_of([store], method="exact", gene_mapping=mapping, compute=dask.compute)
+    assert median_set.gene_ids.tolist() == ["ENSG00000000001", "ENSG00000000002", "ENSG00000000009"]
+    values = summed[n_counts > 0] / n_counts[n_counts > 0, None] * 10_000
+    expected = [np.median(v[v > 0]) if (v > 0).any() else np.nan for v in values.T]
+    np.testing.assert_array_equal(median_set.medians, expected)
+
+    vocab = Vocabulary(
+        ["ENSG00000000001", "ENSG00000000002", "ENSG00000000005"], [7, 4, 5], SPECIAL
+    )
+    plan = plan_encoding(store, median_set, vocab, gene_mapping=mapping)
+    plain = {"TP53": "ENSG00000000001", "P53ALIAS": "ENSG00000000001",
+             "ENSG00000000003": "ENSG00000000002"}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(sorted(plain.items())).encode()).hexdigest()
+    assert plan.params["gene_mapping"] == digest  # the fingerprint the stores always recorded
+    enc = write_encoding(plan, tmp_path / "e.zarr")
+    assert (enc.attrs["n_genes_matched"], enc.attrs["n_duplicates_summed"]) == (4, 2)
+    tokens = np.asarray(enc.tokens.compute())
+    for i in range(counts.shape[0]):
+        ref = reference_rank_cell(summed[i, :2], float(n_counts[i]), median_set.medians[:2], [7, 4])
+        np.testing.assert_array_equal(tokens[i, : enc.lengths[i]], ref)
+    with pytest.raises(TypeError, match="GeneMapping"):
+        plan_encoding(store, median_set, vocab, gene_mapping=raw)  # type: ignore[arg-type]
+
+
+def test_write_encoding_returns_the_store_opened_once(synthetic_store, tmp_path, monkeypatch):
+    """The store write_encoding returns is bound to where it wrote (a Location), has the
+    attributes a fresh open reads, and reads every array through one opened group."""
+    vocab, median_set = vocab_and_medians(synthetic_store.var.index.to_numpy(dtype=str), 8)
+    where = Location.of(tmp_path / "e.zarr")
+    enc = write_encoding(plan_encoding(synthetic_store, median_set, vocab), where)
+    assert enc.location == where
+    assert enc.url == os.path.abspath(tmp_path / "e.zarr")
+    again = open_encoding(tmp_path / "e.zarr")
+    assert enc.attrs == again.attrs
+    assert enc.describe() == again.describe()
+    assert enc.describe().startswith(f"encoding store {enc.url}: 300 cells")
+
+    opened = []
+    real = encode_store.open_flow_group
+
+    def counting(*args, **kwargs):
+        opened.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(encode_store, "open_flow_group", counting)
+    for store in (enc, open_encoding(where)):
+        opened.clear()
+        store.tokens, store.counts, store.lengths, store.token_table(), store.obs_columns
+        store.cell_array("n_counts"), store.cell_column("filter_pass"), store.describe()
+        assert len(opened) <= 1
+    np.testing.assert_array_equal(enc.tokens.compute(), again.tokens.compute())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,10 +544,19 @@ def test_resume_recomputes_only_unfinished_blocks(synthetic_store, tmp_path):
         written.extend(sorted(k[1] for k in keys))
         return dask.compute(graph)
 
+    said: list[str] = []
     write_encoding(
-        plan_encoding(synthetic_store, median_set, vocab), path, compute=recording_compute
+        plan_encoding(synthetic_store, median_set, vocab),
+        path,
+        compute=recording_compute,
+        say=said.append,
     )
     assert written == lost
+    n_blocks = synthetic_store.n_blocks
+    assert said == [
+        f"resuming {path}: {n_blocks - len(lost):,} of {n_blocks:,} blocks already written, "
+        f"{len(lost)} to go"
+    ]
     assert_same_bytes(read_arrays(path), original)
     for name in ("tokens", "counts", "length"):  # the chunk files themselves, byte for byte
         _assert_tree_equal(path / name, pristine / name)
@@ -516,7 +581,9 @@ def test_resume_refuses_a_store_of_other_cells(tmp_path):
     meta = dict(root.attrs["flow"])
     meta["complete"] = False
     root.attrs["flow"] = meta
-    enc = encode(new, vocab, median_set, path)
+    with pytest.raises(OutputExistsError, match=r"other inputs or parameters.*--overwrite"):
+        encode(new, vocab, median_set, path)
+    enc = write_encoding(plan_encoding(new, median_set, vocab), path, overwrite=True)
     np.testing.assert_array_equal(enc.cell_column("filter_pass"), [True, False, True, False])
     assert enc.token_table()["cells"].sum() == (counts[[0, 2]] > 0).sum()
 
@@ -532,6 +599,40 @@ def _assert_tree_equal(a: Path, b: Path) -> None:
 def test_rerun_of_a_finished_store_gives_the_same_bytes(synthetic_store, tmp_path):
     vocab, median_set = vocab_and_medians(synthetic_store.var.index.to_numpy(dtype=str), 6)
     encode(synthetic_store, vocab, median_set, tmp_path / "a.zarr")
-    encode(synthetic_store, vocab, median_set, tmp_path / "a.zarr")
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "a.zarr").rglob("*") if p.is_file()}
+    said: list[str] = []
+
+    def no_compute(*graphs):
+        msg = "a finished store was computed again"
+        raise AssertionError(msg)
+
+    plan = plan_encoding(synthetic_store, median_set, vocab)
+    write_encoding(plan, tmp_path / "a.zarr", compute=no_compute, say=said.append)
+    assert said == [
+        f"{tmp_path / 'a.zarr'} is already complete for these inputs and parameters: nothing to do"
+    ]
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing rewritten
     encode(open_counts(synthetic_store.url), vocab, median_set, tmp_path / "b.zarr")
     assert_same_bytes(read_arrays(tmp_path / "a.zarr"), read_arrays(tmp_path / "b.zarr"))
+
+
+def test_other_medians_do_not_replace_a_finished_store_without_overwrite(synthetic_store, tmp_path):
+    """A finished store is never silently replaced by a run with other parameters."""
+    genes = synthetic_store.var.index.to_numpy(dtype=str)
+    vocab, median_set = vocab_and_medians(genes, 6)
+    _, other_medians = vocab_and_medians(genes, 7)
+    path = tmp_path / "e.zarr"
+    encode(synthetic_store, vocab, median_set, path)
+    before = read_arrays(path)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        encode(synthetic_store, vocab, other_medians, path)
+    assert_same_bytes(read_arrays(path), before)  # untouched
+    plan = plan_encoding(synthetic_store, other_medians, vocab)
+    write_encoding(plan, path, overwrite=True)
+    encode(synthetic_store, vocab, other_medians, tmp_path / "fresh.zarr")
+    assert_same_bytes(read_arrays(path), read_arrays(tmp_path / "fresh.zarr"))
+    (tmp_path / "not-a-store").mkdir()
+    (tmp_path / "not-a-store" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not an encoding store"):
+        encode(synthetic_store, vocab, median_set, tmp_path / "not-a-store")
+    assert (tmp_path / "not-a-store" / "notes.txt").read_text() == "mine"

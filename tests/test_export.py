@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import tempfile
@@ -16,14 +15,23 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import scipy.sparse as sp
 from dask.delayed import Delayed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flow.errors import ChunkingError, InputError
-from flow.export import model_input_block, write_model_dataset
+from flow.encode.store import plan_encoding, write_encoding
+from flow.errors import ChunkingError, InputError, VocabularyError
+from flow.export import model_input_block, write_model_arrays, write_model_dataset
+from flow.ingest._source import SourceInfo
+from flow.medians import medians_of
+from flow.store import write_counts
+from flow.vocab import CLS as CLS_NAME
+from flow.vocab import EOS as EOS_NAME
+from flow.vocab import resolve_preset, vocabulary_from_genes
 
 from helpers import no_compute
+from strategies import chunking
 
 datasets = pytest.importorskip("datasets")
 
@@ -68,16 +76,6 @@ def split(n: int, sizes) -> tuple[int, ...]:
         out.append(min(sizes[i % len(sizes)], n - sum(out)))
         i += 1
     return tuple(out) or (0,)
-
-
-@st.composite
-def chunking(draw, n: int) -> tuple[int, ...]:
-    """Irregular chunks of ``n`` (zero-size chunks included now and then)."""
-    if n == 0:
-        return (0,)
-    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=min(n, 6))))
-    bounds = [0, *cuts, n]
-    return tuple(b - a for a, b in itertools.pairwise(bounds))
 
 
 def as_dask(tokens, lengths, cell_chunks, rank_chunk=None):
@@ -160,7 +158,7 @@ def test_model_input_block_rejects_tokens_outside_int32():
 def test_hf_export_equals_reference(tmp_path, rng, input_size, cls, eos, cell_sizes):
     tokens, lengths = rankings(rng, 57, 12)
     dt, dl = as_dask(tokens, lengths, split(57, cell_sizes), rank_chunk=4)
-    out = write_model_dataset(dt, dl, tmp_path / "ds", input_size=input_size, cls=cls, eos=eos)
+    out = write_model_arrays(dt, dl, tmp_path / "ds", input_size=input_size, cls=cls, eos=eos)
     assert out == os.path.abspath(tmp_path / "ds")
 
     ds = datasets.load_from_disk(out)
@@ -203,7 +201,7 @@ def test_hf_export_matches_what_upstream_geneformer_writes(tmp_path, rng):
 
     upstream = upstream.map(format_cell_features)
     dt, dl = as_dask(tokens, lengths, (13, 27))
-    out = write_model_dataset(
+    out = write_model_arrays(
         dt,
         dl,
         tmp_path / "ds",
@@ -232,7 +230,7 @@ def test_columns_and_keep(tmp_path, rng):
         "organ": pd.Categorical(["blood", "lung"] * (n // 2)),
     }
     dt, dl = as_dask(tokens, lengths, (3, 10, 1, 20, 16), rank_chunk=3)
-    out = write_model_dataset(
+    out = write_model_arrays(
         dt, dl, tmp_path / "ds", input_size=4, cls=CLS, eos=EOS, keep=keep, columns=columns
     )
     ds = datasets.load_from_disk(out)
@@ -262,7 +260,7 @@ def test_keep_and_columns_as_dask_arrays(tmp_path, rng):
     keep = rng.random(n) < 0.5
     score = rng.random(n).astype(np.float32)
     dt, _ = as_dask(tokens, lengths, (8, 8, 14))
-    out = write_model_dataset(
+    out = write_model_arrays(
         dt,
         lengths,  # numpy lengths are split along the cell chunks of tokens
         tmp_path / "ds",
@@ -281,16 +279,16 @@ def test_cells_of_length_zero_are_kept(tmp_path):
     tokens = np.array([[0, 0], [7, 0], [0, 0]], dtype=np.uint16)
     lengths = np.array([0, 1, 0], dtype=np.int32)
     dt, dl = as_dask(tokens, lengths, (2, 1))
-    v1 = load_hf(write_model_dataset(dt, dl, tmp_path / "v1", input_size=3))
+    v1 = load_hf(write_model_arrays(dt, dl, tmp_path / "v1", input_size=3))
     assert v1 == {"input_ids": [[], [7], []], "length": [0, 1, 0]}
-    v2 = load_hf(write_model_dataset(dt, dl, tmp_path / "v2", input_size=3, cls=CLS, eos=EOS))
+    v2 = load_hf(write_model_arrays(dt, dl, tmp_path / "v2", input_size=3, cls=CLS, eos=EOS))
     assert v2 == {"input_ids": [[CLS, EOS], [CLS, 7, EOS], [CLS, EOS]], "length": [2, 3, 2]}
 
 
 def test_no_cells_at_all(tmp_path):
     dt, dl = as_dask(np.zeros((0, 4), np.uint16), np.zeros(0, np.int32), (0,))
     ds = datasets.load_from_disk(
-        write_model_dataset(dt, dl, tmp_path / "ds", input_size=4, cls=CLS, eos=EOS)
+        write_model_arrays(dt, dl, tmp_path / "ds", input_size=4, cls=CLS, eos=EOS)
     )
     assert ds.num_rows == 0
     assert ds.column_names == ["input_ids", "length"]
@@ -315,7 +313,7 @@ def test_any_chunking_gives_the_same_dataset(data, seed, n_cells, width, input_s
     rank_chunk = data.draw(st.integers(1, width), label="rank chunk")
     dt, dl = as_dask(tokens, lengths, cells, rank_chunk)
     with tempfile.TemporaryDirectory() as tmp:
-        out = write_model_dataset(
+        out = write_model_arrays(
             dt, dl, tmp, input_size=input_size, cls=cls, eos=eos, keep=keep, columns={"tag": tag}
         )
         got = load_hf(out)
@@ -341,8 +339,8 @@ def test_parquet_equals_hf(tmp_path, rng):
     }
     dt, dl = as_dask(tokens, lengths, (10, 4, 31), rank_chunk=3)
     kwargs = {"input_size": 6, "cls": CLS, "eos": EOS, "keep": keep, "columns": columns}
-    hf = datasets.load_from_disk(write_model_dataset(dt, dl, tmp_path / "hf", **kwargs))
-    out = write_model_dataset(dt, dl, tmp_path / "pq", format="parquet", **kwargs)
+    hf = datasets.load_from_disk(write_model_arrays(dt, dl, tmp_path / "hf", **kwargs))
+    out = write_model_arrays(dt, dl, tmp_path / "pq", format="parquet", **kwargs)
 
     assert sorted(p.name for p in Path(out).iterdir()) == [
         "_SUCCESS",
@@ -371,14 +369,14 @@ def test_one_shard_per_block_and_stale_shards_removed(tmp_path, rng):
     tokens, lengths = rankings(rng, 40, 6)
     path = tmp_path / "ds"
     dt, dl = as_dask(tokens, lengths, split(40, [7]))  # 6 blocks
-    write_model_dataset(dt, dl, path, input_size=4)
+    write_model_arrays(dt, dl, path, input_size=4)
     assert shard_files(path) == [f"data-{i:05d}-of-00006.arrow" for i in range(6)]
     state = json.loads((path / "state.json").read_text())
     assert [f["filename"] for f in state["_data_files"]] == shard_files(path)
     (path / "notes.txt").write_text("mine")
 
     dt, dl = as_dask(tokens, lengths, (15, 25))  # 2 blocks into the same directory
-    write_model_dataset(dt, dl, path, input_size=5, cls=CLS, eos=EOS)
+    write_model_arrays(dt, dl, path, input_size=5, cls=CLS, eos=EOS)
     assert shard_files(path) == ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
     assert (path / "notes.txt").read_text() == "mine"  # other files are left alone
     assert load_hf(path)["input_ids"] == reference_input_ids(tokens, lengths, 5, CLS, EOS)
@@ -386,7 +384,7 @@ def test_one_shard_per_block_and_stale_shards_removed(tmp_path, rng):
     # Parquet into the same directory replaces the HF export (pyarrow would read notes.txt)
     (path / "notes.txt").unlink()
     dt, dl = as_dask(tokens, lengths, (40,))
-    write_model_dataset(dt, dl, path, input_size=5, format="parquet")
+    write_model_arrays(dt, dl, path, input_size=5, format="parquet")
     assert shard_files(path) == []
     assert not (path / "state.json").exists()
     assert shard_files(path, "part-*.parquet") == ["part-00000.parquet"]
@@ -399,12 +397,12 @@ def test_failed_export_is_not_mistaken_for_a_finished_one(tmp_path, rng):
     tokens, lengths = rankings(rng, 20, 5)
     path = tmp_path / "ds"
     dt, dl = as_dask(tokens, lengths, (10, 10))
-    write_model_dataset(dt, dl, path, input_size=4)
+    write_model_arrays(dt, dl, path, input_size=4)
     bad = lengths.copy()
     bad[15] = 6  # longer than the 5 stored ranks: the second block fails
     dt, dl = as_dask(tokens, bad, (10, 10))
     with pytest.raises(InputError, match="cell 15"):
-        write_model_dataset(dt, dl, path, input_size=8)
+        write_model_arrays(dt, dl, path, input_size=8)
     assert not (path / "state.json").exists()
     with pytest.raises(FileNotFoundError):
         datasets.load_from_disk(os.fspath(path))
@@ -415,8 +413,8 @@ def test_compute_false_is_lazy_and_names_its_tasks(tmp_path, rng):
     dt, dl = as_dask(tokens, lengths, (12, 18))
     path = tmp_path / "ds"
     with no_compute():
-        lazy = write_model_dataset(dt, dl, path, input_size=4, cls=CLS, eos=EOS, compute=False)
-        lazy_pq = write_model_dataset(dt, dl, path, input_size=4, format="parquet", compute=False)
+        lazy = write_model_arrays(dt, dl, path, input_size=4, cls=CLS, eos=EOS, compute=False)
+        lazy_pq = write_model_arrays(dt, dl, path, input_size=4, format="parquet", compute=False)
     assert isinstance(lazy, Delayed)
     assert not path.exists()  # nothing written while building
 
@@ -426,7 +424,7 @@ def test_compute_false_is_lazy_and_names_its_tasks(tmp_path, rng):
     assert sum(p.startswith("flow-export-finalize-") for p in prefixes) == 1
     assert str(lazy.key).startswith("flow-export-finalize-")
     # identical calls give identical keys; another format gives others
-    again = write_model_dataset(dt, dl, path, input_size=4, cls=CLS, eos=EOS, compute=False)
+    again = write_model_arrays(dt, dl, path, input_size=4, cls=CLS, eos=EOS, compute=False)
     assert again.key == lazy.key != lazy_pq.key
 
     assert lazy.compute() == os.path.abspath(path)
@@ -444,10 +442,10 @@ def test_only_the_needed_rank_columns_are_read(tmp_path, rng):
     tail = da.zeros((20, 100), dtype=np.uint16, chunks=(7, 50)).map_blocks(poison, dtype=np.uint16)
     full = da.concatenate([head, tail], axis=1)  # lengths <= 4, so the model never needs the tail
     dl = da.from_array(lengths, chunks=7)
-    out = write_model_dataset(full, dl, tmp_path / "ds", input_size=6, cls=CLS, eos=EOS)
+    out = write_model_arrays(full, dl, tmp_path / "ds", input_size=6, cls=CLS, eos=EOS)
     assert load_hf(out)["input_ids"] == reference_input_ids(tokens, lengths, 6, CLS, EOS)
     with pytest.raises(AssertionError, match="tail"):  # the poison works
-        write_model_dataset(full, dl, tmp_path / "ds2", input_size=7, cls=CLS, eos=EOS)
+        write_model_arrays(full, dl, tmp_path / "ds2", input_size=7, cls=CLS, eos=EOS)
 
 
 def test_fsspec_url(rng):
@@ -456,7 +454,7 @@ def test_fsspec_url(rng):
     dt, dl = as_dask(tokens, lengths, (10, 15))
     url = "memory://flow-export-test/ds"
     try:
-        out = write_model_dataset(dt, dl, url, input_size=4, cls=CLS, eos=EOS)
+        out = write_model_arrays(dt, dl, url, input_size=4, cls=CLS, eos=EOS)
         assert out == url
         fs = fsspec.filesystem("memory")
         assert sorted(
@@ -497,12 +495,12 @@ def test_distributed_export_equals_sync(tmp_path, rng, local_cluster_address, fm
         "columns": columns,
         "format": fmt,
     }
-    sync = write_model_dataset(dt, dl, tmp_path / "sync", **kwargs)
+    sync = write_model_arrays(dt, dl, tmp_path / "sync", **kwargs)
     with distributed.Client(local_cluster_address) as client:
-        lazy = write_model_dataset(dt, dl, tmp_path / "dist", compute=False, **kwargs)
+        lazy = write_model_arrays(dt, dl, tmp_path / "dist", compute=False, **kwargs)
         assert client.compute(lazy).result() == os.path.abspath(tmp_path / "dist")
         with dask.config.set(scheduler=client):  # compute=True on the client as well
-            again = write_model_dataset(dt, dl, tmp_path / "dist2", **kwargs)
+            again = write_model_arrays(dt, dl, tmp_path / "dist2", **kwargs)
     read = load_hf if fmt == "hf" else (lambda p: pq.read_table(p).to_pydict())
     want = read(sync)
     assert read(tmp_path / "dist") == want
@@ -547,7 +545,7 @@ def small():
 def test_bad_arguments_raise_before_computing(tmp_path, small, kwargs, error, match):
     dt, dl = small
     with no_compute(), pytest.raises(error, match=match):
-        write_model_dataset(dt, dl, tmp_path / "ds", **kwargs)
+        write_model_arrays(dt, dl, tmp_path / "ds", **kwargs)
     assert not (tmp_path / "ds").exists()
 
 
@@ -555,17 +553,126 @@ def test_mismatched_chunks_name_the_fix(tmp_path, small):
     dt, _ = small
     dl = da.from_array(np.array([2, 1, 0], np.int32), chunks=1)
     with pytest.raises(ChunkingError, match=r"lengths\.rechunk\(tokens\.chunks\[0\]\)"):
-        write_model_dataset(dt, dl, tmp_path / "ds", input_size=4)
+        write_model_arrays(dt, dl, tmp_path / "ds", input_size=4)
     with pytest.raises(ValueError, match="same cell chunks"):  # a ChunkingError is a ValueError
-        write_model_dataset(dt, dl, tmp_path / "ds", input_size=4)
+        write_model_arrays(dt, dl, tmp_path / "ds", input_size=4)
     # the fix named in the message works
-    out = write_model_dataset(dt, dl.rechunk(dt.chunks[0]), tmp_path / "ds", input_size=4)
+    out = write_model_arrays(dt, dl.rechunk(dt.chunks[0]), tmp_path / "ds", input_size=4)
     assert load_hf(out)["input_ids"] == [[5, 6], [7], []]
 
 
 def test_tokens_must_be_a_dask_array_of_integers(tmp_path, small):
     _, dl = small
     with pytest.raises(TypeError, match="dask array"):
-        write_model_dataset(np.zeros((3, 2), np.uint16), dl, tmp_path / "ds", input_size=4)
+        write_model_arrays(np.zeros((3, 2), np.uint16), dl, tmp_path / "ds", input_size=4)
     with pytest.raises(TypeError, match="integer"):
-        write_model_dataset(da.zeros((3, 2), chunks=(2, 2)), dl, tmp_path / "ds", input_size=4)
+        write_model_arrays(da.zeros((3, 2), chunks=(2, 2)), dl, tmp_path / "ds", input_size=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# the export stage: an opened encoding store and a preset
+# ----------------------------------------------------------------------------------------------
+
+
+class MatrixSource:
+    """A Source over an in-memory count matrix (test input)."""
+
+    def __init__(self, matrix: sp.csr_matrix, obs: pd.DataFrame) -> None:
+        n, g = matrix.shape
+        self.matrix = matrix
+        self.info = SourceInfo(
+            path="memory.h5ad",
+            format="h5ad",
+            n_cells=n,
+            n_genes=g,
+            gene_ids=np.array([f"ENSG{i:011d}" for i in range(g)], dtype=object),
+            gene_symbols=None,
+            barcodes=np.array([f"c{i}" for i in range(n)], dtype=object),
+            obs=obs,
+            fingerprint="test",
+        )
+
+    def iter_blocks(self, n_cells):
+        for i in range(0, self.matrix.shape[0], n_cells):
+            yield self.matrix[i : i + n_cells]
+
+
+N_STAGE = 60
+STAGE_TYPES = np.array([f"t{i % 3}" for i in range(N_STAGE)])
+STAGE_KEEP = np.arange(N_STAGE) % 4 != 1
+
+
+def _encoding(tmp, special=None):
+    """An encoding store of seeded counts (about 15 genes per cell, blocks of 16 cells), with
+    ``filter_pass`` (every 4th cell from the second fails) and a carried ``cell_type``."""
+    rng = np.random.default_rng(11)
+    x = rng.poisson(1.0, (N_STAGE, 30)) * (rng.random((N_STAGE, 30)) < 0.5)
+    obs = pd.DataFrame({"filter_pass": STAGE_KEEP.astype(np.int8), "cell_type": STAGE_TYPES})
+    store = write_counts([MatrixSource(sp.csr_matrix(x), obs)], tmp / "c.zarr", block_size=16)
+    median_set = medians_of([store], method="exact", compute=dask.compute)
+    genes = store.var.index.to_numpy(dtype=str)
+    vocab = (
+        vocabulary_from_genes(genes) if special is None else vocabulary_from_genes(genes, special)
+    )
+    return write_encoding(plan_encoding(store, median_set, vocab), tmp / "e.zarr"), vocab
+
+
+@pytest.fixture(scope="module")
+def stage_encoding(tmp_path_factory):
+    return _encoding(tmp_path_factory.mktemp("stage"))
+
+
+@pytest.mark.parametrize(
+    ("preset", "input_size", "fmt"),
+    [("V2", 8, "hf"), ("V2", None, "parquet"), ("V1", 5, "hf"), (None, 7, "parquet")],
+)
+def test_stage_writes_the_preset_view_of_the_encoding(
+    tmp_path, stage_encoding, preset, input_size, fmt
+):
+    enc, vocab = stage_encoding
+    chosen = resolve_preset(preset, input_size)
+    out = write_model_dataset(enc, tmp_path / "ds", preset=chosen, format=fmt)
+    assert out == os.path.abspath(tmp_path / "ds")
+
+    got = load_hf(out) if fmt == "hf" else pq.read_table(out).to_pydict()
+    assert list(got) == ["input_ids", "length", *enc.obs_columns]
+    assert "cell_type" in enc.obs_columns
+    special = chosen.name == "V2"
+    cls, eos = (vocab.special[CLS_NAME], vocab.special[EOS_NAME]) if special else (None, None)
+    tokens = np.asarray(enc.tokens.compute())
+    want = reference_input_ids(tokens, enc.lengths, chosen.input_size, cls, eos)
+    assert got["input_ids"] == [ids for ids, k in zip(want, STAGE_KEEP, strict=True) if k]
+    assert got["length"] == [len(ids) for ids in got["input_ids"]]
+    assert got["cell_type"] == STAGE_TYPES[STAGE_KEEP].tolist()
+    for name in enc.obs_columns:
+        assert got[name] == enc.cell_column(name)[STAGE_KEEP].tolist(), name
+    if input_size is not None:
+        assert max(enc.lengths) > chosen.max_genes  # the cut is exercised
+    if fmt == "hf":
+        assert len(shard_files(out)) == enc.tokens.numblocks[0] == 4
+
+
+def test_stage_compute_false_is_lazy(tmp_path, stage_encoding):
+    enc, _ = stage_encoding
+    path = tmp_path / "ds"
+    with no_compute():
+        lazy = write_model_dataset(enc, path, preset=resolve_preset("V2", 8), compute=False)
+    assert isinstance(lazy, Delayed)
+    assert str(lazy.key).startswith("flow-export-finalize-")
+    assert not path.exists()
+    assert lazy.compute() == os.path.abspath(path)
+    assert len(load_hf(path)["input_ids"]) == int(STAGE_KEEP.sum())
+
+
+def test_stage_refuses_v2_without_special_tokens(tmp_path):
+    enc, vocab = _encoding(tmp_path, special=("<pad>",))
+    assert CLS_NAME not in vocab.special
+    with no_compute(), pytest.raises(VocabularyError) as err:
+        write_model_dataset(enc, tmp_path / "ds", preset=resolve_preset("V2", None))
+    assert str(err.value) == (
+        "Preset V2 needs special tokens ['<cls>', '<eos>'], which the encoding's vocabulary lacks."
+    )
+    assert not (tmp_path / "ds").exists()
+    # V1 needs none: the same encoding exports
+    out = write_model_dataset(enc, tmp_path / "v1", preset=resolve_preset("V1", 4))
+    assert len(load_hf(out)["input_ids"]) == int(STAGE_KEEP.sum())

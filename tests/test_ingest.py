@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import itertools
 import os
+import pickle
 import shutil
 import tracemalloc
 import warnings
@@ -30,8 +31,11 @@ from hypothesis import strategies as st
 from flow import FlowWarning, IncompleteStoreError, InputError, open_counts, write_counts
 from flow.datasets import synthetic_counts
 from flow.errors import StoreNotFoundError
-from flow.ingest import FORMATS, detect_format, open_source
+from flow.ingest import FORMATS, ReadOptions, detect_format, open_source, register_reader
+from flow.ingest import _registry as ingest_registry
 from flow.ingest._transpose import bucket_transpose, rebatch
+
+from strategies import count_matrices
 
 N_SUBSET = 400  # cells of PBMC 3k used for the derived formats (keeps the tests fast)
 
@@ -75,7 +79,10 @@ def convert(path: Path | str, out: Path, **options) -> ad.AnnData:
     block_size = options.pop("block_size", 1000)
     allow = options.pop("allow_non_integer", False)
     write_counts(
-        [open_source(path, **options)], out, block_size=block_size, allow_non_integer=allow
+        [open_source(path, ReadOptions(**options))],
+        out,
+        block_size=block_size,
+        allow_non_integer=allow,
     )
     return read_store(out)
 
@@ -348,7 +355,7 @@ def test_formats_detected(pbmc_inputs, derived):
     ],
 )
 def test_derived_formats_same_matrix(pbmc, derived, tmp_path, kind, options, note):
-    src = open_source(derived[kind], **options)
+    src = open_source(derived[kind], ReadOptions(**options))
     write_counts([src], tmp_path / "x.zarr", block_size=128)
     got = read_store(tmp_path / "x.zarr")
     assert_same_csr(got.X, pbmc["x"])
@@ -379,12 +386,12 @@ def test_obs_columns_selection(derived):
     every = open_source(derived["csr"]).info.obs
     assert list(every.columns) == ["n_counts", "filter_pass", "cell_type"]
     assert every["cell_type"].tolist()[:2] == ["T", "B"]
-    chosen = open_source(derived["csr"], obs_columns=["cell_type"]).info.obs
+    chosen = open_source(derived["csr"], ReadOptions(obs_columns=["cell_type"])).info.obs
     assert list(chosen.columns) == ["cell_type", "filter_pass", "n_counts"]
-    loom = open_source(derived["loom"], obs_columns=[]).info.obs
+    loom = open_source(derived["loom"], ReadOptions(obs_columns=[])).info.obs
     assert sorted(loom.columns) == ["filter_pass", "n_counts"]
     with pytest.raises(InputError, match=r"csr\.h5ad.*no column 'donor'.*'cell_type'"):
-        open_source(derived["csr"], obs_columns=["donor"])
+        open_source(derived["csr"], ReadOptions(obs_columns=["donor"]))
 
 
 @pytest.mark.data
@@ -413,9 +420,9 @@ def test_gene_id_column(derived, tmp_path):
             [*f["var"].attrs["column-order"], "other_id"], dtype=object
         )
     assert open_source(path).info.gene_ids[0] == ids[0]
-    assert open_source(path, gene_id_column="other_id").info.gene_ids[0] == "X0"
+    assert open_source(path, ReadOptions(gene_id_column="other_id")).info.gene_ids[0] == "X0"
     with pytest.raises(InputError, match=r"ids\.h5ad.*no column 'nope'.*gene_id_column"):
-        open_source(path, gene_id_column="nope")
+        open_source(path, ReadOptions(gene_id_column="nope"))
 
 
 # --------------------------------------------------------------------------- 10x HDF5 variants
@@ -443,9 +450,9 @@ def test_10x_h5_v2_layout(pbmc_inputs, tmp_path):
     _copy_10x_as_v2(pbmc_inputs["10x-h5"], two, genomes=("GRCh38", "mm10"))
     with pytest.raises(InputError, match=r"two\.h5.*several genomes \(GRCh38, mm10\).*genome="):
         open_source(two)
-    assert open_source(two, genome="mm10").info.n_cells == x.shape[0]
+    assert open_source(two, ReadOptions(genome="mm10")).info.n_cells == x.shape[0]
     with pytest.raises(InputError, match="no genome 'hg19'"):
-        open_source(two, genome="hg19")
+        open_source(two, ReadOptions(genome="hg19"))
 
 
 @pytest.mark.data
@@ -475,9 +482,9 @@ def test_10x_h5_keeps_gene_expression(pbmc_inputs, tmp_path):
     assert "Antibody Capture x5" in " ".join(src.info.notes)
     got = convert(path, tmp_path / "x.zarr", block_size=300)
     assert_same_csr(got.X, x)
-    assert open_source(path, genome="GRCh38").info.n_genes == len(ids)
+    assert open_source(path, ReadOptions(genome="GRCh38")).info.n_genes == len(ids)
     with pytest.raises(InputError, match=r"ab\.h5: has no genome 'mm10'; its genomes: GRCh38"):
-        open_source(path, genome="mm10")
+        open_source(path, ReadOptions(genome="mm10"))
 
 
 # --------------------------------------------------------------------------- several inputs
@@ -567,7 +574,7 @@ def test_text_cell_columns_read_in_slices_match_a_whole_read(
 ):
     """Barcodes and plain-text obs columns are read a slice at a time (compact barcodes,
     labels as categoricals); the result equals reading the element whole."""
-    from flow.ingest import h5ad as reader
+    from flow.ingest import _columns as reader
 
     n = len(labels)
     if backend == "hdf5":  # HDF5 text has no missing value
@@ -659,18 +666,6 @@ def _write_input(folder: Path, x: np.ndarray, kind: str, rng: np.random.Generato
     return write_csr_h5ad(folder / "x.h5ad", matrix, ids, barcodes, batch=np.arange(n_cells) % 3)
 
 
-@st.composite
-def count_matrices(draw):
-    n_cells, n_genes = draw(st.integers(1, 40)), draw(st.integers(1, 12))
-    density = draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]))
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    x = rng.integers(1, 70_000, size=(n_cells, n_genes)) * (
-        rng.random((n_cells, n_genes)) < density
-    )
-    return x.astype(np.int64), seed
-
-
 @pytest.mark.parametrize(
     "kind", ["h5ad-csr", "h5ad-csc", "h5ad-dense", "mtx-sorted", "mtx-unsorted", "loom"]
 )
@@ -684,7 +679,7 @@ def test_any_block_and_read_size_same_store(tmp_path_factory, kind, data, block_
     x, seed = data
     folder = tmp_path_factory.mktemp("prop")
     path = _write_input(folder, x, kind, np.random.default_rng(seed))
-    src = open_source(path, read_size=read_size)
+    src = open_source(path, ReadOptions(read_size=read_size))
     store = write_counts([src], folder / "s.zarr", block_size=block_size)
     want = sp.csr_matrix(x)
     group = zarr.open_group(folder / "s.zarr", mode="r")
@@ -807,7 +802,7 @@ def test_unknown_format(tmp_path):
     with pytest.raises(InputError, match=r"counts\.csv.*Supported formats.*10x-mtx"):
         open_source(path)
     with pytest.raises(InputError, match=r"format='csv' is not a format flow reads.*h5ad, 10x-h5"):
-        open_source(path, format="csv")
+        open_source(path, ReadOptions(format="csv"))
     with pytest.raises(InputError, match="no such file"):
         open_source(tmp_path / "missing.h5ad")
     (tmp_path / "folder").mkdir()
@@ -818,20 +813,20 @@ def test_unknown_format(tmp_path):
 def test_options_that_do_not_apply(tmp_path):
     path = _h5ad_with_values(tmp_path / "x.h5ad", np.array([1.0]))
     with pytest.raises(InputError, match=r"genome= applies to 10x-h5.*h5ad"):
-        open_source(path, genome="GRCh38")
+        open_source(path, ReadOptions(genome="GRCh38"))
     folder = write_mtx_dir(tmp_path / "m", sp.csr_matrix(np.eye(2)), ["G1", "G2"], ["a", "b"])
     with pytest.raises(InputError, match="layer= applies to"):
-        open_source(folder, layer="spliced")
+        open_source(folder, ReadOptions(layer="spliced"))
 
 
 def test_layer_and_raw_errors(tmp_path):
     path = _h5ad_with_values(tmp_path / "x.h5ad", np.array([1.0]))
     with pytest.raises(InputError, match=r"x\.h5ad: has no layer 'counts'.*none"):
-        open_source(path, layer="counts")
+        open_source(path, ReadOptions(layer="counts"))
     with pytest.raises(InputError, match=r"x\.h5ad: has no raw\.X"):
-        open_source(path, use_raw=True)
+        open_source(path, ReadOptions(use_raw=True))
     with pytest.raises(InputError, match="not both"):
-        open_source(path, use_raw=True, layer="counts")
+        open_source(path, ReadOptions(use_raw=True, layer="counts"))
 
 
 def test_corrupt_and_truncated_hdf5(tmp_path):
@@ -1018,7 +1013,7 @@ def test_loom_without_barcodes_and_layers(tmp_path):
     got = convert(loom, tmp_path / "x.zarr", layer="spliced")
     assert_same_csr(got.X, x * 2)
     with pytest.raises(InputError, match=r"no layer 'unspliced'.*'spliced'"):
-        open_source(loom, layer="unspliced")
+        open_source(loom, ReadOptions(layer="unspliced"))
 
 
 # --------------------------------------------------------------------------- memory
@@ -1110,3 +1105,214 @@ def test_peak_memory_does_not_grow_with_cells(tmp_path):
     for stage in ("read", "convert"):
         assert peaks[(stage, 60_000)] < 1.5 * peaks[(stage, 20_000)], peaks
     assert peaks[("read", 60_000)] < 2 * block_bytes + 4e6  # the block held by the loop + the next
+
+
+# --------------------------------------------------------------------------- options, registry
+
+
+def test_read_options_are_checked_once():
+    opts = ReadOptions(obs_columns="cell_type", temp_dir=Path("/tmp"), read_size=np.int64(5))
+    assert opts.obs_columns == ("cell_type",)  # one name on its own: a 1-tuple, as before
+    assert ReadOptions(obs_columns=["a", "b"]).obs_columns == ("a", "b")
+    assert (opts.temp_dir, opts.read_size) == ("/tmp", 5)
+    assert type(opts.read_size) is int
+    assert ReadOptions().given() == ()
+    assert ReadOptions(obs_columns=[], use_raw=True, read_size=3).given() == (
+        "use_raw",
+        "obs_columns",
+    )
+    assert pickle.loads(pickle.dumps(opts)) == opts
+    assert hash(opts) == hash(ReadOptions(obs_columns=("cell_type",), temp_dir="/tmp", read_size=5))
+    with pytest.raises(ValueError, match="read_size must be a positive number; got 0"):
+        ReadOptions(read_size=0)
+    with pytest.raises(TypeError, match="read_size"):
+        ReadOptions(read_size=2.5)
+    with pytest.raises(TypeError, match="read_size"):
+        ReadOptions(read_size=True)
+    with pytest.raises(TypeError, match="use_raw must be True or False"):
+        ReadOptions(use_raw="yes")
+    with pytest.raises(TypeError, match="obs_columns must be column names"):
+        ReadOptions(obs_columns=["a", 1])
+    with pytest.raises(TypeError, match="layer must be a string"):
+        ReadOptions(layer=1)
+    with pytest.raises(TypeError, match="temp_dir"):
+        ReadOptions(temp_dir=3)
+    with pytest.raises(TypeError):
+        ReadOptions("h5ad")  # keyword-only
+
+
+def test_registered_reader_is_used_and_its_options_checked(tmp_path, monkeypatch):
+    """A reader registered for a new format is found by format=; options it does not
+    declare are refused, naming the formats they apply to."""
+    monkeypatch.setattr(ingest_registry, "READERS", dict(ingest_registry.READERS))
+    monkeypatch.setattr(ingest_registry, "_ACCEPTS", dict(ingest_registry._ACCEPTS))
+    monkeypatch.setattr(ingest_registry, "_DESCRIPTIONS", dict(ingest_registry._DESCRIPTIONS))
+    seen = []
+
+    def read_ones(location, options):
+        seen.append((location.path, options))
+        return synthetic_counts(3, 2, seed=1)
+
+    register_reader("ones", read_ones, accepts=["genome"], description="ones (.ones)")
+    path = tmp_path / "x.ones"
+    path.write_text("")
+    src = open_source(path, ReadOptions(format="ones", genome="g1"))
+    assert src.info.n_cells == 3
+    assert seen == [(str(path), ReadOptions(format="ones", genome="g1"))]
+    with pytest.raises(InputError, match=r"x\.ones: layer= applies to h5ad, loom, anndata-zarr"):
+        open_source(path, ReadOptions(format="ones", layer="counts"))
+    with pytest.raises(InputError, match=r"genome= applies to 10x-h5, ones inputs"):
+        open_source(
+            _h5ad_with_values(tmp_path / "y.h5ad", np.array([1.0])), ReadOptions(genome="g")
+        )
+    with pytest.raises(InputError, match=r"Supported formats: .*ones \(\.ones\).* ones\."):
+        open_source(path)  # not detected: format= names it
+    with pytest.raises(ValueError, match="accepts names no format option: bogus"):
+        register_reader("twos", read_ones, accepts=["bogus"])
+    assert FORMATS == ("h5ad", "10x-h5", "10x-mtx", "loom", "anndata-zarr")
+
+
+# --------------------------------------------------------------------------- one open
+
+
+def _write_10x_h5(path: Path, x: sp.spmatrix, ids, barcodes) -> Path:
+    """A minimal Cell Ranger 3 HDF5 matrix (genes x cells CSC = cells x genes CSR)."""
+    x = sp.csr_matrix(x)
+    with h5py.File(path, "w") as f:
+        m = f.create_group("matrix")
+        m["data"], m["indices"], m["indptr"] = x.data, x.indices, x.indptr
+        m["shape"] = np.array([x.shape[1], x.shape[0]], dtype=np.int32)
+        m["barcodes"] = np.array(barcodes, dtype="S")
+        feat = m.create_group("features")
+        feat["id"] = np.array(ids, dtype="S")
+        feat["name"] = np.array(ids, dtype="S")
+        feat["feature_type"] = np.array(["Gene Expression"] * len(ids), dtype="S")
+    return path
+
+
+@pytest.fixture
+def count_h5_opens(monkeypatch) -> list[str]:
+    """Every ``h5py.File`` opened from now on (h5py.File replaced by a counting subclass)."""
+    opened: list[str] = []
+
+    class CountingFile(h5py.File):
+        def __init__(self, name, *args, **kwargs):
+            opened.append(str(getattr(name, "path", name)))
+            super().__init__(name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", CountingFile)
+    return opened
+
+
+@pytest.mark.parametrize("kind", ["h5ad", "h5ad named .h5", "10x-h5", "loom"])
+def test_hdf5_inputs_are_opened_once_until_the_first_block(tmp_path, kind, count_h5_opens):
+    """open_source reads all the metadata of an HDF5 input in one open (an ``.h5`` whose
+    contents tell its format included); the first pass over the counts opens it once more."""
+    rng = np.random.default_rng(3)
+    x = sp.random(30, 7, density=0.4, format="csr", random_state=rng)
+    x.data = np.ceil(x.data * 20)
+    ids, barcodes = [f"ENSG{j}" for j in range(7)], [f"c{i}" for i in range(30)]
+    if kind.startswith("h5ad"):
+        name = "x.h5ad" if kind == "h5ad" else "x.h5"
+        path = write_csr_h5ad(tmp_path / name, x, ids, barcodes)
+    elif kind == "10x-h5":
+        path = _write_10x_h5(tmp_path / "x.h5", x, ids, barcodes)
+    else:
+        path = write_loom(tmp_path / "x.loom", x, ids, barcodes)
+    count_h5_opens.clear()
+    src = open_source(path)
+    assert count_h5_opens == [str(path)]
+    blocks = src.iter_blocks(8)
+    first = next(blocks)
+    assert count_h5_opens == [str(path)] * 2
+    assert_same_csr(first, x[:8])
+    assert_same_csr(sp.vstack([first, *blocks]), x)
+    assert len(count_h5_opens) == 2  # one pass, one open
+    assert src.info.format == ("h5ad" if kind.startswith("h5ad") else kind)
+
+
+# --------------------------------------------------------------------------- row ranges
+
+
+RANGE_KINDS = ["h5ad-csr", "h5ad-dense", "zarr", "loom", "10x-h5", "synthetic"]
+
+
+def _ranged_source(folder: Path, x: np.ndarray, kind: str, read_size: int | None):
+    n_cells, n_genes = x.shape
+    ids, barcodes = [f"ENSG{j:011d}" for j in range(n_genes)], [f"c{i}" for i in range(n_cells)]
+    options = ReadOptions(read_size=read_size)
+    if kind == "zarr":
+        adata = ad.AnnData(
+            X=sp.csr_matrix(x),
+            obs=pd.DataFrame(index=pd.Index(barcodes)),
+            var=pd.DataFrame(index=pd.Index(ids)),
+        )
+        with quiet_anndata_writes():
+            adata.write_zarr(folder / "x.zarr")
+        return open_source(folder / "x.zarr", options)
+    if kind == "10x-h5":
+        return open_source(_write_10x_h5(folder / "x.h5", x, ids, barcodes), options)
+    return open_source(_write_input(folder, x, kind, np.random.default_rng(0)), options)
+
+
+@pytest.mark.parametrize("kind", RANGE_KINDS)
+@settings(deadline=None, max_examples=30)
+@given(
+    data=count_matrices(),
+    cuts=st.lists(st.integers(0, 40)),
+    read_size=st.sampled_from([None, 1, 7]),
+)
+def test_read_rows_over_any_split_equals_the_blocks(tmp_path_factory, kind, data, cuts, read_size):
+    """Concatenating ``read_rows`` over any split of the cells gives what ``iter_blocks``
+    gives, values and dtype, for every format that reads ranges directly."""
+    x, _ = data
+    folder = tmp_path_factory.mktemp("ranges")
+    src = (
+        synthetic_counts(len(x) * 40, 9, seed=len(cuts), mean_genes=4)
+        if kind == "synthetic"
+        else _ranged_source(folder, x, kind, read_size)
+    )
+    n = src.info.n_cells
+    assert src.supports_ranges
+    bounds = sorted({0, n, *(min(c * (n // 40 + 1), n) for c in cuts)})
+    parts = [src.read_rows(a, b) for a, b in itertools.pairwise(bounds)]
+    assert [p.shape for p in parts] == [
+        (b - a, src.info.n_genes) for a, b in itertools.pairwise(bounds)
+    ]
+    blocks = list(src.iter_blocks(max(1, n // 3)))
+    want = sp.vstack(blocks, format="csr")
+    got = sp.vstack(parts, format="csr")
+    assert got.dtype == want.dtype
+    assert_same_csr(got, want)
+    if kind != "synthetic":
+        assert_same_csr(want, sp.csr_matrix(x))
+    assert src.read_rows(n, n).shape == (0, src.info.n_genes)
+    for bad in ((-1, 2), (2, 1), (0, n + 1)):
+        with pytest.raises(ValueError, match="not a range of the"):
+            src.read_rows(*bad)
+    shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("kind", ["h5ad-csc", "mtx-sorted"])
+def test_no_row_ranges_where_the_format_has_none(tmp_path, kind):
+    x = np.arange(12).reshape(4, 3) % 5
+    src = open_source(_write_input(tmp_path, x, kind, np.random.default_rng(0)))
+    assert not src.supports_ranges
+    with pytest.raises(NotImplementedError, match=r"iter_blocks|cell ranges"):
+        src.read_rows(0, 2)
+    assert_same_csr(sp.vstack(list(src.iter_blocks(3))), sp.csr_matrix(x))
+
+
+@pytest.mark.parametrize("kind", ["h5ad-csr", "h5ad-csc", "mtx-unsorted", "loom", "10x-h5", "zarr"])
+def test_sources_pickle_and_read_after(tmp_path, kind):
+    """A source holds its location, options and metadata, no open handle: it pickles (as a
+    task sent to a worker would), and the copy reads the same blocks."""
+    x = (np.arange(60).reshape(12, 5) * 7) % 4
+    if kind in ("10x-h5", "zarr"):
+        src = _ranged_source(tmp_path, x, kind, None)
+    else:
+        src = open_source(_write_input(tmp_path, x, kind, np.random.default_rng(1)))
+    copy = pickle.loads(pickle.dumps(src))
+    assert copy.info.path == src.info.path
+    np.testing.assert_array_equal(copy.info.barcodes, src.info.barcodes)
+    assert_same_csr(sp.vstack(list(copy.iter_blocks(5))), sp.csr_matrix(x))

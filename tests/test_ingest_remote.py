@@ -34,7 +34,7 @@ from test_ingest import N_SUBSET, quiet_anndata_writes, reference_h5ad, write_lo
 
 from flow import InputError, open_counts, pipeline, write_counts
 from flow._io import file_fingerprint
-from flow.ingest import detect_format, open_source
+from flow.ingest import ReadOptions, detect_format, open_source
 from flow.ingest._fs import redact
 
 TOKEN = "flowtest-token-3f9b2c1d"  # distinctive, so that a leak into any message is found
@@ -335,6 +335,30 @@ def test_remote_hdf5_is_read_in_ranges(urls, local_inputs):
     assert one_block < 2 * share + (256 << 10), (one_block, share)
 
 
+@pytest.mark.data
+@pytest.mark.parametrize("kind", ["h5ad", "h5ad-named-h5", "10x-h5", "loom"])
+def test_remote_hdf5_is_opened_once_for_its_metadata(kind, urls, local_inputs, monkeypatch):
+    """A remote HDF5 input (an ``.h5`` told apart by its contents included) is opened once
+    by open_source, and once more by the first pass over its counts."""
+    opened: list[object] = []
+
+    class CountingFile(h5py.File):
+        def __init__(self, name: Any, *args: Any, **kwargs: Any) -> None:
+            opened.append(name)
+            super().__init__(name, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", CountingFile)
+    src = open_source(urls["flowtest", kind], storage_options=KEYED)
+    assert len(opened) == 1
+    assert src.info.format == FORMAT[kind]
+    blocks = src.iter_blocks(100)
+    first = next(blocks)
+    assert len(opened) == 2
+    blocks.close()
+    local = next(iter(open_source(local_inputs[kind]).iter_blocks(100)))
+    assert (first != local).nnz == 0  # the same first block as read from the local file
+
+
 @pytest.fixture(scope="module")
 def http_root(local_inputs, tmp_path_factory) -> Iterator[str]:
     """The inputs served over HTTP (range requests, directory listings) by aiohttp."""
@@ -381,7 +405,7 @@ def test_http_urls(kind, name, http_root, local_inputs, local_stores, tmp_path):
     """https:// works the same way (here plain HTTP on localhost, served with ranges)."""
     url = f"{http_root}/{name}"
     # served without extensions but the matrix file's: the others need format=
-    src = open_source(url) if "." in name else open_source(url, format=FORMAT[kind])
+    src = open_source(url) if "." in name else open_source(url, ReadOptions(format=FORMAT[kind]))
     write_counts([src], tmp_path / "x.zarr", block_size=BLOCK)
     assert_same_store(
         tmp_path / "x.zarr",
@@ -402,7 +426,7 @@ def test_missing_url(tmp_path):
             open_source(url)
         assert str(info.value).startswith(f"{url}: ")
         with pytest.raises(InputError, match=r"not found"):
-            open_source(url, format="h5ad")
+            open_source(url, ReadOptions(format="h5ad"))
     with pytest.raises(InputError, match=r"no such file or directory"):  # local: as before
         open_source(tmp_path / "nope.h5ad")
 

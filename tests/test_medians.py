@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 
@@ -12,6 +13,8 @@ import pytest
 import scipy.sparse as sp
 
 from flow import medians as med
+from flow._genes import GeneMapping
+from flow._location import Location
 from flow.datasets import write_synthetic
 from flow.errors import VocabularyError
 
@@ -202,6 +205,54 @@ def test_open_without_digests(tmp_path, small_stores):
     np.testing.assert_array_equal(light.medians, full.medians)
     np.testing.assert_array_equal(light.gene_ids, full.gene_ids)
     assert light.fingerprint == full.fingerprint == got.fingerprint
+
+
+def test_write_returns_the_set_bound_to_its_store(tmp_path, small_stores):
+    """write_medians hands back the same medians, bound to where they were written, so a
+    caller goes on without reading the store back; open_medians binds the set it reads."""
+    got = med.medians_of([small_stores[0]], compute=dask.compute)
+    assert got.location is None
+    assert got.url is None
+    where = Location.of(tmp_path / "m.zarr")
+    written = med.write_medians(got, where)
+    assert written.location == where
+    assert written.url == os.path.abspath(tmp_path / "m.zarr")
+    assert written.digests is got.digests
+    np.testing.assert_array_equal(written.medians, got.medians)
+    reopened = med.open_medians(where)
+    assert reopened.location == where
+    assert reopened.fingerprint == written.fingerprint
+    assert reopened.stores == written.stores
+    assert reopened.describe() == written.describe() == got.describe()
+    text = written.describe(tmp_path / "m.zarr")
+    assert text.startswith(f"median set -> {tmp_path / 'm.zarr'}: 400 genes (")
+    assert text.endswith("method tdigest, 1,500 cells from 1 store(s)")
+    # a pickle given as a Location is imported, and is not bound to a store
+    med.export_medians(got, tmp_path / "m.pkl")
+    imported = med.open_medians(Location.of(tmp_path / "m.pkl"))
+    assert imported.method == "imported"
+    assert imported.location is None
+
+
+def test_a_gene_mapping_sums_the_columns_it_joins(tmp_path):
+    """Exact medians under a mapping equal numpy's on the summed columns, in first-seen order."""
+    store = write_synthetic(tmp_path / "s.zarr", 600, 40, seed=2, mean_genes=15, block_size=128)
+    ids = store.var.index.to_numpy(dtype=str)
+    mapping = GeneMapping.from_dict({ids[5]: ids[30], ids[7]: ids[2], ids[39]: ids[0]})
+    got = med.medians_of([store], method="exact", gene_mapping=mapping, compute=dask.compute)
+    joined = {5: 30, 7: 2, 39: 0}
+    target = [ids[joined.get(j, j)] for j in range(40)]  # each column's gene
+    genes = list(dict.fromkeys(target))  # first-seen order: ids[30] is first seen at column 5
+    assert got.gene_ids.tolist() == genes
+    assert len(genes) == 37
+    x = sp.vstack([store.counts.blocks[i, 0].compute() for i in range(store.n_blocks)]).toarray()
+    summed = np.stack([x[:, [t == g for t in target]].sum(axis=1) for g in genes], axis=1)
+    values = summed / store.obs["n_counts"].to_numpy(dtype=np.float64)[:, None] * 10000
+    expected = [np.median(v[v > 0]) if (v > 0).any() else np.nan for v in values.T]
+    np.testing.assert_array_equal(got.medians, expected)
+    with no_compute():
+        lazy_ids, _ = med.compute_medians(store, gene_mapping=mapping)
+    np.testing.assert_array_equal(lazy_ids, got.gene_ids)
 
 
 def test_cli_medians(tmp_path, small_stores, capsys):

@@ -338,11 +338,11 @@ def run_flow(tmp: Path, name: str, preset: str, source: Path, paths: dict[str, s
         result = pipeline.run(
             [source],
             out,
-            medians_path=paths["median"],
+            medians=paths["median"],
             vocabulary=paths["token"],
             gene_mapping=mapping,
             preset=preset,
-        )
+        ).paths
     enc = open_encoding(result["encoding"])
     ds = datasets.load_from_disk(result["dataset"])
     return {
@@ -515,3 +515,28 @@ def test_comparison_tolerates_ties_only():
         differs_only_within_ties(np.array([4, 8, 6, 7]), np.array([4, 5, 6, 7]), value)
     with pytest.raises(AssertionError, match="lengths differ"):
         differs_only_within_ties(np.array([4, 5]), np.array([4, 5, 6]), value)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize(("name", "preset"), [("pbmc1k-h5", "V2"), ("pbmc3k-h5ad", "V1")])
+def test_flow_run_with_a_preset_alone_equals_the_pickles(
+    cache, tmp_path_factory, shared_data, dict_paths, name, preset, capsys
+):
+    """``flow run INPUT -o OUT --preset V2``, no dictionary path given: the bundled Geneformer
+    dictionaries give exactly the tokens and model input of the run with the pickles (which
+    the tests above compare with upstream)."""
+    from flow.cli import main
+
+    expected = flow_result(cache, tmp_path_factory, shared_data, dict_paths, name, preset)
+    out = tmp_path_factory.mktemp("bundled") / "out"
+    args = ["run", os.fspath(shared_data / INPUTS[name][0]), "-o", os.fspath(out)]
+    assert main([*args, "--preset", preset.lower(), "--workers", "1", "-q"]) == 0
+    assert f"dataset: {out / 'dataset'}" in capsys.readouterr().out
+    enc = open_encoding(out / "encoding.zarr")
+    np.testing.assert_array_equal(enc.lengths, expected["lengths"])
+    np.testing.assert_array_equal(np.asarray(enc.tokens.compute()), expected["tokens"])
+    ds = datasets.load_from_disk(os.fspath(out / "dataset"))
+    got_ids = [np.asarray(x, dtype=np.int64) for x in ds["input_ids"]]
+    assert len(got_ids) == len(expected["input_ids"])
+    assert all(np.array_equal(a, b) for a, b in zip(got_ids, expected["input_ids"], strict=True))
+    assert not (out / "medians.zarr").exists()  # the preset's medians, not the data's

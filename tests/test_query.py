@@ -423,7 +423,7 @@ def _chunks_read(reads: list[str], array: str) -> set[tuple[int, int]]:
 def test_drop_rates_reads_only_rank_chunks_past_the_cutoff(synth: Case, cutoff: int) -> None:
     plain = open_encoding(synth.path)
     counting = CountingStore(LocalStore(str(synth.path), read_only=True))
-    enc = TracedEncoding(plain.url, plain.attrs, None, counting)
+    enc = TracedEncoding(plain.location, plain.attrs, None, counting)
     rates = q.drop_rates(enc, cutoff)
     before = list(counting.reads)
     counting.reads.clear()
@@ -441,7 +441,7 @@ def test_drop_rates_reads_only_rank_chunks_past_the_cutoff(synth: Case, cutoff: 
 def test_gene_ranks_never_read_values(synth: Case) -> None:
     plain = open_encoding(synth.path)
     counting = CountingStore(LocalStore(str(synth.path), read_only=True))
-    enc = TracedEncoding(plain.url, plain.attrs, None, counting)
+    enc = TracedEncoding(plain.location, plain.attrs, None, counting)
     q.gene_drop(enc, "GENE42", 2048)
     assert _chunks_read(counting.reads, "tokens")
     assert not [k for k in counting.reads if k.startswith("counts")]
@@ -450,7 +450,7 @@ def test_gene_ranks_never_read_values(synth: Case) -> None:
 def test_one_cell_reads_one_cell_block(synth: Case) -> None:
     plain = open_encoding(synth.path)
     counting = CountingStore(LocalStore(str(synth.path), read_only=True))
-    enc = TracedEncoding(plain.url, plain.attrs, None, counting)
+    enc = TracedEncoding(plain.location, plain.attrs, None, counting)
     cell = 3 * BLOCK + 5
     length = int(synth.ref.lengths[cell])
     q.dropped_genes(enc, cell, 2048)

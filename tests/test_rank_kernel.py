@@ -1,21 +1,30 @@
-"""flow.encode._kernels: the exact rank kernel against the slow references."""
+"""The numpy kernels of the encoding against slow references: ``flow.encode._kernels`` (the exact
+rank kernel), its Dask wiring ``flow.encode.rank``, and the shared ``flow._kernels``
+(normalisation rule, canonical CSR, single-chunk check)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from dask.array.utils import assert_eq
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as npst
 
+import flow._kernels as base
 import flow.encode._kernels as K
-from flow.encode._kernels import normalized_values, rank_block, ranked_values
-from flow.errors import InputError
+from flow.encode._kernels import rank_block, ranked_values, value_matrix
+from flow.encode.rank import rank_cells
+from flow.errors import ChunkingError, InputError
+from flow.sketch import _tdigest as td
+from flow.vocab import Vocabulary, build_gene_map
 
+from helpers import no_compute
 from reference import reference_rank_cell, upstream_rank_cell
+from strategies import axis_chunks, chunked_arrays, csr_blocks, tied_blocks
 
 PAD = 0
 
@@ -65,39 +74,6 @@ def check_against_reference(
         np.testing.assert_array_equal(values[i, :k], ref_values)  # bit for bit
         assert (values[i, k:] == 0).all()
     return ranked, values, lengths
-
-
-@st.composite
-def tied_blocks(draw: st.DrawFn, max_cells: int = 12, max_genes: int = 30) -> dict[str, Any]:
-    """Small integer counts and a few repeated medians: many exact ties."""
-    n_cells = draw(st.integers(1, max_cells))
-    n_genes = draw(st.integers(1, max_genes))
-    counts = draw(
-        npst.arrays(np.int32, (n_cells, n_genes), elements=st.integers(0, 3), fill=st.just(0))
-    )
-    median_pool = draw(
-        st.lists(
-            st.sampled_from([0.5, 1.0, 1.0 + 2**-52, 1.5, 2.0, 3.0, 0.1, 7.25, 1e-3, 1e3]),
-            min_size=1,
-            max_size=4,
-        )
-    )
-    medians = np.array(
-        draw(st.lists(st.sampled_from(median_pool), min_size=n_genes, max_size=n_genes))
-    )
-    tokens = np.array(draw(st.permutations(range(4, 4 + n_genes))), dtype=np.uint16)
-    n_counts = counts.sum(axis=1) + np.array(
-        draw(st.lists(st.integers(0, 5), min_size=n_cells, max_size=n_cells))
-    )
-    n_counts = np.where(n_counts == 0, 1, n_counts).astype(np.float64)
-    width = draw(st.integers(0, n_genes + 2))
-    return {
-        "counts": counts,
-        "medians": medians,
-        "tokens": tokens,
-        "n_counts": n_counts,
-        "width": width,
-    }
 
 
 # ------------------------------------------------------------------------------ properties
@@ -373,13 +349,13 @@ def test_argument_checks() -> None:
 # ------------------------------------------------------------------------------ values
 
 
-def test_normalized_values_fixed_arithmetic() -> None:
+def test_value_matrix_fixed_arithmetic() -> None:
     """Exactly ((count / n) * 10000) / median in float64; other orders give other bits."""
     rng = np.random.default_rng(3)
     counts = rng.integers(1, 50, (50, 40)).astype(np.float64)
     n = rng.integers(100, 100_000, 50).astype(np.float64)
     med = rng.lognormal(0.0, 1.0, 40)
-    got = normalized_values(sp.csr_matrix(counts), n, med)
+    got = value_matrix(sp.csr_matrix(counts), n, med)
     assert got.dtype == np.float64
     dense = got.toarray()
     ref = np.array(
@@ -396,9 +372,9 @@ def test_normalized_values_fixed_arithmetic() -> None:
     assert not np.array_equal(dense, counts * 10000 / (n[:, None] * med))
 
 
-def test_normalized_values_keeps_pattern() -> None:
+def test_value_matrix_keeps_pattern() -> None:
     x = sp.csr_matrix((np.array([0, 3]), np.array([0, 2]), np.array([0, 1, 2])), shape=(2, 3))
-    got = normalized_values(x, np.array([1.0, 6.0]), np.array([1.0, 1.0, 4.0]))
+    got = value_matrix(x, np.array([1.0, 6.0]), np.array([1.0, 1.0, 4.0]))
     assert got.nnz == 2
     assert got.toarray().tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, 1250.0]]
 
@@ -425,12 +401,12 @@ def test_canonical_csr_equals_scipy(
     messy = sp.csr_array((data, cols.astype(np.int32), indptr), shape=(n_rows, n_cols))
     expected = messy.copy()
     expected.sum_duplicates()
-    old = K._SLICE_NNZ
-    K._SLICE_NNZ = slice_nnz  # type: ignore[misc]
+    old = base._SLICE_NNZ
+    base._SLICE_NNZ = slice_nnz  # type: ignore[misc]
     try:
-        got = K.canonical_csr(messy)
+        got = base.canonical_csr(messy)
     finally:
-        K._SLICE_NNZ = old  # type: ignore[misc]
+        base._SLICE_NNZ = old  # type: ignore[misc]
     assert got.has_sorted_indices
     assert got.dtype == messy.dtype
     np.testing.assert_array_equal(got.toarray(), messy.toarray())
@@ -443,3 +419,120 @@ def test_canonical_csr_equals_scipy(
     np.testing.assert_array_equal(dropped.indices, kept.indices)
     np.testing.assert_array_equal(dropped.data, kept.data)
     assert np.array_equal(messy.data, data)  # input untouched
+
+
+# ------------------------------------------------------------------------------ flow._kernels
+
+
+def reference_normalized(data: np.ndarray, indptr: np.ndarray, n_counts: np.ndarray) -> np.ndarray:
+    """``(count / n_counts) * 10000`` with Python floats, entry by entry (slow and obvious)."""
+    out = [
+        (float(data[k]) / float(n_counts[i])) * 10000.0
+        for i in range(indptr.size - 1)
+        for k in range(int(indptr[i]), int(indptr[i + 1]))
+    ]
+    return np.array(out, dtype=np.float64)
+
+
+@given(csr_blocks())
+def test_normalized_values_equals_reference(block: tuple[Any, np.ndarray, np.ndarray]) -> None:
+    x, n_counts, dense = block
+    got = base.normalized_values(x.data, x.indptr, n_counts)
+    assert got.dtype == np.float64
+    assert got.shape == x.data.shape
+    ref = reference_normalized(x.data, x.indptr, n_counts)
+    assert got.tobytes() == ref.tobytes()  # bit for bit
+    # upstream's dense expression, at the stored entries, agrees too
+    rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
+    np.testing.assert_array_equal(got, ((dense / n_counts[:, None]) * 10_000)[rows, x.indices])
+    # the one rule: the encoding's values with median 1 (x / 1.0 is exact), the medians' values
+    assert value_matrix(x, n_counts, np.ones(x.shape[1])).data.tobytes() == ref.tobytes()
+    assert base.normalize(x.data, n_counts[rows]).tobytes() == ref.tobytes()
+    assert base.TARGET_SUM == 10_000.0
+
+
+@given(csr_blocks())
+def test_normalized_values_feed_the_digests(block: tuple[Any, np.ndarray, np.ndarray]) -> None:
+    """The t-digests of a block hold exactly the normalised nonzero values (few per gene)."""
+    x, n_counts, _ = block
+    d = td.from_csr(sp.csr_matrix(x), n_counts, compression=100.0)  # <= 50 values: exact
+    values = base.normalized_values(x.data, x.indptr, n_counts)
+    keep = x.data > 0
+    for g in range(x.shape[1]):
+        want = np.sort(values[keep & (x.indices == g)])
+        got = d.means[d.offsets[g] : d.offsets[g + 1]]
+        assert got.tobytes() == want.tobytes()
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 3), st.sampled_from([0.0, -1.0, 0.5, 7.0, np.nan, np.inf, -np.inf])
+        )
+    )
+)
+def test_bad_n_counts_reference(cells: list[tuple[int, float]]) -> None:
+    lengths = np.array([c[0] for c in cells], np.int64)
+    n_counts = np.array([c[1] for c in cells], np.float64)
+    want = [length > 0 and not (0 < n < float("inf")) for length, n in cells]
+    assert base.bad_n_counts(lengths, n_counts).tolist() == want
+
+
+@given(chunked_arrays(), st.data())
+def test_require_single_chunk(arrays: tuple[np.ndarray, da.Array], data: st.DataObject) -> None:
+    x, dx = arrays
+    axis = data.draw(st.integers(0, x.ndim - 1), label="axis")
+    with no_compute():  # metadata only
+        if dx.numblocks[axis] == 1:
+            assert base.require_single_chunk(dx, axis, name="counts") is dx
+            fixed = dx
+        else:
+            with pytest.raises(ChunkingError) as info:
+                base.require_single_chunk(dx, axis, name="counts", dim="genes")
+            assert isinstance(info.value, ValueError)  # callers catching ValueError still do
+            msg = str(info.value)
+            assert f"one chunk along axis {axis} (genes)" in msg
+            assert f"got {dx.numblocks[axis]} chunks" in msg
+            assert f"counts.rechunk({{{axis}: -1}})" in msg
+            fixed = base.require_single_chunk(dx.rechunk({axis: -1}), axis, name="counts")
+    assert fixed.numblocks[axis] == 1
+    assert_eq(fixed, x)
+
+
+# ------------------------------------------------------------------------------ flow.encode.rank
+
+
+@settings(deadline=None, max_examples=15)
+@given(tied_blocks(), st.data())
+def test_rank_cells_equals_kernel_for_any_cell_chunks(
+    case: dict[str, Any], data: st.DataObject
+) -> None:
+    """The lazy ranking of a chunked matrix equals one kernel call on the whole matrix."""
+    counts, med, tok = case["counts"], case["medians"], case["tokens"]
+    n_cells, n_genes = counts.shape
+    ids = np.array([f"ENSG{t:011d}" for t in tok])
+    extra = [f"ENSG{9_000_000 + i:011d}" for i in range(3)]  # vocabulary genes not in the store
+    vocab = Vocabulary(
+        gene_ids=np.array([*ids, *extra]),
+        token_ids=np.array([*tok.tolist(), 100, 101, 102]),
+        special={"<pad>": 0},
+    )
+    perm = np.array(data.draw(st.permutations(range(n_genes)), label="store order"), np.int64)
+    gene_map = build_gene_map(ids[perm], vocab, min_genes=1)  # store columns: genes perm
+    med_kept = med[np.argsort(tok)]  # kept genes are in token order
+    cell_chunks = data.draw(axis_chunks(n_cells), label="cell chunks")
+    dx = da.from_array(counts[:, perm], chunks=(cell_chunks, -1))
+    width = case["width"]
+    with no_compute():
+        ranked = rank_cells(dx, case["n_counts"], gene_map, med_kept, width=width, pad=PAD)
+    tok = tok.astype(vocab.token_dtype)
+    want = rank_block(counts, case["n_counts"], med, tok, width, PAD)  # columns in vocab order
+    assert ranked.tokens.chunks == (cell_chunks, (width,))
+    assert_eq(ranked.tokens, want[0])
+    assert_eq(ranked.counts, want[1])
+    assert_eq(ranked.lengths, want[2])
+    if n_genes > 1:
+        with pytest.raises(ChunkingError, match="genes"):
+            rank_cells(
+                dx.rechunk({1: 1}), case["n_counts"], gene_map, med_kept, width=width, pad=PAD
+            )

@@ -16,7 +16,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import flow.store as flow_store
+import flow._store_obs as store_obs
 from flow import (
     IncompleteStoreError,
     InputError,
@@ -26,6 +26,7 @@ from flow import (
     write_counts,
 )
 from flow._io import ChunkedWriter, create_flow_group, mark_complete
+from flow._location import Location
 from flow.datasets import synthetic_counts, write_synthetic
 from flow.errors import FlowWarning
 from flow.ingest._source import SourceInfo
@@ -134,7 +135,7 @@ def test_obs_written_in_slices_matches_pandas(tmp_path_factory, parts, step):
     path = tmp_path_factory.mktemp("obs") / "s.zarr"
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
         warnings.simplefilter("ignore", FlowWarning)  # the duplicate barcodes warning
-        patch.setattr(flow_store, "_OBS_STEP", step)
+        patch.setattr(store_obs, "OBS_STEP", step)
         write_counts(sources, path, block_size=3)
 
     want = pd.concat(frames, ignore_index=True)
@@ -200,6 +201,89 @@ def test_explicit_zeros_dropped_and_wider_dtype(tmp_path):
     assert store.attrs["dtype"] == "uint32"
     assert store.attrs["nnz"] == 2
     np.testing.assert_array_equal(_dense(store), m.toarray())
+
+
+@pytest.mark.parametrize(
+    ("late", "allow_non_integer", "dtype", "passes"),
+    [
+        ({10: 70_000}, False, "uint32", 2),
+        ({10: 5_000_000_000}, False, "float64", 2),
+        ({10: 70_000, 20: 2.5}, True, "float32", 3),
+        ({10: 65_535}, False, "uint16", 1),
+    ],
+    ids=["uint32", "float64", "uint32-then-float32", "uint16-max"],
+)
+def test_a_late_count_that_needs_a_wider_dtype_rewrites_the_store(
+    tmp_path, late, allow_non_integer, dtype, passes
+):
+    """Counts that do not fit the dtype written so far, found after some blocks were written:
+    the store is written again from the first cell with the smallest dtype that holds them."""
+    dense = (np.arange(26 * 5).reshape(26, 5) % 7).astype(np.float64)
+    for row, value in late.items():
+        dense[row, 2] = value
+    done: list[int] = []
+    store = write_counts(
+        [ArraySource(sp.csr_matrix(dense))],
+        tmp_path / "a.zarr",
+        block_size=4,
+        allow_non_integer=allow_non_integer,
+        progress=lambda n, total: done.append(n),
+    )
+    assert store.attrs["dtype"] == dtype
+    assert 1 + sum(b < a for a, b in itertools.pairwise(done)) == passes  # restarts from 0
+    assert done[-1] == 26
+    np.testing.assert_array_equal(_dense(store), dense)
+    back = ad.read_zarr(tmp_path / "a.zarr")
+    np.testing.assert_array_equal(back.X.toarray(), dense)
+    np.testing.assert_array_equal(back.obs["n_counts"], dense.sum(axis=1))
+    x = zarr.open_group(tmp_path / "a.zarr", mode="r")["X"]
+    assert x["data"].shape == x["indices"].shape == (store.attrs["nnz"],)  # nothing left over
+    assert store.attrs["nnz"] == int((dense != 0).sum())
+
+
+def test_repeated_entries_of_a_cell_are_summed_into_a_wide_enough_dtype(tmp_path):
+    """An input may list a cell's gene twice (summed): the sum decides the dtype, not the
+    parts (40,000 twice does not fit uint16)."""
+    m = sp.csr_matrix(
+        (np.array([40_000, 40_000, 3]), np.array([0, 0, 2]), np.array([0, 2, 3])), shape=(2, 3)
+    )
+    store = write_counts([ArraySource(m)], tmp_path / "a.zarr")
+    assert store.attrs["dtype"] == "uint32"
+    np.testing.assert_array_equal(_dense(store), [[80_000, 0, 0], [0, 0, 3]])
+    np.testing.assert_array_equal(store.obs["n_counts"], [80_000, 3])
+
+
+def test_store_location_is_absolute_and_describe(tmp_path, monkeypatch):
+    """A relative path is made absolute once (tasks read the same store from any directory);
+    a Location opens the same store; describe() summarises it."""
+    monkeypatch.chdir(tmp_path)
+    m = sp.csr_matrix((np.arange(40 * 6).reshape(40, 6) % 5).astype(np.int32))
+    store = write_counts([ArraySource(m)], "rel.zarr", block_size=16)
+    assert store.url == str(tmp_path / "rel.zarr")
+    assert store.location == Location(str(tmp_path / "rel.zarr"))
+    assert store.storage_options is None
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    np.testing.assert_array_equal(_dense(store), m.toarray())
+    again = open_counts(Location(str(tmp_path / "rel.zarr")))
+    assert again.url == store.url
+    assert again.fingerprint == store.fingerprint
+
+    detected = (m.toarray() > 0).sum(axis=1)
+    q = np.percentile(detected, [0, 50, 90, 99, 100])
+    lines = store.describe().splitlines()
+    assert lines[0] == f"count store {tmp_path / 'rel.zarr'}"
+    assert lines[1] == f"  cells x genes: 40 x 6; nonzeros {m.nnz:,}; dtype uint16"
+    assert lines[2] == (
+        f"  detected genes per cell: min {q[0]:.0f}, median {q[1]:.0f}, p90 {q[2]:.0f}, "
+        f"p99 {q[3]:.0f}, max {q[4]:.0f}"
+    )
+    assert lines[3:] == [
+        "  blocks: 3 (16 cells each, the last may be shorter)",
+        "  sources:",
+        "    memory.h5ad (h5ad, 40 cells)",
+    ]
 
 
 def test_non_integer_counts(tmp_path):
@@ -318,7 +402,7 @@ def test_flow_info(tmp_path, capsys):
     assert main(["info", str(tmp_path / "s.zarr")]) == 0
     out = capsys.readouterr().out
     assert "500 x 80" in out
-    assert "blocks: 3 of 200 cells" in out
+    assert "blocks: 3 (200 cells each" in out
     assert "detected genes per cell" in out
 
 

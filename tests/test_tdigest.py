@@ -12,6 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flow.sketch import _tdigest as td
+from flow.sketch._keysort import sort_key
+
+from strategies import large_inputs, partitions, small_inputs, tied_inputs
 
 SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow])
@@ -67,79 +70,6 @@ def check_invariants(d: td.Digests, genes: np.ndarray, n_genes: int) -> None:
     for g in range(n_genes):
         m = d.means[d.offsets[g] : d.offsets[g + 1]]
         assert (np.diff(m) >= 0).all()
-
-
-# --------------------------------------------------------------------------- strategies
-
-positive_floats = st.floats(
-    min_value=1e-300, max_value=1e300, allow_nan=False, allow_infinity=False
-)
-
-
-@st.composite
-def small_inputs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """Few values per gene (at most compression // 2): digests must be exact."""
-    compression = float(draw(st.sampled_from([4, 9, 20, 50, 200])))
-    n_genes = draw(st.integers(1, 5))
-    cap = int(compression) // 2
-    genes: list[int] = []
-    values: list[float] = []
-    kind = draw(st.sampled_from(["float", "int", "wide"]))
-    for g in range(n_genes):
-        k = draw(st.integers(0, cap))
-        if kind == "float":
-            vals = draw(st.lists(st.floats(0.01, 1e4), min_size=k, max_size=k))
-        elif kind == "int":
-            vals = [float(v) for v in draw(st.lists(st.integers(1, 5), min_size=k, max_size=k))]
-        else:
-            vals = draw(st.lists(positive_floats, min_size=k, max_size=k))
-        genes += [g] * k
-        values += vals
-    perm = draw(st.permutations(range(len(values))))
-    return (
-        np.asarray(genes, np.int64)[list(perm)],
-        np.asarray(values, np.float64)[list(perm)],
-        n_genes,
-        compression,
-    )
-
-
-def numpy_values(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    if kind == "lognormal":
-        return rng.lognormal(0.0, 1.0, n)
-    if kind == "integers":  # many ties
-        return rng.integers(1, 12, n).astype(np.float64)
-    if kind == "bimodal":
-        return np.where(rng.random(n) < 0.5, rng.lognormal(0, 0.2, n), rng.lognormal(3, 0.2, n))
-    if kind == "normalized":  # count / n_counts * 10_000, as in a corpus
-        return (rng.integers(1, 4, n) / rng.integers(500, 5000, n)) * 10_000.0
-    raise AssertionError(kind)
-
-
-@st.composite
-def large_inputs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """Up to ~20,000 values per gene from numpy distributions (hypothesis draws the seed)."""
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    compression = float(draw(st.sampled_from([50, 100, 200])))
-    n_genes = draw(st.integers(1, 4))
-    genes, values = [], []
-    for g in range(n_genes):
-        n = draw(st.one_of(st.integers(0, 300), st.integers(2_000, 20_000)))
-        kind = draw(st.sampled_from(["lognormal", "integers", "bimodal", "normalized"]))
-        genes.append(np.full(n, g))
-        values.append(numpy_values(kind, n, rng))
-    gg, vv = np.concatenate(genes), np.concatenate(values)
-    perm = rng.permutation(gg.size)
-    return gg[perm], vv[perm], n_genes, compression
-
-
-@st.composite
-def partitions(draw: st.DrawFn, n: int) -> list[np.ndarray]:
-    """Indices of ``n`` values split into parts: random, or contiguous by value rank."""
-    n_parts = draw(st.integers(1, 12))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    labels = rng.integers(0, n_parts, n)
-    return [np.flatnonzero(labels == i) for i in range(n_parts)]
 
 
 # --------------------------------------------------------------------------- exactness
@@ -304,21 +234,6 @@ def test_median_meets_relative_error_target_on_realistic_blocks() -> None:
 # --------------------------------------------------------------------------- brackets
 
 
-@st.composite
-def tied_inputs(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int, float]:
-    """Integer-valued data with many duplicates, any sizes."""
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    n_genes = draw(st.integers(1, 4))
-    compression = float(draw(st.sampled_from([4, 10, 30, 200])))
-    genes, values = [], []
-    for g in range(n_genes):
-        n = draw(st.one_of(st.integers(0, 60), st.integers(200, 3000)))
-        top = draw(st.integers(1, 30))
-        genes.append(np.full(n, g))
-        values.append(rng.integers(1, top + 1, n).astype(np.float64))
-    return np.concatenate(genes), np.concatenate(values), n_genes, compression
-
-
 @SETTINGS
 @given(data=tied_inputs(), st_data=st.data(), split_every=st.integers(2, 8))
 def test_median_bracket_contains_both_middle_values(
@@ -410,8 +325,8 @@ def test_merge_does_not_depend_on_internal_gene_ranges(monkeypatch: pytest.Monke
     labels = rng.integers(0, 8, genes.size)
     parts = [td.from_values(genes[labels == i], values[labels == i], n_genes) for i in range(8)]
     whole = state_bytes(td.merge(parts))
-    ranges = td._gene_ranges
-    monkeypatch.setattr(td, "_gene_ranges", lambda items: ranges(items, 97))
+    ranges = td.gene_ranges
+    monkeypatch.setattr(td, "gene_ranges", lambda items: ranges(items, 97))
     assert len(ranges(np.diff(parts[0].offsets), 97)) > 10
     assert state_bytes(td.merge(parts)) == whole
 
@@ -427,7 +342,7 @@ def test_lossy_sort_keys_are_repaired() -> None:
     values = np.concatenate([rng.permutation(near), [1e-300, 1e300]])
     genes = np.full(values.size, n_genes - 1)
     genes[-2:] = 0
-    srt = td._sort_key(values, n_genes, lambda out: out.__setitem__(Ellipsis, genes))
+    srt = sort_key(values, n_genes, lambda out: out.__setitem__(Ellipsis, genes))
     assert srt.shift > 0  # the test exercises the lossy path
     for compression in (10_000.0, 200.0):
         d = td.from_values(genes, values, n_genes, compression)

@@ -1,26 +1,31 @@
-"""flow.vocab: gene-ID normalisation, vocabularies, presets, model input, gene maps."""
+"""flow.vocab and flow._genes: gene-ID normalisation, gene mappings and the column collapse,
+vocabularies, presets, gene maps."""
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import pickle
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from hypothesis import given
 from hypothesis import strategies as st
 
+from flow._genes import collapse_gene_ids
 from flow.errors import InputError, VocabularyError
 from flow.vocab import (
+    DEFAULT_PRESET,
     PRESETS,
     GeneMap,
+    GeneMapping,
     Preset,
     Vocabulary,
     build_gene_map,
-    model_input,
     normalize_gene_ids,
     read_gene_mapping,
     read_vocabulary,
@@ -164,8 +169,13 @@ def test_objects_pickle_for_workers() -> None:
     """Vocabulary, GeneMap and Preset travel to Dask workers by pickle."""
     vocab = small_vocab(10)
     gm = build_gene_map(["ENSG00000000002", "ENSG00000000001", "ENSG00000000002"], vocab)
-    for obj in (vocab, gm, PRESETS["V2"]):
+    mapping = GeneMapping.from_dict({"tp53": "ENSG00000000001.2"})
+    for obj in (vocab, gm, PRESETS["V2"], mapping):
         assert type(pickle.loads(pickle.dumps(obj))) is type(obj)
+    m2 = pickle.loads(pickle.dumps(mapping))
+    assert m2 == mapping == {"TP53": "ENSG00000000001"}
+    assert m2.fingerprint == mapping.fingerprint
+    assert m2.source == mapping.source
     v2 = pickle.loads(pickle.dumps(vocab))
     assert v2 == vocab
     assert v2.token_of(["ENSG00000000002"]).tolist() == [5]
@@ -252,6 +262,9 @@ def test_read_gene_mapping(tmp_path: Path) -> None:
         "TP53": "ENSG00000141510",
         "ENSG00000141510": "ENSG00000141510",
     }
+    read = read_gene_mapping(pkl)
+    assert isinstance(read, GeneMapping)
+    assert str(pkl) in read.source
     tsv = tmp_path / "m.tsv"
     tsv.write_text("BRCA2\tENSG00000139618.15\n\nbrca1\tENSG00000012048\n")
     assert read_gene_mapping(tsv) == {"BRCA2": "ENSG00000139618", "BRCA1": "ENSG00000012048"}
@@ -265,6 +278,54 @@ def test_read_gene_mapping(tmp_path: Path) -> None:
         read_gene_mapping(short)
 
 
+def test_gene_mapping_is_normalised_once_and_read_only(tmp_path: Path) -> None:
+    js = tmp_path / "m.json"
+    js.write_text(json.dumps({"tp53": "ENSG00000141510.3", " brca2 ": "ensg00000139618"}))
+    mapping = read_gene_mapping(js)
+    assert dict(mapping) == {"TP53": "ENSG00000141510", "BRCA2": "ENSG00000139618"}
+    assert GeneMapping.from_dict({"TP53": "ENSG00000141510", "brca2": "ENSG00000139618.9"}) == (
+        mapping
+    )
+    # the content fingerprint the encoding store has always recorded for a mapping
+    plain = {"TP53": "ENSG00000141510", "BRCA2": "ENSG00000139618"}
+    expected = hashlib.sha256(json.dumps(sorted(plain.items())).encode()).hexdigest()
+    assert mapping.fingerprint == expected
+    with pytest.raises(TypeError):
+        mapping.table["X"] = "Y"  # type: ignore[index]
+    with pytest.raises(InputError, match="must be gene ID strings"):
+        GeneMapping.from_dict({"TP53": 3})
+    assert len(mapping) == 2
+    assert "TP53" in mapping
+    assert mapping.apply(np.array(["TP53", "MYC"])).tolist() == ["ENSG00000141510", "MYC"]
+
+
+@given(
+    st.lists(
+        st.sampled_from(["ENSG1", "ensg1.2", "ENSG2", " ENSG3", "TP53", "ENSG2.7"]), max_size=20
+    ),
+    st.booleans(),
+)
+def test_collapse_is_pandas_factorize_of_the_mapped_ids(ids: list[str], mapped: bool) -> None:
+    """The one collapse: normalise, map, then distinct genes in first-seen order (as
+    pandas.factorize orders them) and each column's index among them."""
+    mapping = GeneMapping.from_dict({"TP53": "ENSG3", "ENSG1": "ENSG2"}) if mapped else None
+    genes = collapse_gene_ids(ids, mapping)
+    reference = [_reference_id(g) for g in ids]
+    if mapping is not None:
+        reference = [mapping.get(g, g) for g in reference]
+    codes, uniques = pd.factorize(pd.Index(reference, dtype=object))
+    assert genes.ids.tolist() == list(uniques)
+    assert genes.index.tolist() == codes.tolist()
+    assert genes.column_ids.tolist() == reference
+    assert genes.n_columns == len(ids)
+    assert genes.has_duplicates == (len(set(reference)) < len(ids))
+
+
+def _reference_id(raw: str) -> str:
+    g = raw.strip().upper()
+    return g.rsplit(".", 1)[0] if g.startswith("ENS") and g.rsplit(".", 1)[-1].isdigit() else g
+
+
 # ------------------------------------------------------------------------------ presets
 
 
@@ -276,6 +337,8 @@ def test_presets() -> None:
     assert PRESETS["V2"].prepend == ("<cls>",)
     assert PRESETS["V2"].append == ("<eos>",)
     assert resolve_preset("v1") is PRESETS["V1"]
+    assert DEFAULT_PRESET == "V1"
+    assert resolve_preset() is PRESETS[DEFAULT_PRESET]
     assert resolve_preset(PRESETS["V2"]) is PRESETS["V2"]
     assert resolve_preset("V2", 2048).max_genes == 2046
     assert resolve_preset("V2", 4096) is PRESETS["V2"]
@@ -291,46 +354,14 @@ def test_presets() -> None:
         Preset("x", 2.5)  # type: ignore[arg-type]
 
 
-def _upstream_input(ranking: list[int], preset: Preset, vocab: Vocabulary) -> list[int]:
-    """Upstream Geneformer: truncate to input_size - n_special, then insert <cls>, append <eos>."""
-    ids = ranking[: preset.max_genes]
-    head = [vocab.special[s] for s in preset.prepend]
-    tail = [vocab.special[s] for s in preset.append]
-    return head + ids + tail
-
-
-@given(
-    st.lists(st.lists(st.integers(4, 13), unique=True, max_size=10), min_size=1, max_size=6),
-    st.sampled_from(["V1", "V2"]),
-    st.integers(3, 12),
-    st.integers(0, 4),
-)
-def test_model_input_matches_upstream(
-    rankings: list[list[int]], name: str, input_size: int, extra_width: int
-) -> None:
-    vocab = small_vocab(10)
-    preset = resolve_preset(name, input_size)
-    width = max(len(r) for r in rankings) + extra_width
-    block = np.zeros((len(rankings), width), dtype=np.uint16)
-    for i, r in enumerate(rankings):
-        block[i, : len(r)] = r
-    full = model_input(block, preset, vocab)
-    assert full.shape == (len(rankings), input_size)
-    assert full.dtype == np.uint16
-    for i, r in enumerate(rankings):
-        expected = _upstream_input(r, preset, vocab)
-        assert model_input(block[i], preset, vocab).tolist() == expected
-        assert full[i].tolist() == expected + [0] * (input_size - len(expected))
-
-
-def test_model_input_needs_special_tokens() -> None:
+def test_special_token_lookup_names_the_missing_token() -> None:
+    """A V2 preset needs <cls>/<eos>; a V1 vocabulary has neither (the model input itself is
+    cut by flow.export.model_input_block, tested against upstream in test_export.py)."""
     v1_like = small_vocab(10, special={"<pad>": 0, "<mask>": 1})
-    ranked = np.array([5, 4, 0], dtype=np.uint16)
-    assert model_input(ranked, PRESETS["V1"], v1_like).tolist() == [5, 4]
+    assert [v1_like.special_token(s) for s in PRESETS["V1"].prepend] == []
     with pytest.raises(VocabularyError, match="<cls>"):
-        model_input(ranked, PRESETS["V2"], v1_like)
-    with pytest.raises(InputError, match="1-D or 2-D"):
-        model_input(np.zeros((1, 1, 1), np.uint16), PRESETS["V1"], v1_like)
+        [v1_like.special_token(s) for s in PRESETS["V2"].prepend]
+    assert small_vocab(10).special_token("<eos>") == 3
 
 
 # ------------------------------------------------------------------------------ gene maps
@@ -363,7 +394,7 @@ def test_gene_map_sums_duplicates() -> None:
         "BRCA2",  # mapped to token 13
         "ENSG00000000010",  # token 13
     ]
-    mapping = {"BRCA2": "ENSG00000000010"}
+    mapping = GeneMapping.from_dict({"BRCA2": "ENSG00000000010"})
     gm = build_gene_map(ids, vocab, mapping, min_genes=1)
     assert isinstance(gm, GeneMap)
     assert gm.kept_tokens.tolist() == [4, 6, 13]

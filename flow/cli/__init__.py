@@ -10,8 +10,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
+from .._version import __version__
 from ..errors import FlowError
+from . import _convert, _demo, _medians, _query, _retention, _tokenize
 
 __all__ = ["main"]
 
@@ -47,8 +48,6 @@ def _common_parser() -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``flow`` command."""
-    from . import _convert, _demo, _medians, _query, _tokenize
-
     parser = argparse.ArgumentParser(
         prog="flow",
         description="Geneformer rank value encodings, out of core, with Dask and Zarr.",
@@ -56,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _common_parser()
-    for module in (_demo, _convert, _medians, _tokenize, _query):
+    for module in (_demo, _convert, _medians, _tokenize, _query, _retention):
         module.register(sub, common)
     return parser
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from distributed import Client
 
-from ..cluster import flow_client
+from ..cluster import Reporter, lazy_client
 from ..errors import InputError
 
-__all__ = ["client_from_args", "storage_options"]
+__all__ = ["client_from_args", "reporter", "storage_options"]
 
 
 #: Keys whose values are credentials: kept as given (never turned into numbers), never echoed.
@@ -55,10 +56,11 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
 @contextlib.contextmanager
 def client_from_args(
     args: argparse.Namespace, *, environ: dict[str, Any] | None = None
-) -> Iterator[Client]:
-    """The cluster the command's options ask for, for the duration of the command."""
-    with flow_client(
-        args.scheduler,
+) -> Iterator[Callable[[], Client]]:
+    """The cluster the command's options ask for, for the duration of the command; it starts
+    when the command first computes (yields a function that returns its client)."""
+    with lazy_client(
+        scheduler=args.scheduler,
         n_workers=args.workers,
         threads_per_worker=args.threads_per_worker,
         memory_limit=args.memory_limit,
@@ -68,22 +70,7 @@ def client_from_args(
         yield client
 
 
-class TextProgress:
-    """A one-line progress counter on standard error, for work done in the driver process."""
-
-    def __init__(self, label: str, *, quiet: bool = False) -> None:
-        self.label = label
-        self.quiet = quiet
-        self._last = -1
-
-    def __call__(self, done: int, total: int) -> None:
-        """Report ``done`` of ``total`` cells."""
-        import sys
-
-        if self.quiet:
-            return
-        pct = int(100 * done / total) if total else 100
-        if pct != self._last:
-            self._last = pct
-            end = "\n" if done >= total else ""
-            print(f"\r{self.label}: {done:,}/{total:,} cells ({pct}%)", end=end, file=sys.stderr)
+def reporter(args: argparse.Namespace, *, steps: bool = True) -> Reporter:
+    """Progress bars unless ``--quiet``; step messages on standard error (unless ``steps`` is
+    false: a one-stage command under ``--quiet`` prints its result line only)."""
+    return Reporter(quiet=args.quiet, messages=sys.stderr if steps else None)

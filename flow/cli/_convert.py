@@ -6,7 +6,9 @@ import argparse
 from typing import Any
 
 from .. import pipeline
-from ._common import TextProgress, client_from_args, storage_options
+from ..ingest import ReadOptions
+from ..store import open_counts
+from ._common import client_from_args, reporter, storage_options
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -54,7 +56,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("info", parents=[common], help="summarise a count store")
+    p = sub.add_parser(
+        "info",
+        parents=[common],
+        help="summarise a count store",
+        description="Summarise a count store: cells, genes, detected genes per cell, blocks, sources.",
+    )
     p.add_argument("store", metavar="STORE.zarr")
     p.set_defaults(func=_info)
 
@@ -63,31 +70,36 @@ def _convert(args: argparse.Namespace) -> int:
     if args.scheduler is None:  # one stream of reads: no local cluster to start
         return _convert_with(args, None)
     with client_from_args(args) as client:
-        return _convert_with(args, client)
+        return _convert_with(args, client())
 
 
 def _convert_with(args: argparse.Namespace, client: Any) -> int:
     store = pipeline.convert(
         args.inputs,
         args.output,
+        read=read_options(args),
+        block_size=args.block_size,
+        allow_non_integer=args.allow_non_integer,
+        storage_options=storage_options(args),
+        reporter=reporter(args),
+        client=client,
+    )
+    print(store.describe())
+    return 0
+
+
+def read_options(args: argparse.Namespace) -> ReadOptions:
+    """The reader options of ``flow convert`` (``flow run`` reads with the defaults)."""
+    return ReadOptions(
         format=args.format,
         layer=args.layer,
         use_raw=args.use_raw,
         gene_id_column=args.gene_id_column,
-        obs_columns=args.obs_columns.split(",") if args.obs_columns else None,
+        obs_columns=tuple(args.obs_columns.split(",")) if args.obs_columns else None,
         genome=args.genome,
-        block_size=args.block_size,
-        allow_non_integer=args.allow_non_integer,
-        storage_options=storage_options(args),
-        progress=TextProgress("convert", quiet=args.quiet),
-        client=client,
     )
-    print(pipeline.describe_counts(store))
-    return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ..store import open_counts
-
-    print(pipeline.describe_counts(open_counts(args.store, storage_options=storage_options(args))))
+    print(open_counts(args.store, storage_options=storage_options(args)).describe())
     return 0

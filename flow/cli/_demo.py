@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from .. import pipeline
+from ..cluster import Reporter
 from ._common import client_from_args
 
 
@@ -37,6 +39,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     with client_from_args(args):
         pipeline.demo(
-            args.output, n_cells=args.cells, n_genes=args.genes, seed=args.seed, quiet=args.quiet
+            args.output,
+            n_cells=args.cells,
+            n_genes=args.genes,
+            seed=args.seed,
+            reporter=Reporter(quiet=args.quiet, messages=sys.stderr if args.quiet else sys.stdout),
         )
     return 0

@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import pipeline
 from ..cluster import MEDIANS_MMAP_THRESHOLD, worker_environ
-from ._common import client_from_args, storage_options
+from ._common import client_from_args, reporter, storage_options
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -45,6 +45,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         help="import Geneformer's gene_median_dictionary pickle",
     )
     p.add_argument(
+        "--preset",
+        choices=["V1", "V2"],
+        type=str.upper,
+        help="import Geneformer's medians of this model, shipped with flow (V1: gc30M, V2: gc104M)",
+    )
+    p.add_argument(
         "--export",
         metavar="FILE",
         help="also write the medians as .pkl (Geneformer), .tsv or .json",
@@ -59,8 +65,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _medians(args: argparse.Namespace) -> int:
-    if not (args.stores or args.import_ or args.merge or args.update):
-        print("flow medians: nothing to do: give count stores, --import, --merge or --update")
+    if not (args.stores or args.import_ or args.preset or args.merge or args.update):
+        print(
+            "flow medians: nothing to do: give count stores, --import, --preset, --merge or --update"
+        )
         return 2
     if not args.output and not args.export:
         print("flow medians: give -o MEDIANS.zarr and/or --export FILE")
@@ -74,11 +82,12 @@ def _medians(args: argparse.Namespace) -> int:
             update=args.update,
             merge=args.merge,
             import_dictionary=args.import_,
+            preset=args.preset,
             export=args.export,
             n_counts_column=args.n_counts_column,
             gene_mapping=args.gene_mapping,
             storage_options=storage_options(args),
-            quiet=args.quiet,
+            reporter=reporter(args),
         )
-    print(pipeline.describe_medians(result, args.output))
+    print(result.describe(args.output))
     return 0

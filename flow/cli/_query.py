@@ -28,6 +28,11 @@ def _cutoff_arg(p: argparse.ArgumentParser) -> None:
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the sub-commands of this module."""
+    for add in (_add_dropped, _add_drop_rates, _add_coverage, _add_report):
+        add(sub, common)
+
+
+def _add_dropped(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "dropped",
         parents=[common],
@@ -54,6 +59,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.set_defaults(func=_dropped)
 
+
+def _add_drop_rates(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "drop-rates",
         parents=[common],
@@ -74,6 +81,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.set_defaults(func=_drop_rates)
 
+
+def _add_coverage(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "coverage",
         parents=[common],
@@ -94,8 +103,14 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.set_defaults(func=_coverage)
 
+
+def _add_report(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "report", parents=[common], help="a one-page HTML report of what the cutoff drops"
+        "report",
+        parents=[common],
+        help="a one-page HTML report of what the cutoff drops",
+        description="Write one self-contained HTML page: coverage curve, detected genes per "
+        "cell, the genes dropped most often, and drop rates (per group with --group-by).",
     )
     _encoding_arg(p)
     p.add_argument("-o", "--output", required=True, metavar="REPORT.html")
@@ -107,6 +122,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--top", type=int, default=20, metavar="N", help="top dropped genes to show (default 20)"
+    )
+    p.add_argument(
+        "--retention",
+        action="store_true",
+        help="add retention by input size and the tail's fold change (flow retention)",
     )
     p.set_defaults(func=_report)
 
@@ -164,7 +184,9 @@ def _coverage(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     enc = _open(args)
     with client_from_args(args):
-        out = report.write_report(enc, args.output, args.cutoff, args.group_by, top=args.top)
+        out = report.write_report(
+            enc, args.output, args.cutoff, args.group_by, top=args.top, retention=args.retention
+        )
     print(query.coverage_summary(enc))
     print(f"wrote {out}")
     return 0

@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from .. import pipeline
-from ._common import client_from_args, storage_options
+from ..encode.store import open_encoding
+from ..errors import InputError
+from ..store import open_counts
+from ..vocab import DEFAULT_PRESET, resolve_preset
+from ._common import client_from_args, reporter, storage_options
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         choices=["V1", "V2"],
+        type=str.upper,
         default=None,
-        help="V1: 2,048 tokens, no special tokens; V2: 4,096 tokens with <cls> and <eos> (default V1)",
+        help="V1: 2,048 tokens, no special tokens; V2: 4,096 tokens with <cls> and <eos> "
+        "(default V1); with `flow run` also Geneformer's dictionaries for that model, shipped "
+        "with flow (--medians/--vocabulary/--gene-mapping override each part)",
     )
     p.add_argument(
         "--input-size", type=int, metavar="N", help="model input size (overrides the preset's)"
+    )
+
+
+def _preset_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset",
+        choices=["V1", "V2"],
+        type=str.upper,
+        default=None,
+        help="Geneformer's dictionaries shipped with flow: V1 (gc30M) or V2 (gc104M, with its "
+        "gene mapping); --medians/--vocabulary/--gene-mapping override each part",
     )
 
 
@@ -45,15 +62,26 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("store", metavar="STORE.zarr")
     p.add_argument("-o", "--output", required=True, metavar="ENCODING.zarr")
-    p.add_argument("--medians", required=True, metavar="MEDIANS.zarr|DICT.pkl")
+    p.add_argument(
+        "--medians", metavar="MEDIANS.zarr|DICT.pkl", help="the medians (default: the preset's)"
+    )
+    _preset_option(p)
     _vocab_options(p)
     p.add_argument("--n-counts-column", default="n_counts")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an output written from other inputs or parameters (a rerun with the same "
+        "ones finishes or keeps it)",
+    )
     p.set_defaults(func=_tokenize)
 
     p = sub.add_parser(
         "export",
         parents=[common],
         help="write the model input as a Hugging Face dataset or Parquet",
+        description="Write each passing cell's model input (its first ranks, with the preset's "
+        "special tokens) as a Hugging Face dataset (datasets.load_from_disk) or Parquet files.",
     )
     p.add_argument("encoding", metavar="ENCODING.zarr")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
@@ -81,6 +109,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     _vocab_options(p)
     _model_options(p)
+    p.add_argument(
+        "--own-dictionaries",
+        action="store_true",
+        help="with --preset: compute the medians from the inputs and build the vocabulary from "
+        "them (a new model's) instead of using Geneformer's; the preset sets the model input",
+    )
     p.add_argument("--format", choices=["hf", "parquet"], default="hf")
     p.add_argument(
         "--block-size", type=int, default=4096, metavar="N", help="cells per block (default 4096)"
@@ -89,58 +123,82 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _preset(args: argparse.Namespace) -> str | None:
-    return args.preset or ("V1" if args.input_size is None else None)
+    return args.preset or (DEFAULT_PRESET if args.input_size is None else None)
+
+
+def _dictionaries(args: argparse.Namespace, preset: str | None) -> dict[str, Any]:
+    """The medians, vocabulary and gene mapping named on the command line, opened once; the
+    parts not named come from ``preset``'s bundled Geneformer dictionaries, if given."""
+    so = storage_options(args)
+    given = {
+        "medians": None
+        if args.medians is None
+        else pipeline.load_medians(args.medians, storage_options=so),
+        "vocabulary": None
+        if args.vocabulary is None
+        else pipeline.load_vocabulary(args.vocabulary, storage_options=so),
+        "gene_mapping": pipeline.load_gene_mapping(args.gene_mapping),
+    }
+    if preset is None:
+        return given
+    bundled = pipeline.preset_dictionaries(preset)
+    return {k: bundled[k] if v is None else v for k, v in given.items()}
 
 
 def _tokenize(args: argparse.Namespace) -> int:
+    so = storage_options(args)
+    if args.medians is None and args.preset is None:
+        msg = "give the medians (--medians MEDIANS.zarr|DICT.pkl) or a preset (--preset V1|V2)"
+        raise InputError(msg)
+    store = open_counts(args.store, storage_options=so)
+    dictionaries = _dictionaries(args, args.preset)
     with client_from_args(args):
         enc = pipeline.tokenize(
-            args.store,
+            store,
             args.output,
-            medians=args.medians,
-            vocabulary=args.vocabulary,
-            gene_mapping=args.gene_mapping,
             n_counts_column=args.n_counts_column,
-            storage_options=storage_options(args),
-            quiet=args.quiet,
+            overwrite=args.overwrite,
+            storage_options=so,
+            reporter=reporter(args, steps=not args.quiet),
+            **dictionaries,
         )
-    print(pipeline.describe_encoding(enc))
+    print(enc.describe())
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    so = storage_options(args)
+    enc = open_encoding(args.encoding, storage_options=so)
+    preset = resolve_preset(_preset(args), args.input_size)
     with client_from_args(args):
         out = pipeline.export(
-            args.encoding,
+            enc,
             args.output,
             format=args.format,
-            preset=_preset(args),
-            input_size=args.input_size,
-            storage_options=storage_options(args),
-            quiet=args.quiet,
+            preset=preset,
+            storage_options=so,
+            reporter=reporter(args),
         )
     print(f"exported {args.format} dataset -> {out}")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
+    preset = resolve_preset(_preset(args), args.input_size)
+    dictionaries = _dictionaries(args, None if args.own_dictionaries else args.preset)
     with client_from_args(args) as client:
-        # with --scheduler the input is read on the cluster too (see `flow convert`)
-        on_cluster = {"client": client} if args.scheduler else {}
-        paths = pipeline.run(
+        result = pipeline.run(
             args.inputs,
             args.output,
-            medians_path=args.medians,
-            vocabulary=args.vocabulary,
-            preset=_preset(args),
-            input_size=args.input_size,
-            gene_mapping=args.gene_mapping,
+            preset=preset,
             format=args.format,
-            convert_options={"block_size": args.block_size, **on_cluster},
+            block_size=args.block_size,
             storage_options=storage_options(args),
-            quiet=args.quiet,
-            say=lambda text: print(text, file=sys.stderr),
+            reporter=reporter(args),
+            # with --scheduler the input is read on the cluster too (see `flow convert`)
+            client=client() if args.scheduler else None,
+            **dictionaries,
         )
-    for name, path in paths.items():
+    for name, path in result.paths.items():
         print(f"{name}: {path}")
     return 0

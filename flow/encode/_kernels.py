@@ -11,10 +11,12 @@ The value of a gene in a cell is computed in float64, in exactly this order::
 (Upstream's ``.h5ad`` path on a *scipy sparse* ``X`` instead multiplies by reciprocals, as scipy
 implements sparse / dense: that changes the last bit of about 27% of PBMC 3k values, and none of
 its 2,700 rankings under the V1 or V2 dictionaries.)
-``count`` is converted to float64 first (exact for integer counts below 2**53). Rankings depend
-on the last bit of these values (e.g. all count-1 genes of a cell are ordered by their medians
+``count`` is converted to float64 first (exact for integer counts below 2**53). The first two
+operations are the normalisation rule shared with the medians
+(:func:`flow._kernels.normalize`); the division by the median is done here. Rankings depend on
+the last bit of these values (e.g. all count-1 genes of a cell are ordered by their medians
 alone), so this is the only place that computes them; everything else calls
-:func:`normalized_values` or :func:`rank_block`.
+:func:`value_matrix`, :func:`ranked_values` or :func:`rank_block`.
 
 Order
 -----
@@ -44,8 +46,8 @@ canonical CSR input): 800 genes/cell about 105k cells/s, 2,000 genes/cell about 
 per cell 28k and 9k, the same packed keys sorted over the whole block at once 57k and 11k.
 Worst case (every row re-sorted: values that differ in their last bits across a wide range)
 about 14k and 5.5k cells/s, still exact. Rows whose indices are not sorted (a column remap)
-are first put in order by :func:`canonical_csr` (a packed-key sort too, ~3.5x faster than
-scipy's ``sort_indices``).
+are first put in order by :func:`flow._kernels.canonical_csr` (a packed-key sort too, ~3.5x
+faster than scipy's ``sort_indices``).
 """
 
 from __future__ import annotations
@@ -56,71 +58,37 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-from flow.errors import InputError
+from .._kernels import (
+    as_csr,
+    bad_n_counts,
+    bits_for,
+    canonical_csr,
+    cell_label,
+    check_counts,
+    normalize,
+    row_slices,
+)
+from ..errors import InputError
 
-__all__ = ["TARGET_SUM", "canonical_csr", "normalized_values", "rank_block", "ranked_values"]
-
-TARGET_SUM: Final = 10_000.0
-"""Counts are scaled to this total per cell before dividing by the gene's median."""
+__all__ = ["rank_block", "ranked_values", "value_matrix"]
 
 _SLICE_NNZ: Final = 1 << 16  # stored counts sorted at once: small slices stay in cache (measured)
 _SLICE_MAX_ROWS: Final = 1 << 12
 _MAX_VALUE_BITS = 64  # tests lower this to force truncated value fields and the exact re-sort
 
 FloatArray = npt.NDArray[np.float64]
+TokenArray = npt.NDArray[np.integer[Any]]
 
 
 # --------------------------------------------------------------------------------------------
 # input handling
 
 
-def _as_csr(block: Any) -> sp.csr_array:
-    if isinstance(block, sp.csr_array | sp.csr_matrix):
-        return sp.csr_array(block, copy=False) if isinstance(block, sp.csr_matrix) else block
-    if sp.issparse(block):
-        return sp.csr_array(block)
-    arr = np.asarray(block)
-    if arr.ndim != 2:
-        msg = f"Expected a 2-D cells x genes block, got {arr.ndim}-D."
-        raise InputError(msg)
-    return sp.csr_array(arr)
-
-
-def _where(row: int, row_offset: int) -> str:
-    if row_offset:
-        return f"cell {row + row_offset} (row {row} of this block)"
-    return f"cell {row}"
-
-
-def _check_counts(data: npt.NDArray[Any], indptr: npt.NDArray[Any], row_offset: int) -> None:
-    """Negative or NaN counts -> InputError naming the first offending cell."""
-    if data.dtype.kind == "u" or data.dtype.kind == "b":
-        return
-    if data.dtype.kind not in "if":
-        msg = f"Counts must be integers or floats, got dtype {data.dtype}."
-        raise InputError(msg)
-    ok = data >= 0  # False for NaN too
-    if not ok.all():
-        k = int(np.argmin(ok))
-        row = int(np.searchsorted(indptr, k, side="right")) - 1
-        bad = data[k]
-        what = "NaN" if np.isnan(bad) else f"negative ({bad.item()})"
-        msg = (
-            f"Counts must be >= 0 and not NaN, got a {what} count in {_where(row, row_offset)}. "
-            "Fix the input matrix (raw UMI/read counts are expected)."
-        )
-        raise InputError(msg)
-
-
-def _prepare(
-    block: Any,
-    n_counts: npt.ArrayLike,
-    medians: npt.ArrayLike,
-    tokens: npt.ArrayLike,
-    row_offset: int,
-) -> tuple[sp.csr_array, FloatArray, FloatArray, npt.NDArray[np.integer[Any]]]:
-    """Validate and canonicalise: CSR in token order, sorted, no duplicates, no zeros."""
-    x = _as_csr(block)
+def _parse_inputs(
+    block: Any, n_counts: npt.ArrayLike, medians: npt.ArrayLike, tokens: npt.ArrayLike
+) -> tuple[sp.csr_array, FloatArray, FloatArray, TokenArray]:
+    """CSR block and flat float64 totals, medians and tokens, with their sizes checked."""
+    x = as_csr(block)
     n_cells, n_cols = x.shape
     n_c = np.asarray(n_counts, dtype=np.float64).reshape(-1)
     med = np.asarray(medians, dtype=np.float64).reshape(-1)
@@ -137,8 +105,14 @@ def _prepare(
     if tok.size and not np.issubdtype(tok.dtype, np.integer):
         msg = f"tokens must be integers, got dtype {tok.dtype}."
         raise InputError(msg)
+    return x, n_c, med, tok
 
-    _check_counts(x.data, x.indptr, row_offset)
+
+def _in_token_order(
+    x: sp.csr_array, med: FloatArray, tok: TokenArray
+) -> tuple[sp.csr_array, FloatArray, TokenArray]:
+    """Columns sorted by token, CSR canonical (sorted indices, duplicates summed)."""
+    n_cols = x.shape[1]
     if tok.size > 1 and not bool(np.all(tok[1:] > tok[:-1])):  # put columns in token order
         order = np.argsort(tok, kind="stable")
         tok = tok[order]
@@ -151,25 +125,35 @@ def _prepare(
         x = canonical_csr(sp.csr_array((x.data, rank_of_col[x.indices], x.indptr), shape=x.shape))
     elif not x.has_canonical_format:  # unsorted or duplicate column indices: sort and sum
         x = canonical_csr(x)
+    return x, med, tok
 
+
+def _without_zeros(x: sp.csr_array) -> sp.csr_array:
+    """Explicitly stored zeros removed (they are never tokens)."""
     positive = x.data > 0
-    if not positive.all():  # explicitly stored zeros are never tokens
-        indptr = np.concatenate([[0], np.cumsum(positive, dtype=np.int64)])[x.indptr]
-        x = sp.csr_array((x.data[positive], x.indices[positive], indptr), shape=x.shape)
+    if positive.all():
+        return x
+    indptr = np.concatenate([[0], np.cumsum(positive, dtype=np.int64)])[x.indptr]
+    return sp.csr_array((x.data[positive], x.indices[positive], indptr), shape=x.shape)
 
+
+def _check_totals_and_medians(
+    x: sp.csr_array, n_c: FloatArray, med: FloatArray, tok: TokenArray, row_offset: int
+) -> None:
+    """Every cell with counts needs a positive total, every detected gene a positive median."""
     lengths = np.diff(x.indptr)
-    bad_n = (lengths > 0) & ~(np.isfinite(n_c) & (n_c > 0))
+    bad_n = bad_n_counts(lengths, n_c)
     if bad_n.any():
         row = int(np.argmax(bad_n))
         msg = (
             f"n_counts must be a positive finite total for every cell with counts, got "
-            f"{n_c[row]!r} for {_where(row, row_offset)}, which has {int(lengths[row])} "
+            f"{n_c[row]!r} for {cell_label(row, row_offset)}, which has {int(lengths[row])} "
             "detected genes. Compute n_counts as the total count over all genes of the input."
         )
         raise InputError(msg)
     bad_m = ~(np.isfinite(med) & (med > 0))
     if bad_m.any():
-        used = np.zeros(n_cols, dtype=bool)
+        used = np.zeros(med.size, dtype=bool)
         used[x.indices] = True
         bad_m &= used
         if bad_m.any():
@@ -180,73 +164,37 @@ def _prepare(
                 "vocabulary (or drop the gene from the vocabulary)."
             )
             raise InputError(msg)
+
+
+def _prepare(
+    block: Any,
+    n_counts: npt.ArrayLike,
+    medians: npt.ArrayLike,
+    tokens: npt.ArrayLike,
+    row_offset: int,
+) -> tuple[sp.csr_array, FloatArray, FloatArray, TokenArray]:
+    """Validate and canonicalise: CSR in token order, sorted, no duplicates, no zeros."""
+    x, n_c, med, tok = _parse_inputs(block, n_counts, medians, tokens)
+    check_counts(x.data, x.indptr, row_offset)
+    x, med, tok = _in_token_order(x, med, tok)
+    x = _without_zeros(x)
+    _check_totals_and_medians(x, n_c, med, tok, row_offset)
     return x, n_c, med, tok
 
 
-def canonical_csr(block: Any) -> sp.csr_array:
-    """Sort the column indices of every row and sum duplicate entries (a new CSR array).
-
-    Same result as scipy's ``sum_duplicates`` (explicit zeros are kept), several times faster
-    on cells x genes blocks: one ``np.sort`` of packed (row, column, position) keys per slice
-    of about 2**16 stored counts. Use it on blocks whose columns were remapped (e.g. store
-    genes -> vocabulary columns), which leaves rows unsorted.
-
-    Parameters
-    ----------
-    block
-        Any scipy sparse matrix or array (converted to CSR).
-
-    Returns
-    -------
-    scipy.sparse.csr_array
-        Canonical CSR: sorted indices, no duplicates; same dtype. Eager.
-    """
-    x = _as_csr(block)
-    n_rows, n_cols = x.shape
-    indptr = x.indptr.astype(np.int64, copy=False)
-    if x.nnz == 0:
-        return sp.csr_array(x, copy=True)
-    lengths = np.diff(indptr)
-    cb = _bits(n_cols)
-    out_data, out_cols, out_lengths = [], [], []
-    r0 = 0
-    while r0 < n_rows:
-        r1 = int(np.searchsorted(indptr, indptr[r0] + _SLICE_NNZ, side="right")) - 1
-        r1 = min(max(r1, r0 + 1), r0 + _SLICE_MAX_ROWS, n_rows)
-        a, b = int(indptr[r0]), int(indptr[r1])
-        lens = lengths[r0:r1]
-        rows = np.repeat(np.arange(r1 - r0, dtype=np.uint64), lens)
-        cols = x.indices[a:b].astype(np.uint64)
-        ib = _bits(b - a)
-        if _bits(r1 - r0) + cb + ib <= 64:
-            key = rows << np.uint64(cb + ib)
-            key |= cols << np.uint64(ib)
-            key |= np.arange(b - a, dtype=np.uint64)
-            key.sort()
-            idx = (key & np.uint64((1 << ib) - 1)).view(np.int64)
-            row_col = key >> np.uint64(ib)
-        else:  # pragma: no cover - needs > 2**20 columns and huge rows
-            idx = np.lexsort((cols, rows))
-            row_col = (rows[idx] << np.uint64(cb)) | cols[idx]
-        data = x.data[a:b][idx]
-        first = np.ones(b - a, dtype=bool)
-        first[1:] = row_col[1:] != row_col[:-1]
-        if not first.all():
-            starts = np.flatnonzero(first)
-            data = np.add.reduceat(data, starts).astype(x.data.dtype, copy=False)
-            row_col = row_col[starts]
-            lens = np.bincount((row_col >> np.uint64(cb)).view(np.int64), minlength=r1 - r0)
-        out_data.append(data)
-        out_cols.append((row_col & np.uint64((1 << cb) - 1)).astype(x.indices.dtype))
-        out_lengths.append(lens)
-        r0 = r1
-    new_indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(np.concatenate(out_lengths), out=new_indptr[1:])
-    out = sp.csr_array(
-        (np.concatenate(out_data), np.concatenate(out_cols), new_indptr), shape=x.shape
-    )
-    out.has_canonical_format = True
-    return out
+def _check_width_and_pad(tokens: npt.ArrayLike, width: int, pad: int) -> tuple[int, np.dtype[Any]]:
+    """``width`` as an int and the output token dtype (``pad`` must fit it)."""
+    tok_in = np.asarray(tokens)
+    out_dtype = tok_in.dtype if tok_in.size else np.dtype(np.uint16)
+    if isinstance(width, bool) or int(width) != width or width < 0:
+        msg = f"width must be a non-negative integer, got {width!r}."
+        raise InputError(msg)
+    if np.issubdtype(out_dtype, np.integer) and not (
+        np.iinfo(out_dtype).min <= pad <= np.iinfo(out_dtype).max
+    ):
+        msg = f"pad token {pad} does not fit the token dtype {out_dtype}."
+        raise InputError(msg)
+    return int(width), out_dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,16 +207,15 @@ def _values(
     medians_per_entry: FloatArray,
 ) -> FloatArray:
     """The fixed value arithmetic (see module docstring), element-wise."""
-    out: FloatArray = np.divide(data, n_counts_per_entry, dtype=np.float64)
-    out *= TARGET_SUM
+    out = normalize(data, n_counts_per_entry)
     out /= medians_per_entry
     return out
 
 
-def normalized_values(
+def value_matrix(
     block_csr: Any, n_counts: npt.ArrayLike, medians_of_columns: npt.ArrayLike
 ) -> sp.csr_array:
-    """Normalised values ``((count / n_counts) * 10_000) / median`` of a block, in float64.
+    """Values ``((count / n_counts) * 10_000) / median`` of a block, in float64.
 
     Parameters
     ----------
@@ -290,7 +237,7 @@ def normalized_values(
     No validation: zero ``n_counts`` or medians give ``inf``/``nan``. :func:`rank_block`
     validates.
     """
-    x = _as_csr(block_csr)
+    x = as_csr(block_csr)
     n_c = np.asarray(n_counts, dtype=np.float64).reshape(-1)
     med = np.asarray(medians_of_columns, dtype=np.float64).reshape(-1)
     rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
@@ -299,13 +246,62 @@ def normalized_values(
     return sp.csr_array((vals, x.indices.copy(), x.indptr.copy()), shape=x.shape)
 
 
+def ranked_values(
+    ranked_counts: npt.ArrayLike, n_counts: npt.ArrayLike, ranked_medians: npt.ArrayLike
+) -> FloatArray:
+    """The value at each rank, from the counts at each rank (the fixed value arithmetic).
+
+    Parameters
+    ----------
+    ranked_counts
+        ``(n_cells, width)`` counts at each rank (:func:`rank_block`), 0 in padding.
+    n_counts
+        ``(n_cells,)`` total counts per cell.
+    ranked_medians
+        ``(n_cells, width)`` the median of the gene at each rank (e.g. ``medians[tokens]``).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 values, bit-identical to those the ranking was made from; 0 in padding.
+    """
+    counts = np.asarray(ranked_counts)
+    med = np.asarray(ranked_medians, dtype=np.float64)
+    present = counts > 0
+    out = np.zeros(counts.shape, dtype=np.float64)
+    n = np.broadcast_to(np.asarray(n_counts, dtype=np.float64).reshape(-1, 1), counts.shape)
+    out[present] = _values(counts[present], n[present], med[present])
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # ranking
 
 
-def _bits(n: int) -> int:
-    """Bits needed to store 0 .. n - 1."""
-    return max(int(n - 1).bit_length(), 0)
+def _resort_rising_rows(
+    values: FloatArray,
+    offsets: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    perm: npt.NDArray[np.int64],
+    ranked: FloatArray,
+) -> int:
+    """Re-sort exactly (in place) the rows whose truncated keys put a value before a larger one.
+
+    Truncated value fields can tie for different values; such a run is in offset order, so it
+    is exact iff its values do not increase. Returns the number of rows re-sorted.
+    """
+    rising = ranked[1:] > ranked[:-1]
+    rising &= offsets[1:] != 0  # a new row may start higher
+    if not rising.any():
+        return 0
+    entry_rows = np.repeat(np.arange(lengths.size), lengths)
+    bad_rows = np.unique(entry_rows[1:][rising])
+    pos = np.flatnonzero(np.isin(entry_rows, bad_rows))  # whole rows, in order
+    sub = perm[pos]
+    order = np.lexsort((sub, -values[sub], entry_rows[pos]))
+    perm[pos] = sub[order]
+    ranked[pos] = values[perm[pos]]
+    return int(bad_rows.size)
 
 
 def _sort_slice(
@@ -337,8 +333,8 @@ def _sort_slice(
     n_resorted
         Rows whose truncated keys were ambiguous and were re-sorted exactly (diagnostics).
     """
-    ob = _bits(int(lengths.max()))
-    rb = _bits(lengths.size)
+    ob = bits_for(int(lengths.max()))
+    rb = bits_for(lengths.size)
     vb = min(64 - ob - rb, _MAX_VALUE_BITS)  # >= 64 - 16 - 12 in practice
     bits = values.view(np.uint64)
     hi = bits.max()
@@ -358,20 +354,43 @@ def _sort_slice(
     ranked = np.take(values, perm)
     if not shift:
         return perm, ranked, 0
-    # Truncated value fields can tie for different values; such a run is in offset order, so it
-    # is exact iff its values do not increase. Find increases inside rows, re-sort those rows.
-    rising = ranked[1:] > ranked[:-1]
-    rising &= offsets[1:] != 0  # a new row may start higher
-    if not rising.any():
-        return perm, ranked, 0
-    entry_rows = np.repeat(np.arange(lengths.size), lengths)
-    bad_rows = np.unique(entry_rows[1:][rising])
-    pos = np.flatnonzero(np.isin(entry_rows, bad_rows))  # whole rows, in order
-    sub = perm[pos]
-    order = np.lexsort((sub, -values[sub], entry_rows[pos]))
-    perm[pos] = sub[order]
-    ranked[pos] = values[perm[pos]]
-    return perm, ranked, int(bad_rows.size)
+    return perm, ranked, _resort_rising_rows(values, offsets, lengths, perm, ranked)
+
+
+def _rank_rows(
+    x: sp.csr_array,
+    indptr: npt.NDArray[np.int64],
+    n_c: FloatArray,
+    med: FloatArray,
+    tok: TokenArray,
+    rows: tuple[int, int],
+    out: tuple[npt.NDArray[Any], npt.NDArray[Any]],
+) -> None:
+    """Rank rows ``[r0, r1)`` of canonical ``x`` into ``out = (tokens, counts)`` (in place).
+
+    ``indptr`` is ``x.indptr`` as int64; the rows are one slice of :func:`_sort_slice`.
+    """
+    r0, r1 = rows
+    ranked_tokens, ranked_counts = out
+    width = ranked_tokens.shape[1]
+    a, b = int(indptr[r0]), int(indptr[r1])
+    if b == a:
+        return
+    lens = np.diff(indptr[r0 : r1 + 1])
+    row_starts = np.repeat(indptr[r0:r1] - a, lens)
+    offsets = np.arange(b - a, dtype=np.int64)
+    offsets -= row_starts
+    cols = x.indices[a:b]
+    vals = _values(x.data[a:b], np.repeat(n_c[r0:r1], lens), np.take(med, cols))
+    perm, _, _ = _sort_slice(vals, offsets, row_starts, lens)
+    toks = np.take(tok, np.take(cols, perm))
+    cnts = np.take(x.data[a:b], perm)
+    if int(lens.max()) > width:
+        keep = offsets < width
+        toks, cnts, lens = toks[keep], cnts[keep], np.minimum(lens, width)
+    filled = np.arange(width) < lens[:, None]  # row-major order = ranked order
+    ranked_tokens[r0:r1][filled] = toks
+    ranked_counts[r0:r1][filled] = cnts
 
 
 def rank_block(
@@ -383,7 +402,7 @@ def rank_block(
     pad: int,
     *,
     row_offset: int = 0,
-) -> tuple[npt.NDArray[np.integer[Any]], npt.NDArray[Any], npt.NDArray[np.int32]]:
+) -> tuple[TokenArray, npt.NDArray[Any], npt.NDArray[np.int32]]:
     """Rank-value encode a block of cells (exact; see the module docstring for the order).
 
     Parameters
@@ -392,8 +411,8 @@ def rank_block(
         Cells x kept-genes counts, already collapsed to one column per vocabulary gene
         (:meth:`flow.vocab.GeneMap.apply`); scipy sparse (CSR preferred) or dense. Integer or
         float counts. Column order is free; unsorted or duplicate CSR indices are handled
-        (duplicates summed) by :func:`canonical_csr`, which costs about as much again as the
-        ranking: pass canonical CSR (:meth:`flow.vocab.GeneMap.apply` returns it).
+        (duplicates summed) by :func:`flow._kernels.canonical_csr`, which costs about as much
+        again as the ranking: pass canonical CSR (:meth:`flow.vocab.GeneMap.apply` returns it).
     n_counts
         ``(n_cells,)`` total count per cell over all genes of the input (before vocabulary
         filtering).
@@ -434,74 +453,13 @@ def rank_block(
     Eager numpy; memory is a few times 8 bytes per stored count of the block. Values are
     computed and sorted in slices of about ``2**16`` stored counts (whole rows).
     """
-    tok_in = np.asarray(tokens)
-    out_dtype = tok_in.dtype if tok_in.size else np.dtype(np.uint16)
-    if isinstance(width, bool) or int(width) != width or width < 0:
-        msg = f"width must be a non-negative integer, got {width!r}."
-        raise InputError(msg)
-    width = int(width)
-    if np.issubdtype(out_dtype, np.integer) and not (
-        np.iinfo(out_dtype).min <= pad <= np.iinfo(out_dtype).max
-    ):
-        msg = f"pad token {pad} does not fit the token dtype {out_dtype}."
-        raise InputError(msg)
+    width, out_dtype = _check_width_and_pad(tokens, width, pad)
     x, n_c, med, tok = _prepare(block_csr, n_counts, medians, tokens, row_offset)
     n_cells = x.shape[0]
     indptr = x.indptr.astype(np.int64, copy=False)
-    lengths = np.diff(indptr)
-
     ranked_tokens = np.full((n_cells, width), pad, dtype=out_dtype)
     ranked_counts = np.zeros((n_cells, width), dtype=x.data.dtype)
-
-    r0 = 0
-    while r0 < n_cells and width > 0:
-        # a slice of whole rows holding about _SLICE_NNZ stored counts (at least one row)
-        r1 = int(np.searchsorted(indptr, indptr[r0] + _SLICE_NNZ, side="right")) - 1
-        r1 = min(max(r1, r0 + 1), r0 + _SLICE_MAX_ROWS, n_cells)
-        a, b = int(indptr[r0]), int(indptr[r1])
-        if b > a:
-            lens = lengths[r0:r1]
-            row_starts = np.repeat(indptr[r0:r1] - a, lens)
-            offsets = np.arange(b - a, dtype=np.int64)
-            offsets -= row_starts
-            cols = x.indices[a:b]
-            vals = _values(x.data[a:b], np.repeat(n_c[r0:r1], lens), np.take(med, cols))
-            perm, _, _ = _sort_slice(vals, offsets, row_starts, lens)
-            toks = np.take(tok, np.take(cols, perm))
-            cnts = np.take(x.data[a:b], perm)
-            if int(lens.max()) > width:
-                keep = offsets < width
-                toks, cnts, lens = toks[keep], cnts[keep], np.minimum(lens, width)
-            filled = np.arange(width) < lens[:, None]  # row-major order = ranked order
-            ranked_tokens[r0:r1][filled] = toks
-            ranked_counts[r0:r1][filled] = cnts
-        r0 = r1
-    return ranked_tokens, ranked_counts, lengths.astype(np.int32)
-
-
-def ranked_values(
-    ranked_counts: npt.ArrayLike, n_counts: npt.ArrayLike, ranked_medians: npt.ArrayLike
-) -> FloatArray:
-    """The value at each rank, from the counts at each rank (the fixed value arithmetic).
-
-    Parameters
-    ----------
-    ranked_counts
-        ``(n_cells, width)`` counts at each rank (:func:`rank_block`), 0 in padding.
-    n_counts
-        ``(n_cells,)`` total counts per cell.
-    ranked_medians
-        ``(n_cells, width)`` the median of the gene at each rank (e.g. ``medians[tokens]``).
-
-    Returns
-    -------
-    numpy.ndarray
-        float64 values, bit-identical to those the ranking was made from; 0 in padding.
-    """
-    counts = np.asarray(ranked_counts)
-    med = np.asarray(ranked_medians, dtype=np.float64)
-    present = counts > 0
-    out = np.zeros(counts.shape, dtype=np.float64)
-    n = np.broadcast_to(np.asarray(n_counts, dtype=np.float64).reshape(-1, 1), counts.shape)
-    out[present] = _values(counts[present], n[present], med[present])
-    return out
+    if width > 0:
+        for rows in row_slices(indptr, nnz=_SLICE_NNZ, max_rows=_SLICE_MAX_ROWS):
+            _rank_rows(x, indptr, n_c, med, tok, rows, (ranked_tokens, ranked_counts))
+    return ranked_tokens, ranked_counts, np.diff(indptr).astype(np.int32)

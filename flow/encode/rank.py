@@ -15,6 +15,8 @@ import numpy as np
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 
+from .._kernels import require_single_chunk
+from ..errors import VocabularyError
 from . import _kernels
 
 if TYPE_CHECKING:
@@ -70,6 +72,53 @@ def _take_lengths(parts: list[tuple[np.ndarray, ...]]) -> np.ndarray:
     return parts[0][2]
 
 
+def _block_results(counts: da.Array, n_counts: np.ndarray, ctx: RankContext, tok: str) -> da.Array:
+    """One task per cell block: ``(tokens, counts, lengths)`` of :func:`_rank_block`."""
+    shared: Delayed = delayed(ctx, name=f"flow-rank-context-{tok}")
+    nc = da.from_array(
+        n_counts.astype(np.float64), chunks=(counts.chunks[0],), name=f"flow-n-counts-{tok}"
+    )
+    return da.map_blocks(
+        _rank_block,
+        counts,
+        nc[:, None],
+        shared,
+        chunks=(counts.chunks[0], (ctx.width,)),
+        dtype=object,
+        meta=np.empty((0, 0), dtype=object),
+        name=f"flow-rank-{tok}",
+    )
+
+
+def _split_results(blocks: da.Array, ctx: RankContext, tok: str) -> RankedCells:
+    """The three arrays taken from the per-block result tuples."""
+    dtype = ctx.tokens.dtype
+    tokens = da.map_blocks(
+        _take, blocks, 0, dtype=dtype, meta=np.empty((0, 0), dtype), name=f"flow-rank-tokens-{tok}"
+    )
+    ranked_counts = da.map_blocks(
+        _take,
+        blocks,
+        1,
+        dtype=ctx.count_dtype,
+        meta=np.empty((0, 0), ctx.count_dtype),
+        name=f"flow-rank-counts-{tok}",
+    )
+    # Not map_blocks(drop_axis=1): dropping an axis concatenates the blocks along it, and these
+    # blocks are tuples, not arrays. blockwise with concatenate=False hands over the list.
+    lengths = da.blockwise(
+        _take_lengths,
+        "i",
+        blocks,
+        "ij",
+        concatenate=False,
+        dtype=np.int32,
+        meta=np.empty((0,), np.int32),
+        name=f"flow-rank-lengths-{tok}",
+    )
+    return RankedCells(tokens, ranked_counts, lengths, blocks)
+
+
 def rank_cells(
     counts: da.Array,
     n_counts: np.ndarray,
@@ -106,54 +155,21 @@ def rank_cells(
         count of the gene at each rank (``count_dtype``; the value at each rank follows from it,
         see :func:`flow.encode._kernels.ranked_values`), ``lengths`` (cell,) int32.
         Cell chunks are the store's blocks; the rank axis is one chunk of ``width``.
+
+    Raises
+    ------
+    ChunkingError
+        (a ValueError) if ``counts`` is split along genes.
+    VocabularyError
+        (a ValueError) if ``medians`` does not have one entry per kept gene.
     """
-    if counts.numblocks[1] != 1:
-        msg = f"counts must be one chunk along genes; got {counts.numblocks[1]}. Rechunk: counts.rechunk({{1: -1}})."
-        raise ValueError(msg)
+    require_single_chunk(counts, 1, name="counts", dim="genes")
     if medians.shape != (gene_map.n_kept,):
         msg = f"Need one median per kept gene ({gene_map.n_kept}); got shape {medians.shape}."
-        raise ValueError(msg)
+        raise VocabularyError(msg)
     tok = tokenize(
         counts.name, n_counts, gene_map.vocab_fingerprint, gene_map.column, medians, width, pad
     )
     count_dtype = np.dtype(count_dtype if count_dtype is not None else counts.dtype)
     ctx = RankContext(gene_map, medians, gene_map.kept_tokens, width, pad, count_dtype)
-    shared: Delayed = delayed(ctx, name=f"flow-rank-context-{tok}")
-    nc = da.from_array(
-        n_counts.astype(np.float64), chunks=(counts.chunks[0],), name=f"flow-n-counts-{tok}"
-    )
-    cell_chunks = counts.chunks[0]
-    blocks = da.map_blocks(
-        _rank_block,
-        counts,
-        nc[:, None],
-        shared,
-        chunks=(cell_chunks, (width,)),
-        dtype=object,
-        meta=np.empty((0, 0), dtype=object),
-        name=f"flow-rank-{tok}",
-    )
-    dtype = gene_map.kept_tokens.dtype
-    tokens = blocks.map_blocks(
-        _take, 0, dtype=dtype, meta=np.empty((0, 0), dtype), name=f"flow-rank-tokens-{tok}"
-    )
-    ranked_counts = blocks.map_blocks(
-        _take,
-        1,
-        dtype=count_dtype,
-        meta=np.empty((0, 0), count_dtype),
-        name=f"flow-rank-counts-{tok}",
-    )
-    # Not map_blocks(drop_axis=1): dropping an axis concatenates the blocks along it, and these
-    # blocks are tuples, not arrays. blockwise with concatenate=False hands over the list.
-    lengths = da.blockwise(
-        _take_lengths,
-        "i",
-        blocks,
-        "ij",
-        concatenate=False,
-        dtype=np.int32,
-        meta=np.empty((0,), np.int32),
-        name=f"flow-rank-lengths-{tok}",
-    )
-    return RankedCells(tokens, ranked_counts, lengths, blocks)
+    return _split_results(_block_results(counts, n_counts, ctx, tok), ctx, tok)

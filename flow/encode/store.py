@@ -28,37 +28,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
+import xarray as xr
 import zarr
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from .. import __version__
-from .._io import (
-    create_flow_group,
-    flow_attrs,
-    mark_complete,
-    open_flow_group,
-    store_url,
-    write_1d,
-)
-from ..errors import VocabularyError
+from .._genes import GeneMapping, normalize_gene_ids
+from .._io import create_flow_group, flow_attrs, mark_complete, open_flow_group, write_1d
+from .._location import Location, LocationLike
+from .._version import __version__
+from ..cluster import compute as cluster_compute
+from ..errors import OutputExistsError, VocabularyError
+from ..medians import MedianSet
+from ..vocab import GeneMap, Vocabulary, build_gene_map
+from ._kernels import ranked_values
 from .rank import rank_cells
 
 if TYPE_CHECKING:
-    import xarray as xr
-
-    from ..medians import MedianSet
     from ..store import CountStore
-    from ..vocab import GeneMap, Vocabulary
 
 __all__ = ["EncodingStore", "open_encoding", "plan_encoding", "write_encoding"]
 
@@ -101,6 +96,7 @@ class EncodingPlan:
     rank_chunk: int
     params: dict[str, Any]
     n_without_median: int
+    n_genes: np.ndarray  # the store's detected genes per cell (read once: width, cell table)
 
     @property
     def count_dtype(self) -> np.dtype[Any]:
@@ -117,13 +113,15 @@ class EncodingPlan:
 
 
 def _vocab_with_medians(
-    vocab: Vocabulary, medians: MedianSet
+    vocab: Vocabulary, median_set: MedianSet
 ) -> tuple[Vocabulary, np.ndarray, int]:
     """The vocabulary restricted to genes that have a median, and those medians."""
-    from ..vocab import Vocabulary, normalize_gene_ids
-
     table = dict(
-        zip(normalize_gene_ids(medians.gene_ids).tolist(), medians.medians.tolist(), strict=True)
+        zip(
+            normalize_gene_ids(median_set.gene_ids).tolist(),
+            median_set.medians.tolist(),
+            strict=True,
+        )
     )
     med = np.array([table.get(g, np.nan) for g in vocab.gene_ids.tolist()], dtype=np.float64)
     ok = np.isfinite(med) & (med > 0)
@@ -141,17 +139,19 @@ def _vocab_with_medians(
 
 def plan_encoding(
     store: CountStore,
-    medians: MedianSet,
+    median_set: MedianSet,
     vocab: Vocabulary,
     *,
-    gene_mapping: Mapping[str, str] | None = None,
+    gene_mapping: GeneMapping | None = None,
     n_counts_column: str = "n_counts",
     rank_chunk: int = DEFAULT_RANK_CHUNK,
 ) -> EncodingPlan:
-    """Decide the gene map, medians per column and the width of an encoding (reads metadata)."""
-    from ..vocab import build_gene_map
+    """Decide the gene map, medians per column and the width of an encoding (reads metadata).
 
-    usable, med, n_missing = _vocab_with_medians(vocab, medians)
+    Takes the opened count store, median set, vocabulary and (optional) gene mapping; the
+    store's genes are collapsed as the median set's were (:func:`flow.vocab.build_gene_map`).
+    """
+    usable, med, n_missing = _vocab_with_medians(vocab, median_set)
     gene_map = build_gene_map(store.var.index.to_numpy(dtype=str), usable, gene_mapping)
     order = usable.index_of(gene_map.kept_gene_ids)
     n_counts, keep = store.cells(n_counts_column)
@@ -159,11 +159,9 @@ def plan_encoding(
     width = max(1, int(n_genes.max()) if n_genes.size else 1)
     params = {
         "counts": store.fingerprint,
-        "medians": medians.fingerprint,
+        "medians": median_set.fingerprint,
         "vocabulary": vocab.fingerprint,
-        "gene_mapping": None
-        if gene_mapping is None
-        else hashlib.sha256(json.dumps(sorted(gene_mapping.items())).encode()).hexdigest(),
+        "gene_mapping": None if gene_mapping is None else gene_mapping.fingerprint,
         "n_counts_column": n_counts_column,
         # the cells' totals and filter come from obs, which the counts fingerprint does not cover
         "cells": hashlib.sha256(n_counts.tobytes() + keep.tobytes()).hexdigest(),
@@ -182,6 +180,7 @@ def plan_encoding(
         rank_chunk,
         params,
         n_missing,
+        n_genes,
     )
 
 
@@ -189,35 +188,67 @@ def plan_encoding(
 
 
 def _open_or_create(
-    plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | None
-) -> zarr.Group:
-    """Reopen an unfinished store of the same plan (resume), else create a fresh one."""
+    plan: EncodingPlan, location: Location, *, overwrite: bool
+) -> tuple[zarr.Group, str]:
+    """The store to write and what was found there: ``"new"``, ``"resumed"`` (an unfinished
+    store of the same plan) or ``"complete"`` (a finished one of the same plan: nothing to do).
+
+    Anything else at ``location`` (another plan, another kind of store, other files) is
+    replaced only with ``overwrite``; otherwise :class:`~flow.errors.OutputExistsError`.
+    """
+    if not location.exists():
+        return _create(plan, location), "new"
     try:
-        group = open_flow_group(
-            url, KIND, mode="r+", storage_options=storage_options, require_complete=False
-        )
+        group = open_flow_group(location, KIND, mode="r+", require_complete=False)
         meta = flow_attrs(group)
-        if meta.get("plan") == plan.fingerprint and not meta.get("complete"):
-            return group
     except (FileNotFoundError, ValueError):
-        pass
-    return _create(plan, url, storage_options)
+        meta, group = {}, None
+    if group is not None and meta.get("plan") == plan.fingerprint:
+        return group, "complete" if meta.get("complete") else "resumed"
+    if not overwrite:
+        what = (
+            "an encoding store written from other inputs or parameters"
+            if meta.get("kind") == KIND
+            else "something that is not an encoding store of this run"
+        )
+        msg = (
+            f"{location.url} holds {what}: pass --overwrite (overwrite=True) to replace it, "
+            "or choose another output."
+        )
+        raise OutputExistsError(msg)
+    return _create(plan, location), "new"
 
 
-def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | None) -> zarr.Group:
-    store, vocab = plan.store, plan.vocab
-    n_cells, bs = int(store.attrs["n_cells"]), store.block_size
-    root = create_flow_group(url, KIND, SCHEMA_VERSION, storage_options=storage_options)
-    cell_chunk = max(1, min(bs, n_cells))
-    rank_chunk = min(plan.rank_chunk, plan.width)
-    dtype = vocab.token_dtype
+def _create(plan: EncodingPlan, location: Location) -> zarr.Group:
+    """Lay out a fresh store: the ranking arrays, the cell table, the token table, the plan."""
+    store = plan.store
+    n_cells = int(store.attrs["n_cells"])
+    cell_chunk = max(1, min(store.block_size, n_cells))
+    root = create_flow_group(location, KIND, SCHEMA_VERSION)
+    _create_arrays(root, plan, n_cells, cell_chunk)
+    _write_cell_table(root, plan, n_cells, cell_chunk)
+    _write_token_table(root, plan)
+    # The plan is recorded last: a store killed while being laid out is created afresh on rerun.
+    meta = flow_attrs(root)
+    meta["plan"] = plan.fingerprint
+    root.attrs["flow"] = meta
+    return root
+
+
+def _create_arrays(root: zarr.Group, plan: EncodingPlan, n_cells: int, cell_chunk: int) -> None:
+    """The (cell, rank) rankings, lengths, and the per-block bookkeeping, all unwritten."""
+    vocab = plan.vocab
     grid: dict[str, Any] = {
-        "chunks": (cell_chunk, rank_chunk),
+        "chunks": (cell_chunk, min(plan.rank_chunk, plan.width)),
         "dimension_names": ("cell", "rank"),
         "compressors": RANKING_CODECS,
     }
     root.create_array(
-        "tokens", shape=(n_cells, plan.width), dtype=dtype, fill_value=vocab.pad_token, **grid
+        "tokens",
+        shape=(n_cells, plan.width),
+        dtype=vocab.token_dtype,
+        fill_value=vocab.pad_token,
+        **grid,
     )
     root.create_array(
         "counts", shape=(n_cells, plan.width), dtype=plan.count_dtype, fill_value=0, **grid
@@ -225,7 +256,7 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     root.create_array(
         "length", shape=(n_cells,), dtype=np.int32, chunks=(cell_chunk,), dimension_names=("cell",)
     )
-    n_blocks = store.n_blocks
+    n_blocks = plan.store.n_blocks
     root.create_array(
         "block_done",
         shape=(n_blocks,),
@@ -243,7 +274,12 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
         fill_value=0,
         dimension_names=("block", "token"),
     )
-    # the cell table, copied a slice at a time: memory does not grow with the number of cells
+
+
+def _write_cell_table(root: zarr.Group, plan: EncodingPlan, n_cells: int, cell_chunk: int) -> None:
+    """Barcodes, totals, filter and carried obs columns, copied a slice at a time: memory does
+    not grow with the number of cells."""
+    store = plan.store
     step = cell_chunk * max(1, (1 << 16) // cell_chunk)
     cells: dict[str, Iterable[np.ndarray]] = {
         "cell": store.iter_obs_column("_index", step),
@@ -253,25 +289,31 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     for name in store.obs_columns:
         if name not in ("n_counts", "filter_pass"):
             out = name if name not in _RESERVED else f"obs_{name}"
-            cells[out] = store.iter_obs_column(name, step)
+            cells[out] = [plan.n_genes] if name == "n_genes" else store.iter_obs_column(name, step)
     for name, pieces in cells.items():
         write_1d(root, name, pieces, size=n_cells, chunk=cell_chunk, dim="cell")
+
+
+def _write_token_table(root: zarr.Group, plan: EncodingPlan) -> None:
+    """Per token: its gene ID (or special token), the store's symbol for it, and its median."""
+    vocab, store, gene_map = plan.vocab, plan.store, plan.gene_map
+    n_tokens = vocab.n_tokens
     gene_of_token = np.full(n_tokens, "", dtype=object)
     for special, tok in vocab.special.items():
         gene_of_token[tok] = special
     gene_of_token[vocab.token_ids] = vocab.gene_ids
     median_of_token = np.full(n_tokens, np.nan)
-    median_of_token[plan.gene_map.kept_tokens] = plan.medians
+    median_of_token[gene_map.kept_tokens] = plan.medians
     symbol_of_token = np.full(n_tokens, "", dtype=object)
     var_symbols = (
         store.var["gene_symbol"].to_numpy(dtype=str)
         if "gene_symbol" in store.var
         else store.var.index.to_numpy(dtype=str)
     )
-    col = plan.gene_map.column
+    col = gene_map.column
     first = np.unique(col[col >= 0], return_index=True)[1]
     matched = np.flatnonzero(col >= 0)[first]
-    symbol_of_token[plan.gene_map.kept_tokens[col[matched]]] = var_symbols[matched]
+    symbol_of_token[gene_map.kept_tokens[col[matched]]] = var_symbols[matched]
     token_table = {
         "token_gene_id": gene_of_token.astype(str),
         "token_symbol": symbol_of_token.astype(str),
@@ -279,11 +321,6 @@ def _create(plan: EncodingPlan, url: str, storage_options: Mapping[str, Any] | N
     }
     for name, values in token_table.items():
         write_1d(root, name, [values], size=n_tokens, chunk=n_tokens, dim="token")
-    # The plan is recorded last: a store killed while being laid out is created afresh on rerun.
-    meta = flow_attrs(root)
-    meta["plan"] = plan.fingerprint
-    root.attrs["flow"] = meta
-    return root
 
 
 def _token_cells(
@@ -302,16 +339,14 @@ def _token_cells(
 def _write_block(
     part: tuple[np.ndarray, np.ndarray, np.ndarray],
     keep: np.ndarray,
-    url: str,
-    storage_options: Mapping[str, Any],
+    location: Location,
     b: int,
     r0: int,
     n_tokens: int,
 ) -> int:
     """Write one ranked block (whole chunks only), then mark it done."""
     tokens, counts, lengths = part
-    opts = None if "://" not in url or url.startswith("file://") else dict(storage_options)
-    root: Any = zarr.open_group(url, mode="r+", storage_options=opts)
+    root: Any = location.open_group(mode="r+")
     r1 = r0 + tokens.shape[0]
     # rank chunks past the block's longest ranking hold only the fill value: left unwritten
     step = root["tokens"].chunks[1]
@@ -324,29 +359,8 @@ def _write_block(
     return b
 
 
-def write_encoding(
-    plan: EncodingPlan,
-    path: str | os.PathLike[str],
-    *,
-    storage_options: Mapping[str, Any] | None = None,
-    compute: Any = None,
-) -> EncodingStore:
-    """Rank every cell and write the encoding store (a compute boundary).
-
-    Resumes an unfinished store written from the same inputs and parameters: only the blocks
-    not yet marked done are computed. ``compute`` runs graphs (default
-    :func:`flow.cluster.compute`).
-    """
-    from ..cluster import compute as default_compute
-
-    run = compute or default_compute
-    url = store_url(path)
-    root: Any = _open_or_create(plan, url, storage_options)
-    done = np.asarray(root["block_done"][:], dtype=bool)
-    todo = [b for b in range(plan.store.n_blocks) if not done[b]]
-    graph = encoding_graph(plan, url, todo, storage_options=storage_options)
-    if todo:
-        run(graph)
+def _mark_complete(root: Any, plan: EncodingPlan, n_written: int) -> None:
+    """Sum the per-block token counts, record what the store holds, and mark it complete."""
     n_tokens = plan.vocab.n_tokens
     totals = np.zeros(n_tokens, dtype=np.int64)
     for b in range(plan.store.n_blocks):  # (n_blocks x n_tokens) int32: small
@@ -369,20 +383,64 @@ def write_encoding(
         n_genes_kept=plan.gene_map.n_kept,
         n_duplicates_summed=plan.gene_map.n_duplicates_summed,
         n_vocab_genes_without_median=plan.n_without_median,
-        blocks_written_last_run=len(todo),
+        blocks_written_last_run=n_written,
         flow_version=__version__,
     )
-    return open_encoding(url, storage_options=storage_options)
+
+
+def write_encoding(
+    plan: EncodingPlan,
+    where: LocationLike,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+    compute: Callable[..., Any] = cluster_compute,
+    overwrite: bool = False,
+    say: Callable[[str], None] | None = None,
+) -> EncodingStore:
+    """Rank every cell and write the encoding store (a compute boundary); returns it, opened.
+
+    Rerunning is safe: a finished store of the same inputs and parameters is returned as it is
+    (nothing recomputed); an unfinished one is resumed (only the blocks not yet marked done are
+    computed); anything else at ``where`` is replaced only with ``overwrite``. ``say`` is told
+    which of these happened. ``compute`` runs graphs (default :func:`flow.cluster.compute`).
+    ``storage_options`` is used only when ``where`` is not already a
+    :class:`~flow._location.Location`.
+
+    Raises
+    ------
+    OutputExistsError
+        ``where`` holds another encoding store, or something else, and not ``overwrite``.
+    """
+    location = Location.of(where, storage_options)
+    root: Any
+    root, found = _open_or_create(plan, location, overwrite=overwrite)
+    tell = say or (lambda text: None)
+    if found == "complete":
+        tell(f"{location.url} is already complete for these inputs and parameters: nothing to do")
+        return EncodingStore(location, flow_attrs(root))
+    done = np.asarray(root["block_done"][:], dtype=bool)
+    todo = [b for b in range(plan.store.n_blocks) if not done[b]]
+    if found == "resumed":
+        tell(
+            f"resuming {location.url}: {int(done.sum()):,} of {done.size:,} blocks already "
+            f"written, {len(todo):,} to go"
+        )
+    graph = encoding_graph(plan, location, todo)
+    if todo:
+        compute(graph)
+    _mark_complete(root, plan, len(todo))
+    return EncodingStore(location, flow_attrs(root))
 
 
 def encoding_graph(
     plan: EncodingPlan,
-    url: str,
+    where: LocationLike,
     blocks: Sequence[int],
     *,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Delayed:
     """The lazy graph that ranks and writes the given cell blocks into an existing store."""
+    location = Location.of(where, storage_options)
     ranked = rank_cells(
         plan.store.counts,
         plan.n_counts,
@@ -394,13 +452,12 @@ def encoding_graph(
     )
     parts = ranked.blocks.to_delayed().ravel()
     edges = np.cumsum((0, *plan.store.counts.chunks[0]))
-    tok = tokenize(plan.fingerprint, url)
+    tok = tokenize(plan.fingerprint, location.url)
     writes = [
         delayed(_write_block, pure=True)(
             parts[b],
             plan.keep[edges[b] : edges[b + 1]],
-            url,
-            dict(storage_options or {}),
+            location,
             b,
             int(edges[b]),
             plan.vocab.n_tokens,
@@ -420,14 +477,32 @@ def _as_object(block: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class EncodingStore:
-    """An opened encoding store (lazy: arrays are read by Dask tasks on demand)."""
+    """An opened encoding store (lazy: arrays are read by Dask tasks on demand).
 
-    url: str
+    ``location`` is where it is (path or URL and storage options); ``attrs`` its
+    ``attrs["flow"]``. Built by :func:`open_encoding` and :func:`write_encoding`; the group is
+    opened once, read-only, and every array is read through it.
+    """
+
+    location: Location
     attrs: dict[str, Any]
-    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)  # credentials
+    _opened: Any = field(default=None, compare=False, repr=False)  # the group, once opened
+
+    @property
+    def url(self) -> str:
+        """The store's absolute local path or URL."""
+        return self.location.url
+
+    @property
+    def storage_options(self) -> Mapping[str, Any] | None:
+        """The fsspec options of the store's URL (credentials: never shown)."""
+        return self.location.storage_options
 
     def _group(self) -> Any:
-        return open_flow_group(self.url, KIND, storage_options=self.storage_options)
+        """The store's group, opened (and checked complete) once, read-only."""
+        if self._opened is None:
+            object.__setattr__(self, "_opened", open_flow_group(self.location, KIND))
+        return self._opened
 
     @cached_property
     def tokens(self) -> da.Array:
@@ -503,36 +578,46 @@ class EncodingStore:
 
     def dataset(self) -> xr.Dataset:
         """The store as a lazy :class:`xarray.Dataset` (dimensions cell, rank, token, block)."""
-        import xarray as xr
+        return xr.open_zarr(
+            self.url, consolidated=False, storage_options=self.location.store_options
+        )
 
-        remote = "://" in self.url and not self.url.startswith("file://")
-        options = dict(self.storage_options or {}) if remote else None
-        return xr.open_zarr(self.url, consolidated=False, storage_options=options)
+    def describe(self) -> str:
+        """A short summary of the encoding store (reads the lengths and the filter)."""
+        a = self.attrs
+        lengths = self.lengths
+        keep = self.cell_column("filter_pass").astype(bool)
+        empty = int(np.sum(keep & (lengths == 0)))
+        return (
+            f"encoding store {self.url}: {a['n_cells']:,} cells ({int(keep.sum()):,} passing filter), "
+            f"the longest ranking {int(lengths.max(initial=0)):,} genes; "
+            f"{a['n_genes_kept']:,} vocabulary genes matched "
+            f"({a['n_duplicates_summed']:,} duplicate IDs summed); {empty:,} passing cells with no "
+            f"vocabulary gene (kept with length 0)"
+        )
 
 
 def _values_block(
     counts: np.ndarray, tokens: np.ndarray, n_counts: np.ndarray, medians: np.ndarray
 ) -> np.ndarray:
-    from ._kernels import ranked_values
-
     return ranked_values(counts, np.ravel(n_counts), medians[tokens])
 
 
 def open_encoding(
-    path: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+    where: LocationLike, *, storage_options: Mapping[str, Any] | None = None
 ) -> EncodingStore:
     """Open an encoding store (reads attributes only).
+
+    ``storage_options`` is used only when ``where`` is not already a
+    :class:`~flow._location.Location`.
 
     Raises
     ------
     IncompleteStoreError
         The writer was stopped: rerun ``flow tokenize`` with the same arguments to finish it.
     """
-    url = store_url(path)
+    location = Location.of(where, storage_options)
     group = open_flow_group(
-        url,
-        KIND,
-        storage_options=storage_options,
-        finish_hint="rerun the same `flow tokenize` command to finish it",
+        location, KIND, finish_hint="rerun the same `flow tokenize` command to finish it"
     )
-    return EncodingStore(url, flow_attrs(group), storage_options)
+    return EncodingStore(location, flow_attrs(group), group)

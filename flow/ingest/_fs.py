@@ -1,47 +1,50 @@
-"""Where an input lives: a local path, or an fsspec URL (``s3://``, ``gs://``, ``https://``, ...).
+"""Reading inputs where they live (a :class:`~flow._location.Location`), and failing clearly.
 
 Local paths keep using the operating system directly (``os``, ``open``), exactly as before
-URLs were supported. A URL is resolved with ``fsspec.core.url_to_fs(url, **storage_options)``
-at every use (fsspec caches filesystem instances), so a reader holds only the URL and the
-options, and every read opens and closes its own file handle.
+URLs were supported. A URL is resolved with fsspec at every use (fsspec caches filesystem
+instances), so a reader holds only its Location, and every read opens and closes its own
+file handle.
 
 Messages about a URL never show the storage options: any text taken from a backend error is
-passed through :func:`redact` first.
+passed through :func:`redact` first. :func:`remote_errors` turns filesystem failures (not
+found, refused, unreachable) into an :class:`~flow.errors.InputError` naming the input;
+:func:`input_errors` does the same for reads of a damaged input.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno as errno_codes
 import gzip
 import os
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
+from .._io import file_fingerprint
+from .._location import Location
 from ..errors import FlowError, InputError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
+    import scipy.sparse as sp
     from fsspec import AbstractFileSystem
 
 __all__ = [
-    "H5_BLOCK_SIZE",
-    "basename",
+    "cause",
+    "describe",
     "exists",
     "filesystem",
     "fingerprint",
-    "is_url",
+    "guard_reads",
+    "input_errors",
     "isdir",
     "isfile",
-    "join",
     "listdir",
     "open_input",
+    "parent",
     "redact",
     "remote_errors",
-    "split",
 ]
-
-#: Read-ahead of remote HDF5 files (h5ad, 10x h5, loom): one request per miss fetches this much.
-H5_BLOCK_SIZE = 2 << 20
 
 #: Option keys (any part of the name, lower case) whose values are always hidden in messages.
 _SECRET_KEY_PARTS = ("key", "secret", "token", "passw", "credential", "auth", "sig", "session")
@@ -49,11 +52,6 @@ _SECRET_KEY_PARTS = ("key", "secret", "token", "passw", "credential", "auth", "s
 #: ``true`` are common words of messages and say nothing secret).
 _MIN_HIDDEN = 8
 _HIDDEN = "***"
-
-
-def is_url(path: str) -> bool:
-    """Whether ``path`` is an fsspec URL (``protocol://...``, also ``file://``) and not a local path."""
-    return "://" in path
 
 
 def _hidden_values(options: Any, *, secret: bool = False) -> Iterator[str]:
@@ -84,30 +82,36 @@ def redact(text: str, storage_options: Mapping[str, Any] | None, *, keep: str = 
     return keep.join(parts)
 
 
-def _describe(err: BaseException, url: str, storage_options: Mapping[str, Any] | None) -> str:
-    return redact(f"{type(err).__name__}: {err}", storage_options, keep=url)
+def describe(err: BaseException, location: Location) -> str:
+    """``"Type: message"`` of a backend error, with the location's storage options hidden."""
+    return redact(f"{type(err).__name__}: {err}", location.options, keep=location.path)
+
+
+def cause(err: BaseException, location: Location) -> BaseException | None:
+    """What to chain a re-raised error to: nothing when the location has storage options
+    (a backend's own message may show them)."""
+    return None if location.options else err
 
 
 @contextlib.contextmanager
-def remote_errors(
-    url: str, storage_options: Mapping[str, Any] | None, what: str = "reaching it"
-) -> Iterator[None]:
-    """Turn a failure of the filesystem behind ``url`` into an :class:`InputError` naming it.
+def remote_errors(location: Location, what: str = "reaching it") -> Iterator[None]:
+    """Turn a failure of the filesystem behind ``location`` into an :class:`InputError`.
 
     Missing -> "not found"; refused -> "access denied"; anything else the backend raises
     (a wrong storage option, no network, a missing fsspec backend package) -> the backend's
     message, with the storage options hidden.
     """
+    url = location.path
     try:
         yield
     except FlowError:
         raise
     except FileNotFoundError as err:
         msg = f"{url}: not found (no such file, directory or object)."
-        raise InputError(msg) from (None if storage_options else err)
+        raise InputError(msg) from cause(err, location)
     except PermissionError as err:
         msg = (
-            f"{url}: access denied while {what} ({_describe(err, url, storage_options)}). "
+            f"{url}: access denied while {what} ({describe(err, location)}). "
             "Check the credentials given in storage_options (--storage-option) or the "
             "environment."
         )
@@ -115,67 +119,97 @@ def remote_errors(
     except ImportError as err:
         msg = (
             f"{url}: reading this URL needs a package that is not installed "
-            f"({_describe(err, url, storage_options)}). Install the fsspec backend of its "
+            f"({describe(err, location)}). Install the fsspec backend of its "
             "protocol (s3fs for s3://, gcsfs for gs://, adlfs for az://, aiohttp for https://)."
         )
         raise InputError(msg) from None
     except Exception as err:  # the backend's own errors (botocore, aiohttp, ...) vary widely
         msg = (
-            f"{url}: failed while {what} ({_describe(err, url, storage_options)}). Check the URL "
+            f"{url}: failed while {what} ({describe(err, location)}). Check the URL "
             "and the storage options (storage_options=, --storage-option)."
         )
         raise InputError(msg) from None
 
 
-def filesystem(
-    url: str, storage_options: Mapping[str, Any] | None
-) -> tuple[AbstractFileSystem, str]:
-    """The fsspec filesystem of ``url`` (with ``storage_options``) and the path inside it."""
-    import fsspec
+@contextlib.contextmanager
+def input_errors(
+    location: Location, what: str, errors: tuple[type[Exception], ...] = (OSError,)
+) -> Iterator[None]:
+    """Turn read failures of the input (``errors``) into an :class:`InputError` naming it.
 
-    with remote_errors(url, storage_options, "setting up its filesystem"):
-        fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-    return fs, root
+    A full disk or quota while transposing through temporary files is not the input's fault
+    and propagates unchanged. Storage options never appear in the message.
+    """
+    try:
+        yield
+    except FlowError:
+        raise
+    except errors as err:
+        if isinstance(err, OSError) and err.errno in (errno_codes.ENOSPC, errno_codes.EDQUOT):
+            raise
+        remote = " (or the connection to it failed)" if location.is_url else ""
+        msg = (
+            f"{location.path}: reading {what} failed ({describe(err, location)}). The file is "
+            f"truncated or corrupt{remote}: re-download or re-export it."
+        )
+        raise InputError(msg) from cause(err, location)
 
 
-def exists(path: str, storage_options: Mapping[str, Any] | None) -> bool:
+def guard_reads(
+    location: Location,
+    blocks: Iterator[sp.csr_matrix],
+    errors: tuple[type[Exception], ...] = (OSError,),
+) -> Iterator[sp.csr_matrix]:
+    """Pass ``blocks`` through :func:`input_errors`."""
+    with input_errors(location, "the counts", errors):
+        yield from blocks
+
+
+def filesystem(location: Location) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem of a URL location and the path inside it."""
+    with remote_errors(location, "setting up its filesystem"):
+        return location.fs()
+
+
+def exists(location: Location) -> bool:
     """Whether a local path or URL exists (a URL that cannot be reached is an InputError)."""
-    if not is_url(path):
-        return os.path.exists(path)
-    fs, root = filesystem(path, storage_options)
-    with remote_errors(path, storage_options, "looking it up"):
+    if not location.is_url:
+        return os.path.exists(location.path)
+    fs, root = filesystem(location)
+    with remote_errors(location, "looking it up"):
         if fs.exists(root):
             return True
         # a Zarr store where "directories" cannot be looked up (https without listings)
-        return basename(path).endswith(".zarr") and any(
+        return location.name.endswith(".zarr") and any(
             fs.exists(root.rstrip("/") + "/" + name) for name in ("zarr.json", ".zgroup")
         )
 
 
-def isdir(path: str, storage_options: Mapping[str, Any] | None) -> bool:
+def isdir(location: Location) -> bool:
     """Whether a local path or URL is a directory (an object-store prefix counts)."""
-    if not is_url(path):
-        return os.path.isdir(path)
-    fs, root = filesystem(path, storage_options)
-    with remote_errors(path, storage_options, "looking it up"):
+    if not location.is_url:
+        return os.path.isdir(location.path)
+    fs, root = filesystem(location)
+    with remote_errors(location, "looking it up"):
         return bool(fs.isdir(root))
 
 
-def isfile(path: str, storage_options: Mapping[str, Any] | None) -> bool:
+def isfile(location: Location) -> bool:
     """Whether a local path or URL is a file."""
-    if not is_url(path):
-        return os.path.isfile(path)
-    fs, root = filesystem(path, storage_options)
-    with remote_errors(path, storage_options, "looking it up"):
+    if not location.is_url:
+        return os.path.isfile(location.path)
+    fs, root = filesystem(location)
+    with remote_errors(location, "looking it up"):
         return bool(fs.isfile(root))
 
 
-def listdir(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, bool]:
+def listdir(location: Location) -> dict[str, bool]:
     """The entries of a directory: name -> whether it is a file."""
-    if not is_url(path):
+    if not location.is_url:
+        path = location.path
         return {name: os.path.isfile(os.path.join(path, name)) for name in os.listdir(path)}
-    fs, root = filesystem(path, storage_options)
-    with remote_errors(path, storage_options, "listing it"):
+    fs, root = filesystem(location)
+    with remote_errors(location, "listing it"):
         entries = fs.ls(root, detail=True)
     out = {}
     for entry in entries:
@@ -185,50 +219,30 @@ def listdir(path: str, storage_options: Mapping[str, Any] | None) -> dict[str, b
     return out
 
 
-def fingerprint(path: str, storage_options: Mapping[str, Any] | None) -> str:
+def fingerprint(location: Location) -> str:
     """:func:`flow._io.file_fingerprint` of a local path or URL (reads two MiB at most)."""
-    from .._io import file_fingerprint
-
-    if not is_url(path):
-        return file_fingerprint(path)
-    with remote_errors(path, storage_options, "fingerprinting it"):
-        return file_fingerprint(path, storage_options=storage_options)
+    if not location.is_url:
+        return file_fingerprint(location.path)
+    with remote_errors(location, "fingerprinting it"):
+        return file_fingerprint(location.path, storage_options=location.options)
 
 
-def join(path: str, name: str) -> str:
-    """``name`` inside the directory ``path`` (``/``-joined for URLs)."""
-    if not is_url(path):
-        return os.path.join(path, name)
-    return path + name if path.endswith("/") else path + "/" + name
-
-
-def split(path: str) -> tuple[str, str]:
-    """(directory, name) of a local path or URL (``memory://x.mtx`` -> ``memory://``, ``x.mtx``)."""
-    if not is_url(path):
-        return os.path.split(path)
+def parent(location: Location) -> tuple[Location, str]:
+    """(directory, name) of a location (``memory://x.mtx`` -> ``memory://``, ``x.mtx``)."""
+    path = location.path
+    if not location.is_url:
+        head, name = os.path.split(path)
+        return Location(head, location.storage_options), name
     i = path.rfind("/")
     head = path[:i]
     if head.endswith((":/", "://")):  # the root of the URL's filesystem: keep its slashes
         head = path[: i + 1]
-    return head, path[i + 1 :]
-
-
-def basename(path: str) -> str:
-    """The last part of a path or URL, without a trailing ``/`` (or an https query string)."""
-    if is_url(path):
-        if path.startswith(("http://", "https://")):
-            path = path.split("?", 1)[0].split("#", 1)[0]
-        return path.rstrip("/").rsplit("/", 1)[-1]
-    return os.path.basename(path.rstrip("/" + os.sep))
+    return Location(head, location.storage_options), path[i + 1 :]
 
 
 @contextlib.contextmanager
 def open_input(
-    path: str,
-    storage_options: Mapping[str, Any] | None,
-    *,
-    block_size: int | None = None,
-    gunzip: bool = False,
+    location: Location, *, block_size: int | None = None, gunzip: bool = False
 ) -> Iterator[BinaryIO]:
     """A local file or URL opened for binary reading, closed on exit.
 
@@ -236,13 +250,13 @@ def open_input(
     (both the decompressor and the file are closed on exit).
     """
     with contextlib.ExitStack() as stack:
-        if is_url(path):
-            fs, root = filesystem(path, storage_options)
-            with remote_errors(path, storage_options, "opening it"):
+        if location.is_url:
+            fs, root = filesystem(location)
+            with remote_errors(location, "opening it"):
                 kwargs = {} if block_size is None else {"block_size": block_size}
                 raw = cast("BinaryIO", stack.enter_context(fs.open(root, "rb", **kwargs)))
         else:
-            raw = stack.enter_context(open(path, "rb"))
+            raw = stack.enter_context(open(location.path, "rb"))
         if gunzip:
             raw = cast("BinaryIO", stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb")))
         yield raw

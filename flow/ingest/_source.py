@@ -2,22 +2,25 @@
 
 A reader turns one input (file, directory or store) into a :class:`Source`: cheap metadata read
 up front (shape, gene IDs, barcodes, cell metadata) and an iterator over consecutive blocks of
-cells as CSR matrices, so the writer never holds more than one block of counts.
+cells as CSR matrices, so the writer never holds more than one block of counts. Where the
+format allows it, a source also reads any range of cells directly (:meth:`Source.read_rows`),
+so that row ranges of one input can be read by separate tasks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import scipy.sparse as sp
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    import numpy as np
     import pandas as pd
-    import scipy.sparse as sp
 
-__all__ = ["Source", "SourceInfo"]
+__all__ = ["Source", "SourceInfo", "check_block_size", "check_range", "empty_rows"]
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,25 @@ class SourceInfo:
 
 
 class Source(Protocol):
-    """One input matrix, readable block by block."""
+    """One input matrix, readable block by block (and, where the format allows it, by any
+    range of cells)."""
 
     info: SourceInfo
+
+    @property
+    def supports_ranges(self) -> bool:
+        """Whether :meth:`read_rows` reads a range of cells directly (without the cells
+        before it): so ranges of one input can be read by separate tasks."""
+        ...
+
+    def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Cells ``start:stop`` (``0 <= start <= stop <= n_cells``) as one CSR matrix of all
+        genes, exactly as :meth:`iter_blocks` gives them; opens the input for this read alone.
+
+        Raises ``NotImplementedError`` when :attr:`supports_ranges` is False, and
+        ``ValueError`` for a range outside the cells.
+        """
+        ...
 
     def iter_blocks(self, n_cells: int) -> Iterator[sp.csr_matrix]:
         """Yield consecutive CSR blocks of at most ``n_cells`` cells (all genes), in cell order.
@@ -72,3 +91,24 @@ class Source(Protocol):
         starts again from the first cell, so a source can be read more than once.
         """
         ...
+
+
+def check_block_size(n_cells: int) -> None:
+    """Refuse a block size below one cell (``iter_blocks``)."""
+    if n_cells < 1:
+        msg = f"n_cells must be >= 1; got {n_cells}."
+        raise ValueError(msg)
+
+
+def check_range(start: int, stop: int, n_cells: int) -> None:
+    """Refuse a cell range that is not ``0 <= start <= stop <= n_cells`` (``read_rows``)."""
+    if not 0 <= start <= stop <= n_cells:
+        msg = (
+            f"rows {start}:{stop} are not a range of the {n_cells} cells (0 <= start <= stop <= n)."
+        )
+        raise ValueError(msg)
+
+
+def empty_rows(info: SourceInfo, dtype: np.dtype[Any]) -> sp.csr_matrix:
+    """A CSR matrix of no cells and the source's genes (what an empty row range reads)."""
+    return sp.csr_matrix((0, info.n_genes), dtype=dtype)

@@ -87,11 +87,14 @@ def csr_row_pieces(
     rows_per_read: int,
     path: str,
     what: str = "X",
+    start: int = 0,
+    stop: int | None = None,
 ) -> Iterator[sp.csr_matrix]:
     """Read a CSR matrix stored as three 1-D array-likes, ``rows_per_read`` rows at a time.
 
     Reads only ``indptr[r0:r1+1]`` and the matching ranges of ``data`` and ``indices`` per piece
-    (h5py datasets and zarr arrays both slice this way), so memory holds one piece.
+    (h5py datasets and zarr arrays both slice this way), so memory holds one piece. Only rows
+    ``start:stop`` are read (all rows by default).
 
     Raises
     ------
@@ -108,8 +111,9 @@ def csr_row_pieces(
             "is corrupt or truncated: re-export it."
         )
         raise InputError(msg)
-    for r0 in range(0, n_rows, rows_per_read):
-        r1 = min(r0 + rows_per_read, n_rows)
+    stop = n_rows if stop is None else stop
+    for r0 in range(start, stop, rows_per_read):
+        r1 = min(r0 + rows_per_read, stop)
         ptr = np.asarray(indptr[r0 : r1 + 1], dtype=np.int64)
         p0, p1 = int(ptr[0]), int(ptr[-1])
         if (r0 == 0 and p0 != 0) or p1 > n_data or (np.diff(ptr) < 0).any():
@@ -139,14 +143,15 @@ def dense_rows_per_read(n_cols: int, itemsize: int, n_cells: int, read_size: int
 
 
 def dense_row_pieces(
-    array: Any, *, n_rows: int, rows_per_read: int, transpose: bool = False
+    array: Any, *, n_rows: int, rows_per_read: int, transpose: bool = False, start: int = 0
 ) -> Iterator[sp.csr_matrix]:
-    """Read a dense 2-D array-like in slabs of ``rows_per_read`` rows, as CSR pieces.
+    """Read rows ``start:n_rows`` of a dense 2-D array-like in slabs of ``rows_per_read`` rows,
+    as CSR pieces.
 
     With ``transpose=True`` the array is stored ``(genes, cells)`` (loom): slabs are column
     ranges ``array[:, c0:c1]``, transposed in memory. Memory holds one slab.
     """
-    for r0 in range(0, n_rows, rows_per_read):
+    for r0 in range(start, n_rows, rows_per_read):
         r1 = min(r0 + rows_per_read, n_rows)
         if transpose:
             slab = np.asarray(array[:, r0:r1])

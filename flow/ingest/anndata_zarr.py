@@ -1,31 +1,39 @@
 """AnnData Zarr stores (Zarr format 2 or 3, as written by ``anndata.AnnData.write_zarr``).
 
-The AnnData encoding is the same as in ``.h5ad``, so this is :class:`flow.ingest.h5ad.AnnDataSource`
-over a read-only ``zarr.Group``: opening reads metadata only; each block reads only its cells'
-chunks. A store at a URL (``s3://...``) is opened with ``zarr.open_group(url,
-storage_options=...)`` and read chunk by chunk in the same way.
+The AnnData encoding is the same as in ``.h5ad``, so this is
+:class:`flow.ingest._anndata.AnnDataSource` over a read-only ``zarr.Group``: opening reads
+metadata only (the group is opened once for it); each block reads only its cells' chunks. A
+store at a URL (``s3://...``) is opened with ``zarr.open_group(url, storage_options=...)`` and
+read chunk by chunk in the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import zarr
 
 from .._io import content_hasher
 from ..errors import InputError
-from ._fs import filesystem, is_url, isdir, redact, remote_errors
-from .h5ad import AnnDataSource
+from ._anndata import AnnDataSource
+from ._fs import cause, filesystem, isdir, redact, remote_errors
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Iterator
 
-__all__ = ["open_anndata_zarr", "store_fingerprint"]
+    from .._location import Location
+    from ._options import ReadOptions
+
+__all__ = ["open_zarr", "read_anndata_zarr", "store_fingerprint"]
 
 _METADATA_FILES = (".zarray", ".zattrs", ".zgroup", ".zmetadata", "zarr.json")
+#: What reads of a damaged Zarr store raise (codecs, missing chunks, bad metadata).
+_READ_ERRORS = (OSError, ValueError, RuntimeError, KeyError)
 
 
-def store_fingerprint(path: str, storage_options: Mapping[str, Any] | None = None) -> str:
+def store_fingerprint(location: Location) -> str:
     """Fingerprint a Zarr directory without reading its chunks.
 
     Hashes every file's relative path and size, and the full text of the metadata documents
@@ -37,8 +45,9 @@ def store_fingerprint(path: str, storage_options: Mapping[str, Any] | None = Non
     Over https, listings (when the server gives any) have no sizes, and without listings
     only the root metadata documents are hashed.
     """
-    if is_url(path):
-        return _url_store_fingerprint(path, storage_options)
+    if location.is_url:
+        return _url_store_fingerprint(location)
+    path = location.path
     h = content_hasher()
     for root, dirs, files in os.walk(path):
         dirs.sort()
@@ -52,11 +61,12 @@ def store_fingerprint(path: str, storage_options: Mapping[str, Any] | None = Non
     return h.hexdigest()
 
 
-def _url_store_fingerprint(url: str, storage_options: Mapping[str, Any] | None) -> str:
+def _url_store_fingerprint(location: Location) -> str:
     """:func:`store_fingerprint` of a store behind an fsspec URL (same order as ``os.walk``)."""
-    fs, root = filesystem(url, storage_options)
+    url = location.path
+    fs, root = filesystem(location)
     root = root.rstrip("/")
-    with remote_errors(url, storage_options, "listing the store"):
+    with remote_errors(location, "listing the store"):
         try:
             found = fs.find(root, detail=True)
         except Exception:  # https without directory listings (403, 404): see below
@@ -86,40 +96,27 @@ def _url_store_fingerprint(url: str, storage_options: Mapping[str, Any] | None) 
 
 
 @contextlib.contextmanager
-def _open_zarr(path: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[Any]:
-    import zarr
-
+def open_zarr(location: Location) -> Iterator[zarr.Group]:
+    """Open a Zarr group read-only; one that cannot be opened is an :class:`InputError`."""
+    path = location.path
     try:
-        if is_url(path):
-            group = zarr.open_group(path, mode="r", storage_options=dict(storage_options or {}))
-        else:
-            group = zarr.open_group(path, mode="r")
+        group = zarr.open_group(path, mode="r", storage_options=location.options)
     except (FileNotFoundError, ValueError, KeyError, OSError) as err:
-        detail = redact(f"{type(err).__name__}: {err}", storage_options, keep=path)
+        detail = redact(f"{type(err).__name__}: {err}", location.options, keep=path)
         msg = (
             f"{path}: cannot be opened as a Zarr group ({detail}). Pass the "
             "folder written by anndata's write_zarr."
         )
-        raise InputError(msg) from (None if storage_options else err)
+        raise InputError(msg) from cause(err, location)
     yield group
 
 
-def open_anndata_zarr(
-    path: str | os.PathLike[str],
-    *,
-    layer: str | None = None,
-    use_raw: bool = False,
-    gene_id_column: str | None = None,
-    obs_columns: Sequence[str] | None = None,
-    read_size: int | None = None,
-    temp_dir: str | os.PathLike[str] | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-) -> AnnDataSource:
+def read_anndata_zarr(location: Location, options: ReadOptions) -> AnnDataSource:
     """Open an AnnData Zarr store as a :class:`~flow.ingest.Source` (reads metadata only).
 
-    See :func:`flow.ingest.open_source` for the parameters; they mean what they mean for
-    ``.h5ad`` (:func:`flow.ingest.h5ad.open_h5ad`). The store is opened read-only; a URL
-    (``s3://...``) with ``storage_options``, read chunk by chunk, never downloaded whole.
+    The options mean what they mean for ``.h5ad`` (:func:`flow.ingest.h5ad.read_h5ad`). The
+    store is opened read-only, once for all the metadata; a URL (``s3://...``) with its
+    storage options, read chunk by chunk, never downloaded whole.
 
     Raises
     ------
@@ -127,29 +124,23 @@ def open_anndata_zarr(
         Not a Zarr group or not AnnData, no such layer/raw, no gene IDs, barcodes that do not
         match the matrix, an empty matrix, or chunks that cannot be decoded.
     """
-    text = os.fspath(path)
-    options = dict(storage_options or {}) if is_url(text) else None
-    if not is_url(text) and not isdir(text, options):  # URLs: zarr says what is missing
-        msg = f"{text}: no such Zarr directory."
+    path = location.path
+    if not location.is_url and not isdir(location):  # URLs: zarr says what is missing
+        msg = f"{path}: no such Zarr directory."
         raise InputError(msg)
-    with _open_zarr(text, options) as root:
+    with open_zarr(location) as root:
         if root.attrs.get("encoding-type") != "anndata":
             msg = (
-                f"{text}: is a Zarr group but not an AnnData store (no encoding-type 'anndata'). "
+                f"{path}: is a Zarr group but not an AnnData store (no encoding-type 'anndata'). "
                 "Write it with anndata's AnnData.write_zarr, or convert it to .h5ad."
             )
             raise InputError(msg)
-    return AnnDataSource(
-        text,
-        format="anndata-zarr",
-        open_root=lambda: _open_zarr(text, options),
-        fingerprint=store_fingerprint(text, options),
-        layer=layer,
-        use_raw=use_raw,
-        gene_id_column=gene_id_column,
-        obs_columns=obs_columns,
-        read_size=read_size,
-        temp_dir=temp_dir,
-        read_errors=(OSError, ValueError, RuntimeError, KeyError),
-        storage_options=options,
-    )
+        return AnnDataSource.from_root(
+            root,
+            location,
+            options,
+            format="anndata-zarr",
+            fingerprint=store_fingerprint(location),
+            open_root=open_zarr,
+            read_errors=_READ_ERRORS,
+        )

@@ -17,6 +17,7 @@ import scipy.sparse as sp
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 
+from .._kernels import normalized_values, require_single_chunk
 from . import _tdigest
 
 if TYPE_CHECKING:
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MEDIAN_SPLIT_EVERY", "bracket_values", "nonzero_digests", "tree_merge"]
 
-TARGET_SUM = 10_000.0
 #: Fan-in of the medians' merge tree. A merge holds its inputs and output at once; with
 #: 20,000 genes a merged digest is ~60 MB, so 4 keeps a merge task near 0.5 GB (8 measured
 #: too much for 1.2 GiB workers at 1M cells); the tree is deeper but merges are cheap.
@@ -55,10 +55,7 @@ def _block_values(
     """(gene, value) pairs of a block's nonzero counts: value = (count / n_counts) * 10,000."""
     block, n_counts = _block_cells(block, n_counts, keep, collapse)
     block.eliminate_zeros()
-    values = block.data.astype(np.float64)
-    values /= np.repeat(n_counts, np.diff(block.indptr))
-    values *= TARGET_SUM  # in place: a block holds millions of values
-    return block.indices, values
+    return block.indices, normalized_values(block.data, block.indptr, n_counts)
 
 
 def _digest_chunk(
@@ -152,10 +149,13 @@ def nonzero_digests(
     -------
     dask.delayed.Delayed
         Computes to a :class:`flow.sketch._tdigest.Digests`.
+
+    Raises
+    ------
+    ChunkingError
+        (a ValueError) if ``counts`` is split along genes.
     """
-    if counts.numblocks[1] != 1:
-        msg = f"counts must be one chunk along genes; got {counts.numblocks[1]}. Rechunk: counts.rechunk({{1: -1}})."
-        raise ValueError(msg)
+    require_single_chunk(counts, 1, name="counts", dim="genes")
     tok = tokenize(counts, n_counts, keep, collapse, compression, split_every)
     leaves = _map_blocks_delayed(
         _digest_chunk,
@@ -237,7 +237,9 @@ def bracket_values(
     (see :func:`flow.sketch._tdigest.median_bracket`). The pass counts values below ``lo`` with
     a fixed tree of sums and gathers bracketed values by gene range, one task per range (never
     all genes in one task). Computes to a float64 array of medians, NaN for genes with none.
+    Raises :class:`~flow.errors.ChunkingError` (a ValueError) if ``counts`` is split along genes.
     """
+    require_single_chunk(counts, 1, name="counts", dim="genes")
     n_out = lo.size
     edges = np.unique(np.r_[np.arange(0, n_out, genes_per_range), n_out]).astype(np.int64)
     tok = tokenize(counts, n_counts, keep, collapse, lo, hi, genes_per_range)

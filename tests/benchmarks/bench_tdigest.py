@@ -37,12 +37,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
+from flow._kernels import normalized_values
 from flow.sketch import _tdigest as td
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-TARGET_SUM = 10_000.0
 
 
 # --------------------------------------------------------------------------- data
@@ -103,10 +102,9 @@ def flow_merge(parts: list[td.Digests]) -> td.Digests:
 
 def crick_build(block: sp.csr_matrix, n_counts: np.ndarray, compression: float) -> list[Any]:
     """One crick digest per gene, fed the gene's values of this block (upstream's way)."""
-    import crick
+    import crick  # optional (the comparison only): imported when used
 
-    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-    values = (block.data.astype(np.float64) / n_counts[rows]) * TARGET_SUM
+    values = normalized_values(block.data, block.indptr, n_counts)
     csc = sp.csr_matrix((values, block.indices, block.indptr), shape=block.shape).tocsc()
     ptr, data = csc.indptr, csc.data
     digests = [crick.TDigest(compression) for _ in range(block.shape[1])]
@@ -116,7 +114,7 @@ def crick_build(block: sp.csr_matrix, n_counts: np.ndarray, compression: float) 
 
 
 def crick_merge(parts: list[list[Any]]) -> list[Any]:
-    import crick
+    import crick  # optional (the comparison only): imported when used
 
     out = []
     for per_gene in zip(*parts, strict=True):
@@ -145,8 +143,7 @@ def cpu_median(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 
 def normalized(block: sp.csr_matrix, n_counts: np.ndarray) -> sp.csr_matrix:
-    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-    v = (block.data.astype(np.float64) / n_counts[rows]) * TARGET_SUM
+    v = normalized_values(block.data, block.indptr, n_counts)
     return sp.csr_matrix((v, block.indices, block.indptr), shape=block.shape)
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -55,13 +55,23 @@ from ._export_arrow import (
 )
 from ._location import Location, LocationLike
 from ._version import __version__
-from .errors import ChunkingError
+from .errors import ChunkingError, InputError
 
 if TYPE_CHECKING:
     from .encode.store import EncodingStore
     from .vocab import Preset
 
-__all__ = ["BATCH_ROWS", "model_input_block", "write_model_arrays", "write_model_dataset"]
+__all__ = [
+    "BATCH_ROWS",
+    "CELL_ID",
+    "export_summary",
+    "model_input_block",
+    "write_model_arrays",
+    "write_model_dataset",
+]
+
+#: The column of an export that holds each row's cell identifier (the barcode).
+CELL_ID = "cell_id"
 
 ExportFormat = Literal["hf", "parquet"]
 
@@ -558,11 +568,15 @@ def write_model_dataset(
     *,
     preset: Preset,
     format: ExportFormat = "hf",
+    obs_columns: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     compute: bool = True,
 ) -> str | Delayed:
     """Write the model input of an encoding store, as ``preset`` defines it, as a Hugging Face
     dataset or Parquet directory: the export stage.
+
+    Every row carries the cell's identifier (column :data:`CELL_ID`, the barcode), so rows map
+    back to cells although cells failing ``filter_pass`` are left out.
 
     A writer, as :func:`write_model_arrays` (which it calls): with ``compute=True`` (default)
     it runs the export on the current Dask scheduler; with ``compute=False`` it returns the
@@ -582,6 +596,9 @@ def write_model_dataset(
         encoding's ``<cls>`` first and ``<eos>`` last.
     format
         ``"hf"`` (``datasets.load_from_disk``) or ``"parquet"``.
+    obs_columns
+        The carried cell columns to export too (default: all of them); an unknown name is an
+        :class:`~flow.errors.InputError` listing the columns there are.
     storage_options
         fsspec options of a URL; used only when ``output`` is not a Location.
     compute
@@ -599,6 +616,16 @@ def write_model_dataset(
         lacks. Other errors as :func:`write_model_arrays`.
     """
     model = ModelInput.of_preset(preset, enc.attrs["special"])
+    chosen = list(enc.obs_columns) if obs_columns is None else list(obs_columns)
+    unknown = sorted(set(chosen) - set(enc.obs_columns))
+    if unknown:
+        msg = (
+            f"obs columns {unknown} are not in the encoding store {enc.url}; "
+            f"its carried columns are {enc.obs_columns}."
+        )
+        raise InputError(msg)
+    columns = {CELL_ID: enc.cell_array("cell")}
+    columns.update({name: enc.cell_array(name) for name in chosen})  # lazy, per block
     return write_model_arrays(
         enc.tokens,
         enc.cell_array("length"),
@@ -607,7 +634,19 @@ def write_model_dataset(
         cls=model.cls,
         eos=model.eos,
         keep=enc.cell_array("filter_pass").astype(bool),
-        columns={name: enc.cell_array(name) for name in enc.obs_columns},  # lazy, per block
+        columns=columns,
         format=format,
         compute=compute,
+    )
+
+
+def export_summary(enc: EncodingStore, preset: Preset) -> str:
+    """How many rows an export of ``enc`` has and how many were cut at the preset's input size
+    (reads the lengths and the filter: small)."""
+    keep = enc.cell_column("filter_pass").astype(bool)
+    lengths = enc.lengths[keep]
+    truncated = int(np.sum(lengths > preset.max_genes))
+    return (
+        f"{int(keep.sum()):,} rows (the cells passing filter_pass, with their {CELL_ID}); "
+        f"{truncated:,} truncated to {preset.max_genes:,} genes"
     )

@@ -30,7 +30,7 @@ from .cluster import QUIET, Reporter, run_task
 from .datasets import synthetic_counts
 from .encode.store import EncodingStore, open_encoding, plan_encoding, write_encoding
 from .errors import InputError, SchemaError, StoreNotFoundError
-from .export import write_model_dataset
+from .export import export_summary, write_model_dataset
 from .ingest import ReadOptions, Source, open_source
 from .medians import (
     MedianSet,
@@ -366,6 +366,7 @@ def export(
     format: Format = "hf",
     preset: Preset | str | None = DEFAULT_PRESET,
     input_size: int | None = None,
+    obs_columns: Sequence[str] | None = None,
     storage_options: Mapping[str, Any] | None = None,
     reporter: Reporter = QUIET,
 ) -> str:
@@ -378,9 +379,12 @@ def export(
     )
     chosen = resolve_preset(preset, input_size)
     out = Location.of(output, storage_options)
-    graph = write_model_dataset(enc, out, preset=chosen, format=format, compute=False)
+    graph = write_model_dataset(
+        enc, out, preset=chosen, format=format, obs_columns=obs_columns, compute=False
+    )
     label = f"export ({format}, {chosen.name}, {chosen.input_size} tokens)"
     reporter.compute(graph, label=label)
+    reporter.say(f"exported {out.path}: {export_summary(enc, chosen)}")
     return out.path
 
 
@@ -404,6 +408,7 @@ def run(
     preset: Preset | str | None = DEFAULT_PRESET,
     input_size: int | None = None,
     format: Format = "hf",
+    obs_columns: Sequence[str] | None = None,
     read: ReadOptions | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
     storage_options: Mapping[str, Any] | None = None,
@@ -468,7 +473,9 @@ def run(
     reporter.say(
         f"[4/4] export ({format}) -> {target.path} ({chosen.name}: {chosen.input_size:,} tokens)"
     )
-    paths["dataset"] = export(enc, target, format=format, preset=chosen, reporter=reporter)
+    paths["dataset"] = export(
+        enc, target, format=format, preset=chosen, obs_columns=obs_columns, reporter=reporter
+    )
     return RunResult(store, median_set, enc, paths)
 
 

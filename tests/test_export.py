@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from flow.encode.store import plan_encoding, write_encoding
 from flow.errors import ChunkingError, InputError, VocabularyError
-from flow.export import model_input_block, write_model_arrays, write_model_dataset
+from flow.export import export_summary, model_input_block, write_model_arrays, write_model_dataset
 from flow.ingest._source import SourceInfo
 from flow.medians import medians_of
 from flow.store import write_counts
@@ -635,7 +635,8 @@ def test_stage_writes_the_preset_view_of_the_encoding(
     assert out == os.path.abspath(tmp_path / "ds")
 
     got = load_hf(out) if fmt == "hf" else pq.read_table(out).to_pydict()
-    assert list(got) == ["input_ids", "length", *enc.obs_columns]
+    assert list(got) == ["input_ids", "length", "cell_id", *enc.obs_columns]
+    assert got["cell_id"] == enc.cell_column("cell")[STAGE_KEEP].tolist()  # rows map to cells
     assert "cell_type" in enc.obs_columns
     special = chosen.name == "V2"
     cls, eos = (vocab.special[CLS_NAME], vocab.special[EOS_NAME]) if special else (None, None)
@@ -676,3 +677,20 @@ def test_stage_refuses_v2_without_special_tokens(tmp_path):
     # V1 needs none: the same encoding exports
     out = write_model_dataset(enc, tmp_path / "v1", preset=resolve_preset("V1", 4))
     assert len(load_hf(out)["input_ids"]) == int(STAGE_KEEP.sum())
+
+
+def test_stage_exports_the_chosen_obs_columns_only(tmp_path, stage_encoding):
+    enc, _ = stage_encoding
+    v1 = resolve_preset("V1")
+    out = write_model_dataset(enc, tmp_path / "ds", preset=v1, format="parquet", obs_columns=[])
+    assert list(pq.read_table(out).to_pydict()) == ["input_ids", "length", "cell_id"]
+    with pytest.raises(InputError, match=r"\['nope'\] are not in the encoding store"):
+        write_model_dataset(enc, tmp_path / "x", preset=v1, obs_columns=["cell_type", "nope"])
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+    assert "1 truncated" not in export_summary(enc, v1)
+    summary = export_summary(enc, resolve_preset(None, 5))
+    kept = enc.lengths[STAGE_KEEP]
+    assert summary == (
+        f"{int(STAGE_KEEP.sum()):,} rows (the cells passing filter_pass, with their cell_id); "
+        f"{int((kept > 5).sum()):,} truncated to 5 genes"
+    )

@@ -8,6 +8,7 @@ from typing import Any
 from .. import pipeline
 from ..encode.store import open_encoding
 from ..errors import InputError
+from ..export import export_summary
 from ..store import open_counts
 from ..vocab import DEFAULT_PRESET, resolve_preset
 from ._common import client_from_args, reporter, storage_options
@@ -25,6 +26,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--input-size", type=int, metavar="N", help="model input size (overrides the preset's)"
+    )
+    p.add_argument(
+        "--obs-columns",
+        metavar="A,B",
+        help="carried cell columns to export beside each row's cell_id (default: all)",
     )
 
 
@@ -122,6 +128,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_run)
 
 
+def _obs_columns(args: argparse.Namespace) -> list[str] | None:
+    return args.obs_columns.split(",") if args.obs_columns else None
+
+
 def _preset(args: argparse.Namespace) -> str | None:
     return args.preset or (DEFAULT_PRESET if args.input_size is None else None)
 
@@ -176,10 +186,11 @@ def _export(args: argparse.Namespace) -> int:
             args.output,
             format=args.format,
             preset=preset,
+            obs_columns=_obs_columns(args),
             storage_options=so,
-            reporter=reporter(args),
+            reporter=reporter(args, steps=False),
         )
-    print(f"exported {args.format} dataset -> {out}")
+    print(f"exported {args.format} dataset -> {out}: {export_summary(enc, preset)}")
     return 0
 
 
@@ -192,6 +203,7 @@ def _run(args: argparse.Namespace) -> int:
             args.output,
             preset=preset,
             format=args.format,
+            obs_columns=_obs_columns(args),
             block_size=args.block_size,
             storage_options=storage_options(args),
             reporter=reporter(args),

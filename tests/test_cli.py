@@ -248,3 +248,79 @@ def test_demo_runs_every_stage(capsys, tmp_path):
     assert [row["length"] for row in ds.select(range(20))] == (
         np.minimum(lengths[:20], 4094) + 2
     ).tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# user mistakes: one line, no traceback, before any cluster starts
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_stores(tmp_path_factory, h5ad) -> dict[str, str]:
+    """A count store, its medians and a V1-style encoding (a vocabulary without <cls>/<eos>)."""
+    import json
+
+    from flow import pipeline
+
+    tmp = tmp_path_factory.mktemp("mistakes")
+    paths = {n: os.fspath(tmp / f"{n}.zarr") for n in ("counts", "medians", "encoding")}
+    counts = pipeline.convert([h5ad], paths["counts"])
+    pipeline.medians([paths["counts"]], paths["medians"])
+    genes = counts.var.index.tolist()
+    vocabulary = tmp / "v1_like.json"
+    vocabulary.write_text(
+        json.dumps({"<pad>": 0, "<mask>": 1} | {g: i + 2 for i, g in enumerate(genes)})
+    )
+    pipeline.tokenize(counts, paths["encoding"], medians=paths["medians"], vocabulary=vocabulary)
+    return paths
+
+
+MISTAKES = {
+    "missing medians pickle": (
+        ["tokenize", "{counts}", "-o", "{tmp}/e.zarr", "--medians", "gene_median_dictionary.pkl"],
+        "No such file or directory: 'gene_median_dictionary.pkl'",
+    ),
+    "missing vocabulary": (
+        ["tokenize", "{counts}", "-o", "{tmp}/e.zarr", "--medians", "{medians}",
+         "--vocabulary", "token_dictionary.pkl"],
+        "No such file or directory: 'token_dictionary.pkl'",
+    ),
+    "missing gene mapping": (
+        ["tokenize", "{counts}", "-o", "{tmp}/e.zarr", "--medians", "{medians}",
+         "--gene-mapping", "map.tsv"],
+        "No such file or directory: 'map.tsv'",
+    ),
+    "missing import": (
+        ["medians", "--import", "gene_median_dictionary.pkl", "-o", "{tmp}/m.zarr"],
+        "No such file or directory: 'gene_median_dictionary.pkl'",
+    ),
+    "no medians and no preset": (
+        ["tokenize", "{counts}", "-o", "{tmp}/e.zarr"],
+        "give the medians (--medians MEDIANS.zarr|DICT.pkl) or a preset (--preset V1|V2)",
+    ),
+    "V2 export of an encoding without <cls>": (
+        ["export", "{encoding}", "-o", "{tmp}/ds", "--preset", "V2"],
+        "Preset V2 needs special tokens",
+    ),
+    "a medians store given as the counts": (
+        ["tokenize", "{medians}", "-o", "{tmp}/e.zarr", "--preset", "V1"],
+        "is not a flow counts store (found kind 'medians')",
+    ),
+    "unknown obs column to export": (
+        ["export", "{encoding}", "-o", "{tmp}/ds", "--obs-columns", "cell_type"],
+        "obs columns ['cell_type'] are not in the encoding store",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("mistake", list(MISTAKES))
+def test_user_mistakes_are_one_line_before_any_cluster(capsys, tmp_path, small_stores, mistake):
+    argv, expected = MISTAKES[mistake]
+    fill = {**small_stores, "tmp": os.fspath(tmp_path)}
+    status, _, err = run_cli(capsys, *(a.format(**fill) for a in argv), "--workers", "1")
+    assert status == 1
+    assert expected in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert "dashboard" not in err  # no cluster was started to learn it
+    assert not any(p.name.endswith((".zarr", "ds")) for p in tmp_path.iterdir())  # nothing written

@@ -69,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FlowError as err:
         print(f"flow {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a file not found, not readable, a full disk: the user can act
+        where = f": {err.filename!r}" if err.filename else ""
+        print(f"flow {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             f"flow {args.command}: interrupted; rerun the same command to finish.", file=sys.stderr

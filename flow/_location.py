@@ -20,7 +20,7 @@ import zarr
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
-__all__ = ["Location", "LocationLike"]
+__all__ = ["Located", "Location", "LocationLike"]
 
 
 @dataclass(frozen=True)
@@ -129,3 +129,19 @@ class Location:
 
 #: What public functions accept where a place is meant.
 LocationLike = str | os.PathLike[str] | Location
+
+
+class Located:
+    """For stores that hold a :class:`Location` (as ``self.location``): its URL and options."""
+
+    location: Location
+
+    @property
+    def url(self) -> str:
+        """Where the store is: an absolute local path or a URL."""
+        return self.location.url
+
+    @property
+    def storage_options(self) -> Mapping[str, Any] | None:
+        """The fsspec options the store was opened with (credentials: not in the repr)."""
+        return self.location.storage_options

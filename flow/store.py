@@ -43,7 +43,7 @@ from ._io import (
     mark_complete,
     open_flow_group,
 )
-from ._location import Location, LocationLike
+from ._location import Located, Location, LocationLike
 from ._store_obs import (
     barcode_slices,
     carried_column,
@@ -79,7 +79,7 @@ _CHUNK = 1 << 18  # values per inner chunk
 
 
 @dataclass(frozen=True)
-class CountStore:
+class CountStore(Located):
     """An opened count store. Opening reads attributes only; counts are read by Dask tasks.
 
     Attributes
@@ -95,16 +95,6 @@ class CountStore:
     location: Location
     counts: da.Array
     attrs: dict[str, Any]
-
-    @property
-    def url(self) -> str:
-        """Where the store is: an absolute local path or a URL."""
-        return self.location.url
-
-    @property
-    def storage_options(self) -> Mapping[str, Any] | None:
-        """The fsspec options the store was opened with (credentials: not in the repr)."""
-        return self.location.storage_options
 
     @property
     def block_size(self) -> int:

@@ -43,7 +43,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from .._genes import GeneMapping, normalize_gene_ids
 from .._io import create_flow_group, flow_attrs, mark_complete, open_flow_group, write_1d
-from .._location import Location, LocationLike
+from .._location import Located, Location, LocationLike
 from .._version import __version__
 from ..cluster import compute as cluster_compute
 from ..errors import OutputExistsError, VocabularyError
@@ -476,7 +476,7 @@ def _as_object(block: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class EncodingStore:
+class EncodingStore(Located):
     """An opened encoding store (lazy: arrays are read by Dask tasks on demand).
 
     ``location`` is where it is (path or URL and storage options); ``attrs`` its
@@ -487,16 +487,6 @@ class EncodingStore:
     location: Location
     attrs: dict[str, Any]
     _opened: Any = field(default=None, compare=False, repr=False)  # the group, once opened
-
-    @property
-    def url(self) -> str:
-        """The store's absolute local path or URL."""
-        return self.location.url
-
-    @property
-    def storage_options(self) -> Mapping[str, Any] | None:
-        """The fsspec options of the store's URL (credentials: never shown)."""
-        return self.location.storage_options
 
     def _group(self) -> Any:
         """The store's group, opened (and checked complete) once, read-only."""

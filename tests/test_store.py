@@ -27,7 +27,7 @@ from flow import (
 )
 from flow._io import ChunkedWriter, create_flow_group, mark_complete
 from flow._location import Location
-from flow.datasets import synthetic_counts, write_synthetic
+from flow.datasets import write_synthetic
 from flow.errors import FlowWarning
 from flow.ingest._source import SourceInfo
 
@@ -367,32 +367,6 @@ def test_finishing_a_store_removes_writes_cut_off_by_a_kill(tmp_path):
     assert sorted(p.name for p in chunks.rglob("*") if p.is_file()) == ["0", "1"]
     np.testing.assert_array_equal(zarr.open_group(tmp_path / "s.zarr")["x"][:], np.arange(4))
     assert zarr.open_group(tmp_path / "s.zarr").attrs["flow"]["complete"] is True
-
-
-def test_synthetic_data_looks_like_droplets():
-    src = synthetic_counts(3000, 2000, seed=5, mean_genes=300)
-    x = src.to_dense()
-    detected = (x > 0).sum(axis=1)
-    assert 200 < np.median(detected) < 400  # mean_genes sets the depth
-    means = x.mean(axis=0)
-    assert means.max() > 50 * np.median(means[means > 0])  # heavy-tailed gene means
-    var = x.var(axis=0)
-    top = means > 1
-    assert np.median(var[top] / means[top]) > 1.5  # overdispersed (negative binomial), not Poisson
-    types = src.info.obs["cell_type"]
-    assert 0.02 < (types == "doublet").mean() < 0.08
-    assert types.nunique() == 7  # six types and doublets
-    totals = x.sum(axis=1)
-    assert totals.max() > 3 * np.median(totals)  # library-size spread
-
-
-def test_synthetic_data_independent_of_read_size():
-    src = synthetic_counts(1100, 100, seed=2, mean_genes=20)
-    a = sp.vstack(list(src.iter_blocks(7)))
-    b = sp.vstack(list(src.iter_blocks(1100)))
-    assert (a != b).nnz == 0
-    c = sp.vstack(list(synthetic_counts(1100, 100, seed=3, mean_genes=20).iter_blocks(500)))
-    assert (a != c).nnz > 0
 
 
 def test_flow_info(tmp_path, capsys):

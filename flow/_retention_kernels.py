@@ -20,10 +20,16 @@ Pass 1 (:func:`first_pass_block`)
       at rank >= cutoff.
 Refinement passes (:func:`refine_block`)
     For each unresolved *target* (a population and the k-th smallest key wanted in it) whose
-    window ``[lo, hi)`` holds that key: a histogram of ``(key - lo) // step`` and, per bin, the
-    smallest and largest key seen. :func:`narrow` then keeps the bin holding the k-th key,
-    shrunk to ``[min, max + 1)``; a window one key wide is the answer. Every pass divides a
-    window by the number of bins at least, so selection ends after a few passes.
+    window ``[lo, hi)`` holds that key: a histogram of ``(key - lo) // step`` and, unless the
+    bins are one key wide, each bin's smallest and largest key and how many keys equal them
+    (all merge across blocks). :func:`narrow` keeps the bin holding the k-th key: its
+    smallest or largest key when the k-th is one of those, else the bin shrunk to
+    ``[min, max + 1)`` as the next window; a window one key wide is the answer. Every pass
+    divides a window by the number of bins at least, so selection ends after a few passes.
+
+Blocks are walked in segments of ranks between pass-1 rank-bin edges
+(:func:`ranked_segments`), so every histogram update is a small ``bincount`` over genes or
+value bins that stays in cache.
 """
 
 from __future__ import annotations
@@ -240,8 +246,9 @@ def _groups(seg: Segment, codes: np.ndarray, t: Tables) -> IntArray:
 
 
 def _empty_first_state(t: Tables) -> State:
-    state = {
-        "sum:genes": np.zeros(t.n_groups * t.n_slots * t.n_rank_bins, np.int64),
+    state: State = {
+        # per gene and rank bin at most one count per cell: int32 (a store has < 2**31 cells)
+        "sum:genes": np.zeros(t.n_groups * t.n_slots * t.n_rank_bins, np.int32),
         "sum:sets": np.zeros(t.n_sets * t.n_groups * t.cutoffs.size, np.int64),
     }
     if t.tail:
@@ -322,18 +329,46 @@ def first_pass_block(
     return state
 
 
+def _reduce_sparse(rows: State, name: str) -> State:
+    """Rows of a sparse family ``name`` (bin ``idx:``, count ``sum:`` and, unless its bins
+    are one key wide, extremes ``min:``/``max:`` and the keys at them ``minn:``/``maxn:``)
+    reduced to one row per bin, in bin order."""
+    idx = rows[f"idx:{name}"]
+    order = np.argsort(idx, kind="stable")
+    idx = idx[order]
+    starts = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1]]) if idx.size else idx[:0]
+    if not idx.size:
+        return {key: value[:0] for key, value in rows.items()}
+    out = {
+        f"idx:{name}": idx[starts],
+        f"sum:{name}": np.add.reduceat(rows[f"sum:{name}"][order], starts),
+    }
+    sizes = np.diff(np.r_[starts, idx.size])
+    for kind, pick in (("min", np.minimum), ("max", np.maximum)):
+        if f"{kind}:{name}" not in rows:
+            continue
+        extreme = rows[f"{kind}:{name}"][order]
+        best = pick.reduceat(extreme, starts)
+        at_best = np.where(extreme == np.repeat(best, sizes), rows[f"{kind}n:{name}"][order], 0)
+        out[f"{kind}:{name}"] = best
+        out[f"{kind}n:{name}"] = np.add.reduceat(at_best, starts)
+    return out
+
+
 def merge_states(*parts: State) -> State:
-    """Merge block states: ``sum:`` keys add, ``min:``/``max:`` keys take the extreme."""
-    out = {key: value.copy() for key, value in parts[0].items()}
-    for part in parts[1:]:
-        for key, value in part.items():
-            kind = key.split(":", 1)[0]
-            if kind == "sum":
-                out[key] += value
-            elif kind == "min":
-                np.minimum(out[key], value, out=out[key])
-            else:
-                np.maximum(out[key], value, out=out[key])
+    """Merge block states: dense ``sum:`` keys add; sparse families (those with an ``idx:``
+    key) are concatenated and reduced to one row per bin (counts add, extremes and the
+    counts at them combine)."""
+    sparse = {key.split(":", 1)[1] for key in parts[0] if key.startswith("idx:")}
+    out: State = {}
+    for key in parts[0]:
+        if key.split(":", 1)[1] not in sparse:
+            out[key] = parts[0][key].copy()
+            for part in parts[1:]:  # in place: never all parts stacked
+                out[key] += part[key]
+    for name in sparse:
+        keys = [key for key in parts[0] if key.split(":", 1)[1] == name]
+        out |= _reduce_sparse({key: np.concatenate([p[key] for p in parts]) for key in keys}, name)
     return out
 
 
@@ -363,34 +398,39 @@ class Windows:
         """Number of windows."""
         return int(self.lo.size)
 
+    @property
+    def exact(self) -> bool:
+        """Every bin is one key wide: this pass finds every answer (no extremes needed)."""
+        return bool((self.step == 1).all())
 
-def _window_hist(state: State, name: str, w: Windows, targets: IntArray, keys: IntArray) -> None:
-    """Histogram ``keys`` of the entries whose target has a window, into ``state``."""
+
+def _window_entries(w: Windows, targets: IntArray, keys: IntArray) -> tuple[IntArray, IntArray]:
+    """(bin, key) of the entries whose target has a window holding their key."""
     u = w.target[targets].astype(np.int64)
     ok = u >= 0
     u, keys = u[ok], keys[ok]
     inside = (keys >= w.lo[u]) & (keys < w.hi[u])
     u, keys = u[inside], keys[inside]
-    if not u.size:
-        return
-    flat = u * w.n_bins + (keys - w.lo[u]) // w.step[u]
-    np.add.at(state[f"sum:{name}"], flat, 1)  # few entries: no histogram-sized temporary
-    np.minimum.at(state[f"min:{name}"], flat, keys)
-    np.maximum.at(state[f"max:{name}"], flat, keys)
+    return u * w.n_bins + (keys - w.lo[u]) // w.step[u], keys
 
 
-def _empty_refine_state(windows: dict[str, Windows]) -> State:
-    state: State = {}
-    for name, w in windows.items():
-        size = w.size * w.n_bins
-        state[f"sum:{name}"] = np.zeros(size, np.int64)
-        state[f"min:{name}"] = np.full(size, np.iinfo(np.int64).max, np.int64)
-        state[f"max:{name}"] = np.full(size, -1, np.int64)
-    return state
+def _sparse_state(name: str, w: Windows, bins: list[IntArray], keys: list[IntArray]) -> State:
+    """A block's sparse state of one family, from its entries' (bin, key)."""
+    flat = np.concatenate(bins) if bins else np.zeros(0, np.int64)
+    ones = np.ones(flat.size, np.int64)
+    rows = {f"idx:{name}": flat, f"sum:{name}": ones}
+    if not w.exact:
+        key = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        rows |= {f"min:{name}": key, f"max:{name}": key}
+        rows |= {f"minn:{name}": ones, f"maxn:{name}": ones}
+    return _reduce_sparse(rows, name)
+
+
+Found = dict[str, tuple[list[IntArray], list[IntArray]]]
 
 
 def _refine_genes(
-    state: State, w: Windows, seg: Segment, toks: np.ndarray, grp: IntArray, t: Tables, n_keep: int
+    found: Found, w: Windows, seg: Segment, toks: np.ndarray, grp: IntArray, t: Tables, n_keep: int
 ) -> None:
     slot = t.slot_of_token[toks].astype(np.int64)
     pop = grp * t.n_slots + slot
@@ -400,22 +440,26 @@ def _refine_genes(
         return
     pop, ranks = pop[sel], seg.ranks()[sel]
     for q in range(n_keep):
-        _window_hist(state, "genes", w, pop * n_keep + q, ranks)
+        bins, keys = _window_entries(w, pop * n_keep + q, ranks)
+        found["genes"][0].append(bins)
+        found["genes"][1].append(keys)
 
 
 def _refine_values(
-    state: State, w: Windows, keys: IntArray, grp: IntArray, interval: int, t: Tables, groups: int
+    found: Found, w: Windows, keys: IntArray, grp: IntArray, interval: int, t: Tables, groups: int
 ) -> None:
     n_cut = t.cutoffs.size
-    bins = value_bins(keys)
+    value_bin = value_bins(keys)
     modes = [grp] if groups == t.n_groups else [grp, np.full_like(grp, t.n_groups)]
     for g in modes:
-        sel = w.wanted[g * N_VALUE_BINS + bins]
+        sel = w.wanted[g * N_VALUE_BINS + value_bin]
         g_s, k_s = g[sel], keys[sel]
         for c in range(n_cut):
             part = int(interval > c)  # rank >= cutoffs[c]: dropped
             for q in range(3):
-                _window_hist(state, "values", w, ((g_s * n_cut + c) * 2 + part) * 3 + q, k_s)
+                bins, kept = _window_entries(w, ((g_s * n_cut + c) * 2 + part) * 3 + q, k_s)
+                found["values"][0].append(bins)
+                found["values"][1].append(kept)
 
 
 def refine_block(
@@ -429,27 +473,31 @@ def refine_block(
     n_keep: int,
     value_groups: int,
 ) -> State:
-    """A refinement pass over one cell block: window histograms for ``genes`` and ``values``.
+    """A refinement pass over one cell block: sparse window histograms of ``genes`` and
+    ``values`` (rows only for the bins its entries fall in).
 
     Gene targets are ``(group, slot, keep fraction)``; value targets
     ``(group, cutoff, part, quantile)`` with ``part`` 0 kept, 1 dropped, over
     ``value_groups`` groups (the last one is every passing cell when there are more than
     ``t.n_groups``), 3 quantiles.
     """
-    state = _empty_refine_state(windows)
     codes = np.asarray(codes, dtype=np.int64)
     live = np.where(codes >= 0, np.asarray(lengths, dtype=np.int64), 0)
     genes, values = windows.get("genes"), windows.get("values")
     n_counts = np.asarray(n_counts if values is not None else np.ones(live.size), np.float64)
+    found: Found = {name: ([], []) for name in windows}
     for seg in ranked_segments(tokens, counts if values is not None else None, live, t.rank_edges):
         toks = seg.tokens[seg.mask]
         grp = _groups(seg, codes, t)
         if genes is not None:
-            _refine_genes(state, genes, seg, toks, grp, t, n_keep)
+            _refine_genes(found, genes, seg, toks, grp, t, n_keep)
         if values is not None:
             keys = _value_keys(seg, toks, n_counts, t)
             interval = int(t.interval[seg.first])
-            _refine_values(state, values, keys, grp, interval, t, value_groups)
+            _refine_values(found, values, keys, grp, interval, t, value_groups)
+    state: State = {}
+    for name, (bins, entry_keys) in found.items():
+        state |= _sparse_state(name, windows[name], bins, entry_keys)
     return state
 
 
@@ -476,7 +524,8 @@ class Selection:
     def windows(self, max_bins: int, *, wanted: np.ndarray, bin_of: IntArray) -> Windows:
         """This pass's windows, at most ``max_bins`` bins in all (at least 2 per window).
 
-        ``bin_of`` is each target's pass-1 bin index (in the ``wanted`` grid).
+        ``bin_of`` is each target's pass-1 bin index (in the ``wanted`` grid). A block's state
+        holds only the bins its entries fall in, so ``max_bins`` bounds it, rarely reached.
         """
         ids = np.flatnonzero(self.active)
         target = np.full(self.k.size, -1, np.int32)
@@ -520,8 +569,13 @@ def start_selection(hist: IntArray, k: IntArray, pop: IntArray, edges: IntArray)
     )
 
 
-def narrow(sel: Selection, w: Windows, hist: IntArray, mins: IntArray, maxs: IntArray) -> None:
+def narrow(sel: Selection, w: Windows, state: State, name: str) -> None:
     """Keep, for each active target, the bin of its window holding its k-th key (in place).
+
+    ``state`` holds the pass's sparse rows of family ``name`` (see :func:`refine_block`):
+    the k-th key is a bin's smallest when at most ``minn`` keys precede it in the bin, its
+    largest when at most ``maxn`` follow, else the bin shrunk to ``[min, max + 1)`` is the
+    next window (one-key bins are answers at once).
 
     Raises
     ------
@@ -533,19 +587,29 @@ def narrow(sel: Selection, w: Windows, hist: IntArray, mins: IntArray, maxs: Int
     if not ids.size:
         return
     u = w.target[ids].astype(np.int64)
-    h = hist.reshape(w.size, w.n_bins)[u]
-    cum = np.cumsum(h, axis=1)
-    if not np.array_equal(cum[:, -1], sel.inside[ids]):
+    idx, count = state[f"idx:{name}"], state[f"sum:{name}"]
+    owner = idx // w.n_bins  # idx is sorted: so is owner
+    cum = np.r_[0, np.cumsum(count)]
+    first, last = np.searchsorted(owner, u, "left"), np.searchsorted(owner, u, "right")
+    if not np.array_equal(cum[last] - cum[first], sel.inside[ids]):
         msg = "The encoding store changed while it was being read: run the query again."
         raise InputError(msg)
     want = sel.k[ids] - sel.below[ids]
-    j = np.argmax(cum >= want[:, None], axis=1)
-    rows = np.arange(ids.size)
-    flat = u * w.n_bins + j
-    sel.below[ids] += cum[rows, j] - h[rows, j]
-    sel.inside[ids] = h[rows, j]
-    sel.lo[ids] = mins[flat]
-    sel.hi[ids] = maxs[flat] + 1
-    done = sel.hi[ids] - sel.lo[ids] == 1
-    sel.answer[ids[done]] = sel.lo[ids[done]]
+    row = np.searchsorted(cum, cum[first] + want, "left") - 1  # the bin holding the k-th key
+    before = cum[row] - cum[first]
+    sel.below[ids] += before
+    sel.inside[ids] = count[row]
+    if w.exact:
+        lo = w.lo[u] + (idx[row] - u * w.n_bins) * w.step[u]
+        hi = lo + 1
+    else:
+        lo, hi = state[f"min:{name}"][row], state[f"max:{name}"][row] + 1
+        rank = want - before  # 1-based within the bin
+        at_min = rank <= state[f"minn:{name}"][row]
+        at_max = rank > count[row] - state[f"maxn:{name}"][row]
+        hi = np.where(at_min, lo + 1, hi)
+        lo = np.where(at_max & ~at_min, hi - 1, lo)
+    sel.lo[ids], sel.hi[ids] = lo, hi
+    done = hi - lo == 1
+    sel.answer[ids[done]] = lo[done]
     sel.active[ids[done]] = False

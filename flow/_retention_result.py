@@ -10,11 +10,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import pandas as pd
+import xarray as xr  # already loaded by anndata and the median set: no import cost here
 
 from . import _retention_kernels as k
+from .errors import InputError
 
 if TYPE_CHECKING:
-    import xarray as xr
+    pass
 
 __all__ = [
     "ALL_CELLS",
@@ -32,9 +34,11 @@ TAIL_QUANTILES: Final = (Fraction(1, 10), Fraction(1, 2), Fraction(9, 10))
 TAIL_COLUMNS: Final = ("log2_fold_change_p10", "log2_fold_change_p50", "log2_fold_change_p90")
 ALL_CELLS: Final = "(all)"
 """The tail's group label for every passing cell, beside each group's rows."""
-VALUE_BINS_PER_WINDOW: Final = 4096
-"""Bins per fold-change window in a refinement pass (12 bits of the key per pass)."""
+VALUE_BINS_PER_WINDOW: Final = 1 << 20
+"""Bins per fold-change window in a refinement pass (20 bits of the key per pass; states are
+sparse, so empty bins cost nothing)."""
 PARTS: Final = ("kept", "dropped")
+_NO_TAIL: Final = "The tail was not computed: use gene_retention(..., tail=True)."
 
 
 @dataclass(frozen=True)
@@ -131,14 +135,15 @@ class RetentionResult:
         return cls(
             spec,
             t.rank_edges,
-            state["sum:genes"].reshape(t.n_groups, t.n_slots, t.n_rank_bins),
+            state["sum:genes"].astype(np.int64).reshape(t.n_groups, t.n_slots, t.n_rank_bins),
             values,
             state["sum:sets"].reshape(t.n_sets, t.n_groups, len(spec.cutoffs)),
         )
 
     def value_populations(self) -> np.ndarray:
         """``(tail group, cutoff, part, value bin)``: kept (rank < L) and dropped."""
-        assert self.value_hist is not None
+        if self.value_hist is None:
+            raise InputError(_NO_TAIL)
         cum = np.cumsum(self.value_hist, axis=1)  # intervals 0..c: ranks below cutoff c
         kept = cum[:, : len(self.spec.cutoffs)]
         return np.stack([kept, cum[:, -1:] - kept], axis=2)
@@ -168,7 +173,7 @@ class RetentionResult:
         """``(group, slot, keep)`` float: 1 + the selected rank, NaN without expressing cells."""
         if self.gene_rank is None:
             msg = "Not computed yet: use Retention.compute()."
-            raise ValueError(msg)
+            raise InputError(msg)
         return np.where(self.gene_rank >= 0, self.gene_rank + 1.0, np.nan)
 
     def genes_frame(self) -> pd.DataFrame:
@@ -239,8 +244,7 @@ class RetentionResult:
         where there is no occurrence. Grouped, each group's rows then every cell's
         (:data:`ALL_CELLS`)."""
         if self.value_hist is None or self.value_key is None:
-            msg = "The tail was not computed: use gene_retention(..., tail=True)."
-            raise ValueError(msg)
+            raise InputError(_NO_TAIL)
         pops = self.value_populations()
         log2 = np.full(self.value_key.shape, np.nan)
         has = self.value_key >= 0
@@ -283,8 +287,8 @@ class RetentionResult:
         labels = {spec.label(t): t for t in spec.tracked}
         for name in genes or []:
             if name not in labels:
-                msg = f"{name!r} is not among the genes of this result."
-                raise ValueError(msg)
+                msg = f"{name!r} is not among the genes of this result (by symbol or ID)."
+                raise InputError(msg)
             picked.append(labels[name])
         curves = {spec.label(t): hist[spec.slots(np.array([t]))[0]] for t in picked}
         names = list(spec.set_names[:8]) if sets is None else sets
@@ -303,8 +307,7 @@ class RetentionResult:
         bin of ``1 / per_octave`` (a divisor of 256): ``log2_fold_change`` (bin start),
         ``kept``, ``dropped``; only the range holding values."""
         if self.value_hist is None:
-            msg = "The tail was not computed: use gene_retention(..., tail=True)."
-            raise ValueError(msg)
+            raise InputError(_NO_TAIL)
         c = self.spec.cutoffs.index(cutoff)
         pops = self.value_populations()[-1, c]  # (part, bin): the last group is every cell
         merge = 256 // per_octave
@@ -319,8 +322,6 @@ class RetentionResult:
     def to_dataset(self) -> xr.Dataset:
         """The figures as an :class:`xarray.Dataset` (dims ``group``, ``gene``, ``cutoff``,
         ``keep``, ``gene_set``, ``tail_group``, ``part``, ``quantile``)."""
-        import xarray as xr  # xarray costs ~0.5 s to import: only this view needs it
-
         spec = self.spec
         n, dropped = self._gene_counts()
         slots = spec.slots(spec.shown)

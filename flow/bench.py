@@ -134,11 +134,11 @@ def write_h5ad(
     with h5py.File(path, "a") as f:
         obs = pd.DataFrame(
             {"cell_type": src.info.obs["cell_type"].astype(str).to_numpy()},
-            index=pd.Index(src.info.barcodes.astype(str)),
+            index=pd.Index(src.info.barcodes.astype(object)),
         )
         var = pd.DataFrame(
-            {"gene_symbol": np.asarray(src.info.gene_symbols, dtype=str)},
-            index=pd.Index(src.info.gene_ids.astype(str)),
+            {"gene_symbol": np.asarray(src.info.gene_symbols).astype(object)},
+            index=pd.Index(src.info.gene_ids.astype(object)),
         )
         ad.io.write_elem(f, "obs", obs)
         ad.io.write_elem(f, "var", var)

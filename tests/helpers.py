@@ -56,11 +56,11 @@ def write_synthetic_h5ad(
             "cell_type": pd.Categorical(src.info.obs["cell_type"].to_numpy()),
             "filter_pass": (np.arange(n_cells) % fail_every != fail_every - 1).astype(np.int8),
         },
-        index=pd.Index(src.info.barcodes.astype(str)),
+        index=pd.Index(src.info.barcodes.astype(object)),
     )
     var = pd.DataFrame(
-        {"gene_symbol": np.asarray(src.info.gene_symbols, dtype=str)},
-        index=pd.Index(src.info.gene_ids.astype(str)),
+        {"gene_symbol": np.asarray(src.info.gene_symbols).astype(object)},
+        index=pd.Index(src.info.gene_ids.astype(object)),
     )
     ad.AnnData(X=x, obs=obs, var=var).write_h5ad(path)
     return path

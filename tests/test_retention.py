@@ -478,15 +478,24 @@ def _select_by_passes(
         if not sel.active.any():
             break
         w = sel.windows(max_bins, wanted=np.zeros(1, bool), bin_of=np.zeros(n_pops, np.int64))
-        size = w.size * w.n_bins
-        h, lo, hi = np.zeros(size, np.int64), np.full(size, 2**62), np.full(size, -1)
+        bins: dict[int, list[int]] = {}
         for key, pop in zip(keys.tolist(), pops.tolist(), strict=True):
             u = int(w.target[pop])
             if u >= 0 and w.lo[u] <= key < w.hi[u]:
-                b = u * w.n_bins + (key - int(w.lo[u])) // int(w.step[u])
-                h[b] += 1
-                lo[b], hi[b] = min(lo[b], key), max(hi[b], key)
-        k.narrow(sel, w, h, lo, hi)
+                bins.setdefault(u * w.n_bins + (key - int(w.lo[u])) // int(w.step[u]), []).append(
+                    key
+                )
+        order = sorted(bins)  # sparse rows: one per bin holding keys, in bin order
+        state = {
+            "idx:x": np.array(order, np.int64),
+            "sum:x": np.array([len(bins[b]) for b in order]),
+        }
+        if not w.exact:
+            state["min:x"] = np.array([min(bins[b]) for b in order], np.int64)
+            state["max:x"] = np.array([max(bins[b]) for b in order], np.int64)
+            state["minn:x"] = np.array([bins[b].count(min(bins[b])) for b in order], np.int64)
+            state["maxn:x"] = np.array([bins[b].count(max(bins[b])) for b in order], np.int64)
+        k.narrow(sel, w, state, "x")
     assert not sel.active.any()
     return sel.answer
 
@@ -506,7 +515,7 @@ def test_selection_finds_the_kth_key(
     keys = data.draw(npst.arrays(np.int64, st.integers(0, 60), elements=st.integers(0, high)))
     pops = data.draw(npst.arrays(np.int64, keys.size, elements=st.integers(0, n_pops - 1)))
     inner = data.draw(st.lists(st.integers(1, high), max_size=5, unique=True))
-    edges = np.unique(np.r_[0, inner, high + 1]).astype(np.int64)
+    edges = np.array(sorted({0, *inner, high + 1}), dtype=np.int64)
     got = _select_by_passes(keys, pops, n_pops, p, edges, max_bins)
     for pop in range(n_pops):
         want = reference.kth_smallest(keys[pops == pop], p)
@@ -818,3 +827,36 @@ def test_pbmc1k_every_figure_matches_reference(pbmc1k: Case) -> None:
 def test_public_names() -> None:
     assert flow.gene_retention is r.gene_retention
     assert flow.read_gene_sets is r.read_gene_sets
+
+
+@settings(deadline=None)
+@given(
+    data=st.data(),
+    exact=st.booleans(),
+    cuts=st.lists(st.integers(0, 40), max_size=4),
+)
+def test_sparse_states_merge_to_the_state_of_all_entries(
+    data: st.DataObject, exact: bool, cuts: list[int]
+) -> None:
+    bins = data.draw(npst.arrays(np.int64, 40, elements=st.integers(0, 12)))
+    keys = data.draw(npst.arrays(np.int64, 40, elements=st.integers(0, 5)))
+    step = np.ones(1, np.int64) if exact else np.full(1, 7, np.int64)
+    w = k.Windows(
+        np.zeros(1, np.int32), np.zeros(1, np.int64), np.full(1, 99), step, 13, np.ones(1, bool)
+    )
+    bounds = [0, *sorted(cuts), 40]
+    parts = [
+        k._sparse_state("x", w, [bins[a:z]], [keys[a:z]]) for a, z in itertools.pairwise(bounds)
+    ]
+    merged = k.merge_states(*parts)
+    whole = k._sparse_state("x", w, [bins], [keys])
+    assert merged.keys() == whole.keys()
+    for key in whole:
+        assert np.array_equal(merged[key], whole[key]), key
+    for row, b in enumerate(whole["idx:x"].tolist()):
+        found = keys[bins == b]
+        assert whole["sum:x"][row] == found.size
+        if not exact:
+            assert whole["min:x"][row] == found.min()
+            assert whole["minn:x"][row] == np.count_nonzero(found == found.min())
+            assert whole["maxn:x"][row] == np.count_nonzero(found == found.max())

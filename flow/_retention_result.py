@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import numpy as np
 import pandas as pd
@@ -14,9 +14,6 @@ import xarray as xr  # already loaded by anndata and the median set: no import c
 
 from . import _retention_kernels as k
 from .errors import InputError
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "ALL_CELLS",
@@ -34,9 +31,10 @@ TAIL_QUANTILES: Final = (Fraction(1, 10), Fraction(1, 2), Fraction(9, 10))
 TAIL_COLUMNS: Final = ("log2_fold_change_p10", "log2_fold_change_p50", "log2_fold_change_p90")
 ALL_CELLS: Final = "(all)"
 """The tail's group label for every passing cell, beside each group's rows."""
-VALUE_BINS_PER_WINDOW: Final = 1 << 20
-"""Bins per fold-change window in a refinement pass (20 bits of the key per pass; states are
-sparse, so empty bins cost nothing)."""
+VALUE_BINS_PER_WINDOW: Final = 1 << 14
+"""Bins per fold-change window in a refinement pass (14 bits of the key per pass). States are
+sparse, but at 10**9 occurrences every bin near a median is hit, so the fold-change windows
+also share at most ``max_bins / 16`` bins (about 12 MB of state)."""
 PARTS: Final = ("kept", "dropped")
 _NO_TAIL: Final = "The tail was not computed: use gene_retention(..., tail=True)."
 

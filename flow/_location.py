@@ -9,8 +9,10 @@ task opens its own handles.
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,22 @@ import zarr
 if TYPE_CHECKING:
     from fsspec import AbstractFileSystem
 
-__all__ = ["Located", "Location", "LocationLike"]
+__all__ = ["STORE_RETRIES", "Located", "Location", "LocationLike", "store_failure"]
+
+#: Retries of one object-store request after its first attempt (botocore's "standard" mode:
+#: 5xx answers, throttling and broken connections, with jittered exponential backoff; each
+#: retry is logged at debug level by the ``botocore`` logger). A user's own
+#: ``config_kwargs={"retries": ...}`` storage option replaces this. s3fs adds its own bounded
+#: retries (5) around broken connections.
+STORE_RETRIES = 4
+
+_S3_PROTOCOLS = ("s3://", "s3a://")
+#: What an object store's failure looks like once it has crossed a process boundary (the
+#: backend's exception chain is lost in pickling): s3fs maps 5xx answers to these errnos.
+_STORE_ERRNOS = (errno.EIO, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED)
+_URL = re.compile(r"([a-z][a-z0-9+.-]*)://")
+_NOT_STORES = ("file", "tcp", "tls", "ucx", "inproc", "ws", "wss")  # local, or a scheduler
+_BACKENDS = ("botocore", "aiobotocore", "aiohttp", "s3fs", "urllib3")
 
 
 @dataclass(frozen=True)
@@ -72,13 +89,24 @@ class Location:
 
     @property
     def options(self) -> dict[str, Any] | None:
-        """Storage options to hand to fsspec or Zarr: a dict for a URL, None for a local path."""
-        return dict(self.storage_options or {}) if self.is_url else None
+        """Storage options to hand to fsspec or Zarr: a dict for a URL, None for a local path.
+
+        For ``s3://`` URLs, bounded retries (:data:`STORE_RETRIES`) unless the options set their
+        own ``config_kwargs["retries"]``.
+        """
+        if not self.is_url:
+            return None
+        options = dict(self.storage_options or {})
+        if self.path.startswith(_S3_PROTOCOLS):
+            config = dict(options.get("config_kwargs") or {})
+            config.setdefault("retries", {"max_attempts": STORE_RETRIES, "mode": "standard"})
+            options["config_kwargs"] = config
+        return options
 
     @property
     def store_options(self) -> dict[str, Any] | None:
         """Storage options for Zarr: None for local paths and ``file://`` URLs."""
-        return None if self.is_local else dict(self.storage_options or {})
+        return None if self.is_local else self.options
 
     def fs(self) -> tuple[AbstractFileSystem, str]:
         """The fsspec filesystem of this location and the path inside it."""
@@ -125,6 +153,57 @@ class Location:
 
     def __str__(self) -> str:
         return self.path
+
+
+def store_failure(err: BaseException, places: Iterable[object]) -> str | None:
+    """A one-line message if ``err`` is an object store failing (after its retries), else None.
+
+    ``places`` are the paths and URLs the user gave (strings, or lists of them); the message
+    names the first URL among them. Errors of commands without a URL are never store failures.
+    """
+    urls = [p for p in _flatten(places) if (m := _URL.match(p)) and m[1] not in _NOT_STORES]
+    if not urls:
+        return None
+    retries, detail = None, ""
+    for exc in _chain(err):
+        meta = getattr(exc, "response", None)
+        meta = meta.get("ResponseMetadata") if isinstance(meta, dict) else None
+        if isinstance(meta, dict) and int(meta.get("HTTPStatusCode") or 0) >= 500:
+            retries = int(meta.get("RetryAttempts") or 0)
+            detail = f"HTTP {meta['HTTPStatusCode']}"
+            break
+        if type(exc).__module__.split(".")[0] in _BACKENDS and not isinstance(
+            exc, (PermissionError, FileNotFoundError)
+        ):
+            retries, detail = STORE_RETRIES, type(exc).__name__
+            break
+        if isinstance(exc, OSError) and exc.errno in _STORE_ERRNOS and exc.__cause__ is None:
+            retries, detail = STORE_RETRIES, errno.errorcode.get(exc.errno or 0, "I/O error")
+            break
+    if retries is None:
+        return None
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return (
+        f"{urls[0]}: the object store failed after {retries} retries ({detail}: {first}); "
+        "check that it is reachable, then rerun the same command to finish."
+    )
+
+
+def _chain(err: BaseException) -> Iterable[BaseException]:
+    seen: set[int] = set()
+    exc: BaseException | None = err
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _flatten(places: Iterable[object]) -> Iterable[str]:
+    for place in places:
+        if isinstance(place, str | os.PathLike):
+            yield os.fspath(place) if not isinstance(place, bytes) else ""
+        elif isinstance(place, list | tuple):
+            yield from _flatten(place)
 
 
 #: What public functions accept where a place is meant.

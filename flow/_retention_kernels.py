@@ -80,11 +80,16 @@ SET_CELL_ENTRIES: Final = 1 << 22
 
 
 def kth(n: npt.ArrayLike, numerator: npt.ArrayLike, denominator: npt.ArrayLike) -> IntArray:
-    """``ceil(p x n)`` for ``p = numerator / denominator``, exactly (integer arithmetic)."""
-    n64 = np.asarray(n, dtype=np.int64)
-    num = np.asarray(numerator, dtype=np.int64)
-    den = np.asarray(denominator, dtype=np.int64)
-    out: IntArray = (n64 * num + den - 1) // den
+    """``ceil(p x n)`` for ``p = numerator / denominator``, exactly (integer arithmetic).
+
+    Python integers (object arrays): a fraction typed with many digits has a numerator and
+    denominator past int64, and ``n x numerator`` may pass it too; the result, at most ``n``,
+    fits.
+    """
+    whole = np.asarray(n, dtype=np.int64).astype(object)
+    num = np.asarray(numerator, dtype=object)
+    den = np.asarray(denominator, dtype=object)
+    out: IntArray = np.asarray((whole * num + den - 1) // den, dtype=np.int64)
     return out
 
 

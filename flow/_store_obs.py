@@ -19,7 +19,7 @@ import pandas as pd
 import zarr
 from pandas.api.types import union_categoricals
 
-from ._io import ChunkedWriter, create_1d, write_1d
+from ._io import DEFAULT_CODECS, ChunkedWriter, create_1d, write_1d
 from .errors import FlowWarning
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def write_obs(
         if isinstance(column, pd.Categorical):  # one small code per cell
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # zarr v3 string dtype spec warnings (third party)
-                ad.io.write_elem(obs, name, column)
+                ad.io.write_elem(obs, name, column, dataset_kwargs={"compressors": DEFAULT_CODECS})
             continue
         pieces = iter(column)
         first = next(pieces)  # its dtype is the column's
@@ -186,6 +186,6 @@ def write_var(root: zarr.Group, var: pd.DataFrame) -> None:
     """Write var (one row per gene: small) with anndata, and the empty elements it expects."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr v3 string dtype spec warnings (third party)
-        ad.io.write_elem(root, "var", var)
+        ad.io.write_elem(root, "var", var, dataset_kwargs={"compressors": DEFAULT_CODECS})
         for name in ("obsm", "obsp", "varm", "varp", "layers", "uns"):
             ad.io.write_elem(root, name, {})

@@ -32,6 +32,7 @@ import pandas as pd
 from dask.base import compute as dask_compute
 
 from . import medians as med
+from ._genes import normalize_gene_ids
 from .datasets import synthetic_counts, write_synthetic
 from .encode.store import open_encoding, plan_encoding, write_encoding
 from .errors import FlowError
@@ -41,7 +42,18 @@ from .vocab import vocabulary_from_genes
 
 __all__ = ["main", "median_accuracy", "run_stage", "write_h5ad"]
 
-STAGES = ("convert", "medians", "medians-exact", "tokenize", "export", "drop-rates", "retention")
+STAGES = (
+    "convert",
+    "medians",
+    "medians-exact",
+    "tokenize",
+    "tokenize-floor",
+    "export",
+    "drop-rates",
+    "retention",
+)
+#: The plain numpy floor of tokenize, run as a script (it must not import flow).
+FLOOR_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_bench_floor.py")
 
 
 def _tree_rss(pid: int) -> tuple[int, int, int]:
@@ -190,6 +202,33 @@ def median_accuracy(store_path: str, workdir: str) -> dict[str, Any]:
     }
 
 
+def floor_command(work: str, processes: int) -> list[str]:
+    """The floor of ``flow tokenize`` on ``work``'s count store and median set (see
+    :mod:`flow._bench_floor`): writes the per-column medians and tokens it reads first."""
+    store = open_counts(os.path.join(work, "counts.zarr"))
+    median_set = med.open_medians(os.path.join(work, "medians.zarr"))
+    table = dict(zip(median_set.gene_ids.tolist(), median_set.medians.tolist(), strict=True))
+    ids = normalize_gene_ids(store.var.index.to_numpy(dtype=str)).tolist()
+    medians = np.array([table.get(g, np.nan) for g in ids], dtype=np.float64)
+    medians[~(np.isfinite(medians) & (medians > 0))] = 1.0
+    np.save(os.path.join(work, "floor-medians.npy"), medians)
+    np.save(os.path.join(work, "floor-tokens.npy"), np.arange(len(ids), dtype=np.int32))
+    out = os.path.join(work, "floor")
+    shutil.rmtree(out, ignore_errors=True)
+    # run from a copy: beside flow's own modules, its imports would find flow/_pickle.py etc.
+    script = shutil.copy(FLOOR_SCRIPT, os.path.join(work, "tokenize_floor.py"))
+    return [
+        sys.executable, script, os.path.join(work, "counts.zarr"),
+        os.path.join(work, "floor-medians.npy"), os.path.join(work, "floor-tokens.npy"), out,
+        str(processes),
+    ]  # fmt: skip
+
+
+def disk_bytes(path: str) -> int:
+    """Bytes of the files under ``path`` (a local store)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
 def _time_cell_queries(encoding: str, n: int = 5) -> float:
     """Median seconds of ``dropped_genes`` at 2,048 for the ``n`` longest cells (after a warm-up)."""
     enc = open_encoding(encoding)
@@ -299,7 +338,16 @@ def _bench_size(args: argparse.Namespace, n: int, stages: list[str], work: str) 
         if stage in stages:
             result[stage] = run_stage(cmd)
     if "tokenize" in stages:
-        result["cell_query_s"] = _time_cell_queries(os.path.join(work, "encoding.zarr"))
+        enc = os.path.join(work, "encoding.zarr")
+        result["encoding_bytes"] = disk_bytes(enc)
+        result["cell_query_s"] = _time_cell_queries(enc)
+    if "tokenize-floor" in stages:
+        result["tokenize-floor"] = run_stage(floor_command(work, args.workers * args.threads))
+        if "tokenize" in stages:
+            result["tokenize_over_floor"] = (
+                result["tokenize"]["seconds"] / result["tokenize-floor"]["seconds"]
+            )
+        shutil.rmtree(os.path.join(work, "floor"), ignore_errors=True)
     return result
 
 
@@ -315,6 +363,13 @@ def _print_table(rows: list[dict[str, Any]], stages: list[str]) -> None:
                 f"| {_fmt(r['cells'])} | {stage} | {s['seconds']:.1f} | {_fmt(r['cells'] / s['seconds'])} | "
                 f"{_fmt(s['peak_rss'] / 2**20)} | {_fmt(s['peak_rss_driver'] / 2**20)} / "
                 f"{_fmt(s['peak_rss_worker'] / 2**20)} |"
+            )
+    for r in rows:
+        if "tokenize_over_floor" in r:
+            print(
+                f"| {_fmt(r['cells'])} | tokenize / its numpy floor | "
+                f"{r['tokenize_over_floor']:.2f}x | | encoding store "
+                f"{r['encoding_bytes'] / 2**20:,.1f} MiB on disk | |"
             )
     for r in rows:
         if "cell_query_s" in r:

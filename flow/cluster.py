@@ -8,32 +8,43 @@ starts a :class:`distributed.LocalCluster` sized to the machine, and prints the 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import re
+import signal
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import psutil
 from dask import config as dask_config
 from dask.base import compute as dask_compute
 from dask.diagnostics.progress import ProgressBar
 from distributed import Client, LocalCluster, Variable, get_client, progress, wait
+from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.diagnostics.progressbar import TextProgressBar
+from distributed.scheduler import KilledWorker
 
 from .errors import FlowError
 
 __all__ = [
     "MEDIANS_MMAP_THRESHOLD",
     "QUIET",
+    "Interrupted",
     "Reporter",
     "SchedulerError",
+    "WorkerLostError",
     "TextProgress",
     "compute",
     "current_client",
     "flow_client",
     "lazy_client",
     "run_task",
+    "stop_on_signals",
     "worker_environ",
 ]
 
@@ -75,6 +86,109 @@ def worker_environ(mmap_threshold: int | None = None) -> dict[str, Any]:
 
 class SchedulerError(FlowError, ConnectionError):
     """The Dask scheduler given by address cannot be reached."""
+
+
+class WorkerLostError(FlowError, MemoryError):
+    """A task killed every worker that ran it (out of memory, most often), past distributed's
+    retries (``distributed.scheduler.allowed-failures``).
+
+    ``task`` is the task's key; ``block`` the block index in it (for flow's per-block tasks,
+    ``(flow-<op>-<token>, block, ...)``), else None. Stages that know their blocks re-raise it
+    with the block's size and the option that fixes it.
+    """
+
+    def __init__(
+        self, message: str, *, task: str = "", block: int | None = None, attempts: int = 0
+    ) -> None:
+        super().__init__(message)
+        self.task, self.block, self.attempts = task, block, attempts
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def task_block(key: Any) -> int | None:
+    """The block index in a flow task key ``("flow-<op>-<token>", block, ...)``, else None
+    (merge levels of a reduction, ``flow-...-L<level>``, are not blocks)."""
+    if not isinstance(key, tuple) or len(key) < 2 or not isinstance(key[1], int):
+        return None
+    name = str(key[0])
+    if not name.startswith("flow-") or re.search(r"-L\d+$", name):
+        return None
+    return int(key[1])
+
+
+def worker_lost(err: KilledWorker) -> WorkerLostError:
+    """:class:`WorkerLostError` for distributed's ``KilledWorker``: names the task and block."""
+    key = err.task
+    block = task_block(key)
+    name = str(key[0] if isinstance(key, tuple) else key)
+    what = f"block {block} (task {name})" if block is not None else f"task {name}"
+    msg = (
+        f"{what} killed its worker {err.allowed_failures + 1} times, most likely out of "
+        "memory: give the workers more memory (--memory-limit), or fewer threads per worker "
+        "(--threads-per-worker); rerun the same command to finish."
+    )
+    return WorkerLostError(msg, task=name, block=block, attempts=err.allowed_failures + 1)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM arrived; :attr:`exit_status` is 128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_status(self) -> int:
+        """130 for SIGINT, 143 for SIGTERM (the shell's convention)."""
+        return 128 + self.signum
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`Interrupted` in the main thread, for a ``with`` block.
+
+    The first signal raises :class:`Interrupted` where the command is: ``with`` blocks unwind,
+    so claims are released and a local cluster is closed with its workers (what was written
+    stays, resumable). distributed's shutdown messages are silenced then. A second signal
+    during that shutdown ends the process at once, after killing its child processes (local
+    workers): never a hang, no orphans. Outside the main thread this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.getsignal(s) for s in _SIGNALS}
+
+    def again(signum: int, frame: Any) -> None:
+        _kill_children()
+        os._exit(128 + signum)
+
+    def first(signum: int, frame: Any) -> None:
+        for s in _SIGNALS:
+            signal.signal(s, again)
+        for name in ("distributed", "tornado", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+        raise Interrupted(signum)
+
+    for s in _SIGNALS:
+        signal.signal(s, first)
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _kill_children() -> None:
+    """Kill this process's child processes (its local workers) and theirs."""
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
 
 
 def current_client() -> Client | None:
@@ -181,20 +295,62 @@ def flow_client(
             _announce(client, quiet, f"Connected to scheduler {scheduler}")
             yield client
         return
-    with (
-        dask_config.set({"distributed.nanny.pre-spawn-environ": environ or worker_environ()}),
-        LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=threads_per_worker,
-            memory_limit=memory_limit,
-            processes=processes,
-            dashboard_address=dashboard_address,
-        ) as cluster,
-        Client(cluster, set_as_default=True) as client,
-    ):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            dask_config.set({"distributed.nanny.pre-spawn-environ": environ or worker_environ()})
+        )
+        with _workers_ignore_sigint():
+            cluster = stack.enter_context(
+                LocalCluster(
+                    n_workers=n_workers,
+                    threads_per_worker=threads_per_worker,
+                    memory_limit=memory_limit,
+                    processes=processes,
+                    dashboard_address=dashboard_address,
+                )
+            )
+        client = stack.enter_context(Client(cluster, set_as_default=True))
+        client.register_plugin(_QuietTaskErrors(), name="flow-quiet-task-errors")
         n = len(cluster.workers)
         _announce(client, quiet, f"Started a local Dask cluster ({n} workers)")
         yield client
+
+
+class _QuietTaskErrors(WorkerPlugin):
+    """Local workers do not log a failed task ("Compute Failed" and its traceback) nor a task
+    cancelled as they shut down (after Ctrl-C): a failure's exception reaches the caller, which
+    reports it (one line for a fault the user can act on, such as a full disk; the traceback for
+    a bug). Their stderr is the user's terminal."""
+
+    def setup(self, worker: Any) -> None:
+        for name in ("distributed.worker", "distributed.worker.state_machine"):
+            logging.getLogger(name).addFilter(_not_reported_here)
+
+
+def _not_reported_here(record: logging.LogRecord) -> bool:
+    text = str(record.msg)
+    if text.startswith("Compute Failed"):
+        return False
+    return not (text.startswith("Async instruction") and "CancelledError" in record.getMessage())
+
+
+@contextlib.contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Ignore SIGINT while local worker processes are started, so that they inherit that.
+
+    Ctrl-C at a terminal signals the whole foreground process group, workers included; each
+    would print a ``KeyboardInterrupt`` traceback. This process handles the signal instead
+    (:func:`stop_on_signals`) and shuts them down. A Ctrl-C during the cluster's start (a
+    second or two) is ignored. Workers restarted later by their nanny do not inherit it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _announce(client: Client, quiet: bool, what: str) -> None:
@@ -219,14 +375,21 @@ def compute(*collections: Any, quiet: bool = True, label: str = "") -> tuple[Any
         with bar:
             return tuple(dask_compute(*collections))
     futures = client.compute(list(collections))
-    if not quiet:
-        if _on_terminal():
-            with contextlib.redirect_stdout(sys.stderr):
-                progress(futures, notebook=False)
-            print(file=sys.stderr)
-        else:
-            _LogProgressBar(futures, label=label)
-    return tuple(client.gather(futures))
+    try:
+        if not quiet:
+            if _on_terminal():
+                with contextlib.redirect_stdout(sys.stderr):
+                    progress(futures, notebook=False)
+                print(file=sys.stderr)
+            else:
+                _LogProgressBar(futures, label=label)
+        return tuple(client.gather(futures))
+    except KilledWorker as err:
+        raise worker_lost(err) from None
+    except BaseException:  # interrupted, failed: stop what is still running
+        with contextlib.suppress(Exception):
+            client.cancel(futures)
+        raise
 
 
 def _on_terminal() -> bool:
@@ -304,6 +467,8 @@ def run_task(
                 return future.result()
             with contextlib.suppress(TimeoutError):
                 wait(future, timeout=0.2)
+    except KilledWorker as err:
+        raise worker_lost(err) from None
     except BaseException:
         future.cancel()
         raise

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 __all__ = [
     "ChunkingError",
+    "DamagedChunkError",
+    "DiskFullError",
     "FlowError",
     "FlowWarning",
     "IncompleteStoreError",
     "InputError",
+    "OutputBusyError",
     "SchemaError",
     "StoreNotFoundError",
     "VocabularyError",
@@ -40,6 +43,28 @@ class IncompleteStoreError(FlowError, RuntimeError):
 
 class OutputExistsError(FlowError, FileExistsError):
     """The output path holds something a run would replace (pass ``overwrite`` to allow it)."""
+
+
+class DamagedChunkError(FlowError, ValueError):
+    """A stored chunk fails its checksum: its bytes changed after it was written.
+
+    ``store``, ``array`` and ``chunk`` name it (the chunk key inside the array, ``c/0/3``).
+    """
+
+    def __init__(self, message: str, store: str = "", array: str = "", chunk: str = "") -> None:
+        super().__init__(message, store, array, chunk)
+        self.store, self.array, self.chunk = store, array, chunk
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class OutputBusyError(FlowError, BlockingIOError):
+    """Another run is writing the same output (it holds the output's claim)."""
+
+
+class DiskFullError(FlowError, OSError):
+    """The output's file system is full (or over quota); free space and rerun to finish."""
 
 
 class VocabularyError(FlowError, ValueError):

@@ -1,15 +1,22 @@
 """The median set: each gene's nonzero median of count / n_counts x 10,000 over a corpus.
 
 A median set is a Zarr v3 store that opens as an :class:`xarray.Dataset` with dimension
-``gene`` (``xarray.open_zarr(path, consolidated=False)``)::
+``gene`` (``xarray.open_zarr(path)``: its metadata is consolidated, so no warning), the
+normalized Ensembl IDs being the ``gene`` coordinate (``ds.sel(gene="ENSG00000167286")``)::
 
-    gene_id (gene)        normalized Ensembl IDs (coordinate)
+    gene (gene)           normalized Ensembl IDs (the dimension coordinate)
     median (gene)         float64 nonzero median (NaN: never expressed)
     n_nonzero (gene)      number of cells expressing the gene (-1: unknown, imported)
     digest_offset (gene_edge), digest_mean/_weight/_min/_max (centroid)
                           the t-digest state, kept so new data can be merged in later
     attrs["flow"]         kind "medians", method, compression, normalization, the stores it
                           covers (URL, fingerprint, cells), complete
+
+Median sets written before schema version 2 (IDs in a ``gene_id`` data variable, metadata
+not consolidated) still open with :func:`open_medians` and :func:`open_medians_dataset`
+(which gives them the ``gene`` coordinate too); ``xarray.open_zarr`` needs
+``consolidated=False`` for them, and rewriting one (``flow medians --merge OLD.zarr -o NEW.zarr``)
+brings it to the current layout.
 
 Methods: ``"tdigest"`` (one pass, mergeable), ``"exact"`` (two passes, bit-identical to
 ``numpy.median`` of each gene's nonzero values), ``"imported"`` (from a Geneformer dictionary).
@@ -25,8 +32,10 @@ import hashlib
 import json
 import os
 import pickle
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -37,7 +46,7 @@ import zarr
 
 from . import geneformer
 from ._genes import GeneMapping, collapse_gene_ids, normalize_gene_ids
-from ._io import create_flow_group, flow_attrs, mark_complete, open_flow_group
+from ._io import DEFAULT_CODECS, create_flow_group, flow_attrs, mark_complete, open_flow_group
 from ._kernels import TARGET_SUM
 from ._location import Location, LocationLike
 from ._pickle import load_dict
@@ -65,7 +74,11 @@ __all__ = [
 ]
 
 KIND = "medians"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: IDs are the ``gene`` coordinate and the metadata is consolidated (1: ``gene_id``)."""
+GENE = "gene"
+"""The name of the gene dimension and of its coordinate (the IDs)."""
+_OLD_GENE = "gene_id"  # schema version 1
 Method = Literal["tdigest", "exact"]
 NORMALIZATION = {
     "target_sum": TARGET_SUM,
@@ -113,11 +126,25 @@ class MedianSet:
         """A short summary of the median set (``output``: where it was written, if shown)."""
         expressed = int(np.sum(~np.isnan(self.medians)))
         where = f" -> {output}" if output else ""
+        head = f"median set{where}: {len(self.gene_ids):,} genes ({expressed:,} expressed), "
+        if self.method == "imported":
+            sources = ", ".join(_describe_source(str(s.get("url"))) for s in self.stores)
+            return head + f"imported from {sources or 'a dictionary'}"
         cells = sum(max(0, int(s.get("n_cells", 0))) for s in self.stores)
-        return (
-            f"median set{where}: {len(self.gene_ids):,} genes ({expressed:,} expressed), "
-            f"method {self.method}, {cells:,} cells from {len(self.stores)} store(s)"
-        )
+        return head + f"method {self.method}, {cells:,} cells from {len(self.stores)} store(s)"
+
+
+def _describe_source(url: str) -> str:
+    """An imported dictionary's file, or which preset, for a dictionary shipped with flow."""
+    try:
+        inside = Path(url).resolve().relative_to(geneformer.PACKAGE_DIR)
+    except (ValueError, OSError):
+        return url
+    preset = inside.parts[0]
+    if preset not in geneformer.PRESETS:
+        return url
+    name = geneformer.source_name(preset, "medians")
+    return f"Geneformer's {preset} medians shipped with flow (converted from {name})"
 
 
 # --------------------------------------------------------------------------- computing
@@ -339,7 +366,12 @@ def _create_1d(group: zarr.Group, name: str, data: np.ndarray, dim: str) -> None
     chunks = (max(1, min(data.size, 1 << 20)),)
     dtype = str if data.dtype.kind in "OUS" else data.dtype  # variable-length strings
     arr = group.create_array(
-        name, shape=data.shape, dtype=dtype, chunks=chunks, dimension_names=(dim,)
+        name,
+        shape=data.shape,
+        dtype=dtype,
+        chunks=chunks,
+        dimension_names=(dim,),
+        compressors=DEFAULT_CODECS,
     )
     if data.size:
         arr[:] = data
@@ -353,15 +385,17 @@ def write_medians(
 ) -> MedianSet:
     """Write a median set to a Zarr store (replacing it); returns it bound to that store.
 
-    ``storage_options`` is used only when ``where`` is not already a
+    The store's metadata is consolidated after the last write (the set is never modified in
+    place: a merge or an update writes a whole new set), so ``xarray.open_zarr`` opens it
+    without a warning. ``storage_options`` is used only when ``where`` is not already a
     :class:`~flow._location.Location`. The returned set is ``medians`` with ``location`` set:
     use it on without reading the store back.
     """
     location = Location.of(where, storage_options)
     root = create_flow_group(location, KIND, SCHEMA_VERSION)
-    _create_1d(root, "gene_id", np.asarray(medians.gene_ids, dtype=str), "gene")
-    _create_1d(root, "median", np.asarray(medians.medians, dtype=np.float64), "gene")
-    _create_1d(root, "n_nonzero", np.asarray(medians.n_nonzero, dtype=np.int64), "gene")
+    _create_1d(root, GENE, np.asarray(medians.gene_ids, dtype=str), GENE)
+    _create_1d(root, "median", np.asarray(medians.medians, dtype=np.float64), GENE)
+    _create_1d(root, "n_nonzero", np.asarray(medians.n_nonzero, dtype=np.int64), GENE)
     d = medians.digests or _tdigest.empty(len(medians.gene_ids))
     arrays = _tdigest.to_arrays(d)
     _create_1d(root, "digest_offset", arrays["offsets"], "gene_edge")
@@ -377,6 +411,10 @@ def write_medians(
         fingerprint=medians.fingerprint,
         flow_version=__version__,
     )
+    # last: the consolidated metadata (read by xarray.open_zarr) includes every array and attr
+    with warnings.catch_warnings():  # zarr: consolidated metadata is not in the v3 spec yet
+        warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+        zarr.consolidate_metadata(root.store, root.path)
     return dataclasses.replace(medians, location=location)
 
 
@@ -413,7 +451,7 @@ def open_medians(
     if digests and meta["method"] == "tdigest":
         state = _read_digests(root, compression)
     return MedianSet(
-        np.asarray(root["gene_id"][:], dtype=object),
+        np.asarray(root[_gene_array(root)][:], dtype=object),
         np.asarray(root["median"][:], dtype=np.float64),
         np.asarray(root["n_nonzero"][:], dtype=np.int64),
         state,
@@ -424,20 +462,28 @@ def open_medians(
     )
 
 
+def _gene_array(root: Any) -> str:
+    """The name of the array of gene IDs: ``gene`` (schema 2) or ``gene_id`` (schema 1)."""
+    return _OLD_GENE if int(flow_attrs(root).get("schema_version", 1)) < 2 else GENE
+
+
 def open_medians_dataset(
     where: LocationLike, *, storage_options: Mapping[str, Any] | None = None, **kwargs: Any
 ) -> xr.Dataset:
     """Open a median set store as a lazy :class:`xarray.Dataset` with dimension ``gene``.
 
-    ``kwargs`` go to :func:`xarray.open_zarr`.
+    The gene IDs are the ``gene`` coordinate, also for sets written before schema version 2
+    (which kept them in a ``gene_id`` variable). ``kwargs`` go to :func:`xarray.open_zarr`.
     """
     location = Location.of(where, storage_options)
     root = open_flow_group(location, KIND)
-    ds = xr.open_zarr(
-        location.url, consolidated=False, storage_options=location.store_options, **kwargs
-    )
+    old = _gene_array(root) == _OLD_GENE
+    options: dict[str, Any] = {"consolidated": not old, **kwargs}
+    ds = xr.open_zarr(location.url, storage_options=location.store_options, **options)
     ds.attrs["flow"] = flow_attrs(root)
-    return ds.set_coords("gene_id")
+    if old:
+        ds = ds.assign_coords({GENE: ds[_OLD_GENE].values}).drop_vars(_OLD_GENE)
+    return ds
 
 
 # --------------------------------------------------------------------------- interchange

@@ -16,17 +16,22 @@ here is a compute boundary: it runs graphs on the current Dask client (see
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from distributed import Client
+from dask.base import compute as dask_compute
+from dask.delayed import delayed
+from distributed import Client, worker_client
 
+from ._claim import claim_output
 from ._location import Location, LocationLike
-from .cluster import QUIET, Reporter, run_task
+from .cluster import QUIET, Reporter, WorkerLostError, current_client, run_task
 from .datasets import synthetic_counts
 from .encode.store import EncodingStore, open_encoding, plan_encoding, write_encoding
 from .errors import InputError, SchemaError, StoreNotFoundError
@@ -59,7 +64,7 @@ from .vocab import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
 
 __all__ = [
     "RunResult",
@@ -75,6 +80,12 @@ __all__ = [
     "run",
     "tokenize",
 ]
+
+#: Cells from which ``convert`` starts (or uses) a cluster; below, threads in this process
+#: (a local cluster costs ~2 s to start; measured: 20k cells convert in about a second).
+CLUSTER_CELLS = 50_000
+#: Inputs from which ``convert`` opens them (reads their metadata) as parallel tasks.
+OPEN_IN_TASKS = 8
 
 Format = Literal["hf", "parquet"]
 Method = Literal["tdigest", "exact"]
@@ -149,6 +160,29 @@ def preset_dictionaries(preset: Preset | str) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _naming_blocks(store: CountStore) -> Iterator[None]:
+    """Re-raise a :class:`~flow.cluster.WorkerLostError` of a per-block task with the size of
+    that block of ``store`` and the options that fix it."""
+    try:
+        yield
+    except WorkerLostError as err:
+        b = err.block
+        if b is None or not 0 <= b < store.n_blocks:
+            raise
+        offsets = store.attrs["block_nnz_offsets"]
+        size = store.block_size
+        cells = min(size, int(store.attrs["n_cells"]) - b * size)
+        nnz = int(offsets[b + 1]) - int(offsets[b])
+        msg = (
+            f"block {b} of {store.url} ({cells:,} cells, {nnz:,} nonzeros) killed its worker "
+            f"{err.attempts} times, most likely out of memory (task {err.task}): convert again "
+            f"with a smaller --block-size (now {size:,} cells), or give the workers more "
+            "memory (--memory-limit), then rerun the same command."
+        )
+        raise WorkerLostError(msg, task=err.task, block=b, attempts=err.attempts) from None
+
+
 # --------------------------------------------------------------------------- stages
 
 
@@ -166,17 +200,24 @@ def convert(
     """Convert input matrices (paths, URLs or opened sources) into one count store (computes
     and writes; see :func:`flow.store.write_counts`).
 
-    The inputs are read as one stream: in this process, or, given a ``distributed.Client``,
-    in one task (``flow-convert``) on a worker of its cluster, which must see the inputs and
-    the output (shared file system or object store). ``storage_options`` apply to every path
-    given as text, inputs and output alike.
+    The inputs are read by many tasks at once (one per file, and one per range of cells of a
+    file that allows it), with the same bytes as a result whatever the workers. Without
+    ``client`` the inputs are opened here and the tasks run on the current client (in
+    :func:`flow.cluster.lazy_client`, the local cluster starts only for inputs of at least
+    :data:`CLUSTER_CELLS` cells), or on dask's threaded scheduler when there is none. Given a
+    ``distributed.Client``, the inputs are opened by one task (``flow-convert``) on a worker,
+    which hands the reads and writes to the cluster's workers: they must all see the inputs
+    and the output (shared file system or object store). ``storage_options`` apply to every
+    path given as text, inputs and output alike.
     """
     options = read or ReadOptions()
     out = Location.of(output, storage_options)
     sources = [_input(s, storage_options) for s in inputs]
     progress = reporter.progress("convert")
     if client is None:
-        return _convert_here(sources, out, options, block_size, allow_non_integer, progress)
+        return _convert_here(
+            sources, out, options, block_size, allow_non_integer, progress, client=None
+        )
     # a worker's working directory is not this one: local paths go as absolute paths
     absolute = [
         Location(s.url, s.storage_options) if isinstance(s, Location) else s for s in sources
@@ -216,16 +257,50 @@ def _convert_here(
     block_size: int,
     allow_non_integer: bool,
     progress: Any,
+    *,
+    client: Client | None,
 ) -> CountStore:
-    """Open the inputs and write the count store, in this process."""
-    sources = [s if not isinstance(s, Location) else open_source(s, read) for s in inputs]
+    """Open the inputs here and write the count store with tasks on ``client`` (None: the
+    current client for :data:`CLUSTER_CELLS` cells or more, else dask's threaded scheduler)."""
+    sources = _open_inputs(inputs, read, client)
+    if client is None and sum(s.info.n_cells for s in sources) >= CLUSTER_CELLS:
+        client = current_client()
     return write_counts(
         sources,
         output,
         block_size=block_size,
         allow_non_integer=allow_non_integer,
         progress=progress,
+        client=client,
     )
+
+
+def _open_inputs(
+    inputs: Sequence[Location | Source], read: ReadOptions, client: Client | None
+) -> list[Source]:
+    """Open the inputs given as locations (their metadata): one after the other for a few,
+    as tasks for :data:`OPEN_IN_TASKS` or more (on ``client``, else the current client, else
+    dask's threads): a corpus of thousands of files is opened in parallel too."""
+    where = [i for i, s in enumerate(inputs) if isinstance(s, Location)]
+    opened: list[Any] = list(inputs)
+    if len(where) < OPEN_IN_TASKS:
+        for i in where:
+            opened[i] = open_source(opened[i], read)
+        return opened
+    client = client or current_client()
+    locations = [inputs[i] for i in where]
+    if client is None:
+        got = dask_compute(
+            *[delayed(open_source, pure=False)(loc, read) for loc in locations],
+            scheduler="threads",
+        )
+    else:
+        token = uuid.uuid4().hex[:12]
+        keys = [f"flow-convert-open-{token}-{k}" for k in range(len(locations))]
+        got = client.gather(client.map(open_source, locations, [read] * len(keys), key=keys))
+    for i, src in zip(where, got, strict=True):
+        opened[i] = src
+    return opened
 
 
 def _convert_to_url(
@@ -237,8 +312,13 @@ def _convert_to_url(
     *,
     progress: Any = None,
 ) -> str:
-    """:func:`_convert_here` on a worker, returning the store's URL (what a task sends back)."""
-    return _convert_here(inputs, output, read, block_size, allow_non_integer, progress).url
+    """:func:`_convert_here` on a worker, its tasks on the worker's cluster (this task leaves
+    its thread to them meanwhile); returns the store's URL (what a task sends back)."""
+    with worker_client() as client:
+        store = _convert_here(
+            inputs, output, read, block_size, allow_non_integer, progress, client=client
+        )
+    return store.url
 
 
 def nonzero_medians(
@@ -254,14 +334,16 @@ def nonzero_medians(
     """The median set of one or more count stores (computes; writes nothing)."""
     many = stores if isinstance(stores, Sequence) and not isinstance(stores, str) else [stores]
     opened = [_counts(s, storage_options) for s in many]
-    return medians_of(
-        opened,
-        method=method,
-        compression=compression or DEFAULT_COMPRESSION,
-        n_counts_column=n_counts_column,
-        gene_mapping=load_gene_mapping(gene_mapping),
-        compute=lambda *graphs: reporter.compute(*graphs, label=f"medians ({method})"),
-    )
+    # one store: its block numbers are the tasks' (a block too large for memory: say which)
+    with _naming_blocks(opened[0]) if len(opened) == 1 else contextlib.nullcontext():
+        return medians_of(
+            opened,
+            method=method,
+            compression=compression or DEFAULT_COMPRESSION,
+            n_counts_column=n_counts_column,
+            gene_mapping=load_gene_mapping(gene_mapping),
+            compute=lambda *graphs: reporter.compute(*graphs, label=f"medians ({method})"),
+        )
 
 
 def medians(
@@ -286,7 +368,44 @@ def medians(
     ``stores``; the old data is not read again. ``import_dictionary`` (a Geneformer median
     pickle) and ``preset`` (``"V1"``/``"V2"``: Geneformer's medians shipped with flow) are
     merged in too. Returns the resulting :class:`MedianSet`, bound to ``output`` when written.
+    The output is claimed first (:func:`flow._claim.claim_output`): a second run on it stops.
     """
+    out = None if output is None else Location.of(output, storage_options)
+    with claim_output(out, command="medians") if out is not None else contextlib.nullcontext():
+        return _medians(
+            stores,
+            out,
+            method=method,
+            compression=compression,
+            update=update,
+            merge=merge,
+            import_dictionary=import_dictionary,
+            preset=preset,
+            export=export,
+            n_counts_column=n_counts_column,
+            gene_mapping=gene_mapping,
+            storage_options=storage_options,
+            reporter=reporter,
+        )
+
+
+def _medians(
+    stores: Sequence[CountStore | LocationLike],
+    output: Location | None,
+    *,
+    method: Method,
+    compression: float | None,
+    update: MedianSet | LocationLike | None,
+    merge: Sequence[MedianSet | LocationLike],
+    import_dictionary: LocationLike | None,
+    preset: str | None,
+    export: LocationLike | None,
+    n_counts_column: str,
+    gene_mapping: GeneMapping | LocationLike | None,
+    storage_options: Mapping[str, Any] | None,
+    reporter: Reporter,
+) -> MedianSet:
+    """:func:`medians`, with its output claimed."""
     parts = []
     if import_dictionary is not None:
         parts.append(import_median_dictionary(Location.of(import_dictionary).path))
@@ -314,7 +433,7 @@ def medians(
         raise InputError(msg)
     result = merge_median_sets(parts) if len(parts) > 1 else parts[0]
     if output is not None:
-        result = write_medians(result, Location.of(output, storage_options))
+        result = write_medians(result, output)
     if export is not None:
         export_medians(result, Location.of(export).path)
     return result
@@ -338,8 +457,36 @@ def tokenize(
     a token dictionary (or its file), or None to build one from the medians' expressed genes.
     Rerun with the same arguments, a finished store is left as it is and an unfinished one
     resumed; an output written from other inputs or parameters is replaced only with
-    ``overwrite`` (see :func:`flow.encode.store.write_encoding`).
+    ``overwrite`` (see :func:`flow.encode.store.write_encoding`). The output is claimed first
+    (:func:`flow._claim.claim_output`): a second run on it stops at once.
     """
+    with claim_output(output, command="tokenize", storage_options=storage_options) as out:
+        return _tokenize(
+            store,
+            out,
+            medians=medians,
+            vocabulary=vocabulary,
+            gene_mapping=gene_mapping,
+            n_counts_column=n_counts_column,
+            overwrite=overwrite,
+            storage_options=storage_options,
+            reporter=reporter,
+        )
+
+
+def _tokenize(
+    store: CountStore | LocationLike,
+    output: Location,
+    *,
+    medians: MedianSet | LocationLike,
+    vocabulary: Vocabulary | LocationLike | None,
+    gene_mapping: GeneMapping | LocationLike | None,
+    n_counts_column: str,
+    overwrite: bool,
+    storage_options: Mapping[str, Any] | None,
+    reporter: Reporter,
+) -> EncodingStore:
+    """:func:`tokenize`, with its output claimed."""
     counts = _counts(store, storage_options)
     median_set = load_medians(medians, storage_options=storage_options)
     vocab = load_vocabulary(vocabulary, median_set, storage_options=storage_options)
@@ -350,13 +497,14 @@ def tokenize(
         gene_mapping=load_gene_mapping(gene_mapping),
         n_counts_column=n_counts_column,
     )
-    return write_encoding(
-        plan,
-        Location.of(output, storage_options),
-        compute=lambda *graphs: reporter.compute(*graphs, label="tokenize"),
-        overwrite=overwrite,
-        say=reporter.say,
-    )
+    with _naming_blocks(counts):  # a block too large for the workers' memory: say which
+        return write_encoding(
+            plan,
+            output,
+            compute=lambda *graphs: reporter.compute(*graphs, label="tokenize"),
+            overwrite=overwrite,
+            say=reporter.say,
+        )
 
 
 def export(
@@ -371,14 +519,39 @@ def export(
     reporter: Reporter = QUIET,
 ) -> str:
     """Write the model input of an encoding store as a Hugging Face dataset or Parquet
-    (computes); returns where it was written."""
+    (computes); returns where it was written. The output is claimed first
+    (:func:`flow._claim.claim_output`): a second run on it stops at once."""
+    with claim_output(output, command="export", storage_options=storage_options) as out:
+        return _export(
+            encoding,
+            out,
+            format=format,
+            preset=preset,
+            input_size=input_size,
+            obs_columns=obs_columns,
+            storage_options=storage_options,
+            reporter=reporter,
+        )
+
+
+def _export(
+    encoding: EncodingStore | LocationLike,
+    out: Location,
+    *,
+    format: Format,
+    preset: Preset | str | None,
+    input_size: int | None,
+    obs_columns: Sequence[str] | None,
+    storage_options: Mapping[str, Any] | None,
+    reporter: Reporter,
+) -> str:
+    """:func:`export`, with its output claimed."""
     enc = (
         encoding
         if isinstance(encoding, EncodingStore)
         else open_encoding(encoding, storage_options=storage_options)
     )
     chosen = resolve_preset(preset, input_size)
-    out = Location.of(output, storage_options)
     graph = write_model_dataset(
         enc, out, preset=chosen, format=format, obs_columns=obs_columns, compute=False
     )
@@ -424,59 +597,71 @@ def run(
     """
     chosen = resolve_preset(preset, input_size)  # a wrong preset fails before any work
     out = Location.of(outdir, storage_options)
-    out.makedirs()
-    mapping = load_gene_mapping(gene_mapping)
-    given = None if medians is None else load_medians(medians, storage_options=storage_options)
-    vocab = (
-        None if vocabulary is None else load_vocabulary(vocabulary, storage_options=storage_options)
-    )
-    store = _count_store_input(inputs, storage_options)
-    if store is not None:
-        reporter.say(f"[1/4] using the count store {store.url} as it is")
-        paths = {"counts": store.url}
-    else:
-        target = out.join("counts.zarr")
-        paths = {"counts": target.path}
-        reporter.say(f"[1/4] convert {len(inputs)} input(s) -> {target.path}")
-        store = convert(
-            inputs, target, read=read, block_size=block_size, reporter=reporter, client=client
+    with claim_output(out, command="run"):  # the folder: a second run on it stops at once
+        out.makedirs()
+        mapping = load_gene_mapping(gene_mapping)
+        given = None if medians is None else load_medians(medians, storage_options=storage_options)
+        vocab = (
+            None
+            if vocabulary is None
+            else load_vocabulary(vocabulary, storage_options=storage_options)
         )
-    reporter.say(store.describe())
-    median_set = given
-    if median_set is not None:
-        paths["medians"] = (
-            (median_set.url or "") if isinstance(medians, MedianSet) else str(medians)
+        store = _count_store_input(inputs, storage_options)
+        if store is not None:
+            reporter.say(f"[1/4] using the count store {store.url} as it is")
+            paths = {"counts": store.url}
+        else:
+            target = out.join("counts.zarr")
+            paths = {"counts": target.path}
+            reporter.say(f"[1/4] convert {len(inputs)} input(s) -> {target.path}")
+            with claim_output(target, command="convert"):
+                store = convert(
+                    inputs,
+                    target,
+                    read=read,
+                    block_size=block_size,
+                    reporter=reporter,
+                    client=client,
+                )
+        reporter.say(store.describe())
+        median_set = given
+        if median_set is not None:
+            paths["medians"] = (
+                (median_set.url or f"{median_set.method} medians in memory (not written)")
+                if isinstance(medians, MedianSet)
+                else str(medians)
+            )
+            reporter.say(f"[2/4] using the given medians {paths['medians']}")
+        else:
+            target = out.join("medians.zarr")
+            reporter.say(f"[2/4] medians -> {target.path} (t-digest)")
+            with claim_output(target, command="medians"):
+                median_set = write_medians(
+                    nonzero_medians(store, gene_mapping=mapping, reporter=reporter), target
+                )
+            reporter.say(median_set.describe(target.path))
+            paths["medians"] = target.path
+        target = out.join("encoding.zarr")
+        reporter.say(f"[3/4] tokenize -> {target.path} (full rankings)")
+        enc = tokenize(
+            store,
+            target,
+            medians=median_set,
+            vocabulary=vocab,
+            gene_mapping=mapping,
+            overwrite=True,  # run owns what it writes under outdir (convert replaces counts too)
+            reporter=reporter,
         )
-        reporter.say(f"[2/4] using the given medians {paths['medians']}")
-    else:
-        target = out.join("medians.zarr")
-        reporter.say(f"[2/4] medians -> {target.path} (t-digest)")
-        median_set = write_medians(
-            nonzero_medians(store, gene_mapping=mapping, reporter=reporter), target
+        reporter.say(enc.describe())
+        paths["encoding"] = target.path
+        target = out.join("dataset" if format == "hf" else "parquet")
+        reporter.say(
+            f"[4/4] export ({format}) -> {target.path} ({chosen.name}: {chosen.input_size:,} tokens)"
         )
-        reporter.say(median_set.describe(target.path))
-        paths["medians"] = target.path
-    target = out.join("encoding.zarr")
-    reporter.say(f"[3/4] tokenize -> {target.path} (full rankings)")
-    enc = tokenize(
-        store,
-        target,
-        medians=median_set,
-        vocabulary=vocab,
-        gene_mapping=mapping,
-        overwrite=True,  # run owns what it writes under outdir (convert replaces counts too)
-        reporter=reporter,
-    )
-    reporter.say(enc.describe())
-    paths["encoding"] = target.path
-    target = out.join("dataset" if format == "hf" else "parquet")
-    reporter.say(
-        f"[4/4] export ({format}) -> {target.path} ({chosen.name}: {chosen.input_size:,} tokens)"
-    )
-    paths["dataset"] = export(
-        enc, target, format=format, preset=chosen, obs_columns=obs_columns, reporter=reporter
-    )
-    return RunResult(store, median_set, enc, paths)
+        paths["dataset"] = export(
+            enc, target, format=format, preset=chosen, obs_columns=obs_columns, reporter=reporter
+        )
+        return RunResult(store, median_set, enc, paths)
 
 
 def _count_store_input(

@@ -48,6 +48,7 @@ __all__ = [
     "format_cell_drop",
     "format_drop_rates",
     "format_gene_drop",
+    "format_percent",
     "plot_coverage",
     "plot_detected_genes",
     "plot_fold_change",
@@ -66,6 +67,31 @@ BAR_FIGSIZE = (8.0, 6.0)
 DPI = 100
 MARKS = (2048, 4096)
 """Input sizes marked on the coverage curve: Geneformer V1 and V2."""
+
+COST_HEADER = "cost = dense attention cost relative to an input of 2,048 tokens, (L / 2,048)^2"
+"""What the "cost" of an input size L means wherever it is shown."""
+
+
+def format_percent(fraction: float) -> str:
+    """A fraction as a percent with the digits small rates need, never rounded to 0 or 100.
+
+    Examples
+    --------
+    >>> [format_percent(f) for f in (0.0, 0.0004, 0.0031, 0.025, 0.4521, 0.9996, 1.0)]
+    ['0%', '<0.1%', '0.31%', '2.5%', '45.2%', '>99.9%', '100%']
+    >>> format_percent(float("nan"))
+    '-'
+    """
+    if math.isnan(fraction):
+        return "-"
+    pct = 100 * fraction
+    if pct in (0, 100):
+        return f"{pct:.0f}%"
+    if pct < 0.1:
+        return "<0.1%"
+    if pct > 99.9:
+        return ">99.9%"
+    return f"{pct:.2g}%" if pct < 1 else f"{pct:.1f}%"
 
 
 def _figure(size: tuple[float, float]) -> Figure:
@@ -146,7 +172,7 @@ def plot_coverage(
         pct = 100 * float(frame["fraction_covered"].iloc[hit[0]])
         ax.axvline(mark, color="0.3", ls=":", lw=1)
         ax.annotate(
-            f"{mark:,}: {pct:.1f}% of cells",
+            f"{mark:,}: {format_percent(pct / 100)} of cells",
             xy=(mark, 40),
             xytext=(-3, 0),
             textcoords="offset points",
@@ -185,7 +211,7 @@ def plot_detected_genes(
             ls="--",
             lw=1.5,
             label=f"cutoff {cutoff:,}: {truncated:,} cells "
-            f"({100 * truncated / lengths.size:.1f}%) truncated",
+            f"({format_percent(truncated / lengths.size)}) truncated",
         )
         ax.axvline(
             float(np.median(lengths)),
@@ -225,7 +251,7 @@ def plot_top_dropped(
         ax.barh(y, shown["cells_dropped"].to_numpy(), color="C3", alpha=0.85)
         ax.set_yticks(y, labels, fontsize=8)
         for yy, n, r in zip(y, shown["cells_dropped"], shown["rate"], strict=True):
-            ax.annotate(f" {100 * r:.0f}% of expressing", xy=(n, yy), va="center", fontsize=7)
+            ax.annotate(f" {format_percent(r)} of expressing", xy=(n, yy), va="center", fontsize=7)
         ax.set_xlim(0, 1.25 * float(shown["cells_dropped"].max()))
     else:
         ax.text(
@@ -342,7 +368,7 @@ def plot_fold_change(
                     lw=1.4,
                     label=part,
                 )
-                notes.append(f"{part}: {100 * row.below_median_fraction:.0f}% < median")
+                notes.append(f"{part}: {format_percent(row.below_median_fraction)} < median")
             else:
                 notes.append(f"nothing {part}")
         ax.axvline(0, color="0.3", ls=":", lw=1)
@@ -392,7 +418,7 @@ def format_gene_drop(result: GeneDrop) -> str:
         return lines[0]
     lines[0] += (
         f"; dropped at input size {result.cutoff:,} in {result.cells_dropped:,} "
-        f"({100 * result.rate:.1f}%)"
+        f"({format_percent(result.rate)})"
     )
     q = result.quantiles
     lines.append(
@@ -519,9 +545,7 @@ def _retention_section(
     )
     tail = result.tail_frame()
     shown = tail.copy()
-    shown["below_median_fraction"] = [
-        "-" if math.isnan(f) else f"{100 * f:.1f}%" for f in shown["below_median_fraction"]
-    ]
+    shown["below_median_fraction"] = [format_percent(f) for f in shown["below_median_fraction"]]
     parts = [
         "<h2>Retention and the tail</h2>",
         "<p>Share of the genes' occurrences (expressing passing cells) kept by each input "
@@ -574,12 +598,12 @@ def write_report(
         {
             "input size": [f"{s:,}" for s in cov["input_size"]],
             "cells fully encoded": [f"{c:,}" for c in cov["cells_covered"]],
-            "fraction": [f"{100 * f:.1f}%" for f in cov["fraction_covered"]],
-            "attention cost": [f"{c:.3g}" for c in cov["attention_cost"]],
+            "fraction": [format_percent(f) for f in cov["fraction_covered"]],
+            "attention cost (L / 2,048)\u00b2": [f"{c:.3g}" for c in cov["attention_cost"]],
         }
     )
     shown = frame[frame["cells_dropped"] > 0].head(top).copy()
-    shown["rate"] = [f"{100 * r:.1f}%" for r in shown["rate"]]
+    shown["rate"] = [format_percent(r) for r in shown["rate"]]
     esc = html.escape
     parts = [
         "<!doctype html>",
@@ -589,9 +613,9 @@ def write_report(
         f"<h1>What input size {rates.cutoff:,} drops</h1>",
         f"<p>Encoding store <code>{esc(enc.url)}</code>: {n_cells:,} cells, "
         f"{lengths.size:,} passing filter (only passing cells are counted). "
-        f"{truncated:,} passing cells ({100 * truncated / max(1, lengths.size):.1f}%) "
+        f"{truncated:,} passing cells ({format_percent(truncated / max(1, lengths.size))}) "
         f"have more than {rates.cutoff:,} ranked genes.</p>",
-        f'<p class="summary">{esc(coverage_summary(enc))}</p>',
+        f'<p class="summary">{esc(coverage_summary(enc))}<br>({esc(COST_HEADER)})</p>',
         "<h2>Coverage curve</h2>",
         _img(plot_coverage(enc), "coverage curve"),
         _html_table(cov_table, "coverage"),
@@ -608,9 +632,7 @@ def write_report(
     if group_by is not None:
         groups = rates.group_summary(counts)
         groups = groups.rename(columns={"group": group_by})
-        groups["fraction_truncated"] = [
-            "-" if math.isnan(f) else f"{100 * f:.1f}%" for f in groups["fraction_truncated"]
-        ]
+        groups["fraction_truncated"] = [format_percent(f) for f in groups["fraction_truncated"]]
         parts += [f"<h2>By {esc(group_by)}</h2>", _html_table(groups, "groups")]
     if retention is not False:
         parts += _retention_section(enc, retention, group_by, compute)

@@ -21,7 +21,8 @@ attributes so a block is read without touching ``indptr`` of the others.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,16 @@ import scipy.sparse as sp
 import zarr
 from dask.base import tokenize
 
+from ._count_tasks import (
+    SCRATCH,
+    Piece,
+    PieceCounts,
+    Reader,
+    Runner,
+    Segment,
+    final_dtype,
+    plan_pieces,
+)
 from ._io import (
     COUNT_CODECS,
     ChunkedWriter,
@@ -59,6 +70,8 @@ from ._version import __version__
 from .errors import InputError, SchemaError
 
 if TYPE_CHECKING:
+    from distributed import Client
+
     from .ingest._source import Source
 
 __all__ = [
@@ -108,7 +121,9 @@ class CountStore(Located):
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 of the stored counts (data, indices and shape): identifies this content."""
+        """SHA-256 of the stored counts: of the shape, then of each ``X/data`` shard's SHA-256
+        (its values, then its gene indices), in order; identifies this content, and is
+        computed by the shards' writers in parallel."""
         return str(self.attrs["content_sha256"])
 
     @cached_property
@@ -215,7 +230,8 @@ class CountStore(Located):
             f"  cells x genes: {a['n_cells']:,} x {a['n_genes']:,}; nonzeros {a['nnz']:,}; dtype {a['dtype']}\n"
             f"  detected genes per cell: min {q[0]:.0f}, median {q[1]:.0f}, p90 {q[2]:.0f}, "
             f"p99 {q[3]:.0f}, max {q[4]:.0f}\n"
-            f"  blocks: {self.n_blocks} ({a['block_size']:,} cells each, the last may be shorter)\n"
+            f"  blocks: {self.n_blocks:,} block{'s' if self.n_blocks != 1 else ''} of "
+            f"{a['block_size']:,} cells (the last may be shorter)\n"
             f"  sources:\n{sources}"
         )
 
@@ -366,19 +382,25 @@ def write_counts(
     allow_non_integer: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     progress: Any = None,
+    client: Client | None = None,
 ) -> CountStore:
     """Write one or more inputs into a new count store (a compute boundary: reads everything).
 
     Cells of all sources are concatenated in order; their genes must be the same list or are
-    united (first source's order, new genes appended). Blocks of counts are validated, their
-    explicit zeros dropped, and written in whole shards, so memory holds one block and one shard
-    whatever the input size. The store is marked complete only after the last write.
+    united (first source's order, new genes appended). The store is marked complete only
+    after the last write.
+
+    The inputs are read by many tasks at once, in two phases (see :mod:`flow._count_tasks`):
+    one task per input file, and one per range of cells of a file whose reader reads ranges,
+    first counts (validating every count, dropping explicit zeros, summing repeated entries
+    of a cell); then, with every offset known, one task per ``X/data`` shard reads its cells
+    again and writes that shard whole. The result is the same bytes whatever the number of
+    workers or the split. Memory per task is one block of cells and one shard; this process
+    holds one piece's per-cell counts at a time (all of them without a ``client``).
 
     Counts are stored as the smallest dtype that holds every one of them (repeated entries of a
-    cell summed): uint16, else uint32, else float64 (float32 for non-integer counts). Inputs are streams, so that is known only
-    once every count has been read: the store is written with uint16 first, and a count that
-    does not fit stops that pass, which is then written again from the first cell with the
-    wider dtype (at most three passes; real counts almost always fit uint16).
+    cell summed): uint16, else uint32, else float64 (float32 for non-integer counts), decided
+    block by block in cell order once every count has been counted (nothing is rewritten).
 
     Parameters
     ----------
@@ -394,8 +416,11 @@ def write_counts(
     storage_options
         fsspec options of a URL; used only when ``where`` is not a Location.
     progress
-        Optional callable ``progress(n_cells_done, n_cells_total)`` (from 0 again when a pass
-        is written again with a wider dtype).
+        Optional callable ``progress(n_cells_done, n_cells_total)``: cells counted, then
+        (from 0 again) cells written.
+    client
+        A ``distributed.Client`` whose workers run the tasks (they must see the inputs and the
+        output). None: dask's threaded scheduler, in this process.
 
     Raises
     ------
@@ -416,9 +441,7 @@ def write_counts(
         block_size=block_size,
         allow_non_integer=allow_non_integer,
     )
-    dtype: np.dtype[Any] | None = np.dtype(np.uint16)
-    while dtype is not None:  # one pass per dtype tried: see above
-        dtype = _write_pass(plan, dtype, progress)
+    _write_store(plan, Runner(client, progress))
     return open_counts(plan.location)
 
 
@@ -481,36 +504,6 @@ class _CountPlan:
             return [self.barcodes]
         return barcode_slices(self.sources)
 
-    def input_blocks(self) -> Generator[sp.csr_matrix, None, None]:
-        """Every block read from the sources, in cell order, validated, its columns mapped to
-        the store's genes, repeated entries of a cell summed and explicit zeros dropped.
-
-        Raises
-        ------
-        InputError
-            Bad counts (see :func:`_validate`), or a source giving fewer or more cells than
-            its header says.
-        """
-        for src, col_map in zip(self.sources, self.col_maps, strict=True):
-            seen = 0
-            for raw in src.iter_blocks(self.block_size):
-                block = sp.csr_matrix(raw)
-                _validate(block, src.info.path, seen, self.allow_non_integer)
-                block = sp.csr_matrix(
-                    (block.data, col_map[block.indices], block.indptr),
-                    shape=(block.shape[0], self.n_genes),
-                )
-                block.sum_duplicates()  # sorts indices; sums repeated columns of one cell
-                block.eliminate_zeros()
-                seen += block.shape[0]
-                yield block
-            if seen != src.info.n_cells:
-                msg = (
-                    f"{src.info.path}: expected {src.info.n_cells} cells from its header, read "
-                    f"{seen}. The file is truncated or corrupt."
-                )
-                raise InputError(msg)
-
     def obs_columns(self) -> dict[str, Iterable[np.ndarray] | pd.Categorical]:
         """The obs columns written after the counts: barcodes, source, carried columns."""
         sources = self.sources
@@ -547,41 +540,68 @@ class _CountPlan:
         }
 
 
-def _write_pass(plan: _CountPlan, dtype: np.dtype[Any], progress: Any) -> np.dtype[Any] | None:
-    """Write the whole store with counts as ``dtype``, from the first cell.
+def _write_store(plan: _CountPlan, runner: Runner) -> None:
+    """Write the store: count every piece, then write whole shards at known offsets."""
+    root = create_flow_group(  # first: a convert stopped at any point leaves an unfinished store
+        plan.location,
+        KIND,
+        SCHEMA_VERSION,
+        extra_attrs={"encoding-type": "anndata", "encoding-version": "0.1.0"},
+    )
+    root.create_group(SCRATCH)
+    pieces = plan_pieces(plan.sources, plan.block_size)
+    readers = runner.share(
+        [
+            Reader(src, col_map, plan.n_genes, plan.allow_non_integer, plan.block_size)
+            for src, col_map in zip(plan.sources, plan.col_maps, strict=True)
+        ]
+    )
+    handles = runner.count(readers, pieces, plan.location, plan.n_cells)
+    summaries = runner.summaries(handles)
+    offsets = np.concatenate([[0], np.cumsum([s[0] for s in summaries], dtype=np.int64)])
+    nnz = int(offsets[-1])
+    writer = _CountWriter(root, plan, final_dtype([f for s in summaries for f in s[1]]), nnz)
+    for i, piece in enumerate(pieces):
+        writer.add(piece, runner.fetch(handles, i), int(offsets[i]))
+    bounds = np.unique(np.append(np.arange(0, nnz, _SHARD, dtype=np.int64), nnz))
+    spans = [
+        (_segments(offsets, int(a), int(b)), int(a), int(b), (b - a) * plan.n_cells // nnz)
+        for a, b in itertools.pairwise(bounds)
+    ]
+    digests = runner.write(plan.location, spans, _SHARD)
+    hasher = content_hasher()
+    hasher.update(f"{plan.n_cells}x{plan.n_genes}".encode())
+    for shard_digests in digests:
+        for digest in shard_digests:
+            hasher.update(digest.encode())
+    del root[SCRATCH]
+    writer.finish(hasher.hexdigest())
 
-    Returns None when the store is written and marked complete, or the wider dtype a count
-    needs: the pass then stops there, leaving an unfinished store for the next pass to replace.
-    """
-    writer = _CountWriter(plan, dtype, progress)
-    blocks = plan.input_blocks()
-    for block in blocks:
-        wider = _needed_dtype(block, dtype)
-        if wider is not None:
-            blocks.close()
-            return wider
-        writer.add(block)
-    writer.finish()
-    return None
+
+def _segments(offsets: np.ndarray, start: int, stop: int) -> list[Segment]:
+    """The pieces' spilled values that make up values ``start:stop`` of ``X/data``."""
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    last = int(np.searchsorted(offsets, stop, side="left"))
+    return [
+        (
+            j,
+            max(start, int(offsets[j])) - int(offsets[j]),
+            min(stop, int(offsets[j + 1])) - int(offsets[j]),
+        )
+        for j in range(first, last)
+        if offsets[j + 1] > offsets[j]
+    ]
 
 
 class _CountWriter:
-    """One pass of writing a count store with counts as ``dtype``.
-
-    Creating it creates the store (marked incomplete) and its arrays; :meth:`add` takes input
-    blocks of any size and writes whole store blocks of ``block_size`` cells as they fill up
-    (per-cell arrays too, a chunk at a time: none is held whole); :meth:`finish` writes the
-    last block, obs, var and the attributes, and marks the store complete.
+    """The store's arrays and the parts the driver writes itself, in cell order: ``indptr``,
+    ``n_genes`` and ``n_counts`` (a chunk at a time, from each piece's per-cell counts),
+    then obs, var and the attributes. ``X/data`` and ``X/indices`` are created at their final
+    size and written by the tasks, whole shards each.
     """
 
-    def __init__(self, plan: _CountPlan, dtype: np.dtype[Any], progress: Any) -> None:
-        self.plan, self.dtype, self.progress = plan, dtype, progress
-        self.root = create_flow_group(
-            plan.location,
-            KIND,
-            SCHEMA_VERSION,
-            extra_attrs={"encoding-type": "anndata", "encoding-version": "0.1.0"},
-        )
+    def __init__(self, root: zarr.Group, plan: _CountPlan, dtype: np.dtype[Any], nnz: int) -> None:
+        self.root, self.plan, self.dtype, self.nnz = root, plan, dtype, nnz
         self.x = self.root.create_group("X")
         self.x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0"})
         sharded: dict[str, Any] = {
@@ -589,12 +609,8 @@ class _CountWriter:
             "shards": (_SHARD,),
             "compressors": COUNT_CODECS,
         }
-        data = self.x.create_array("data", shape=(0,), dtype=dtype, **sharded)
-        indices = self.x.create_array("indices", shape=(0,), dtype=np.int32, **sharded)
-        self.hasher = content_hasher()
-        self.hasher.update(f"{plan.n_cells}x{plan.n_genes}".encode())
-        self.data_out = ChunkedWriter(data, _SHARD, grow=True, hasher=self.hasher)
-        self.indices_out = ChunkedWriter(indices, _SHARD, grow=True, hasher=self.hasher)
+        self.x.create_array("data", shape=(nnz,), dtype=dtype, **sharded)
+        self.x.create_array("indices", shape=(nnz,), dtype=np.int32, **sharded)
         indptr = self.x.create_array(
             "indptr",
             shape=(plan.n_cells + 1,),
@@ -609,44 +625,30 @@ class _CountWriter:
         self.totals_out = obs_array(self.obs, "n_counts", totals_dtype, plan.n_cells)
         self.detected_out = obs_array(self.obs, "n_genes", np.int32, plan.n_cells)
         self.block_offsets = [0]
-        self.row = 0
-        self.pending: list[sp.csr_matrix] = []
-        self.n_pending = 0
 
-    def add(self, block: sp.csr_matrix) -> None:
-        """Take the next input block; write every whole store block now complete."""
-        size = self.plan.block_size
-        self.pending.append(block)
-        self.n_pending += block.shape[0]
-        while self.n_pending >= size:
-            merged = self._merged()
-            self._write_block(merged[:size])
-            rest = merged[size:]
-            self.pending, self.n_pending = ([rest] if rest.shape[0] else []), rest.shape[0]
+    def add(self, piece: Piece, counts: PieceCounts, offset: int) -> None:
+        """Write a piece's per-cell arrays (its nonzeros start at ``offset`` in ``X/data``)."""
+        if counts.nnz.size != piece.n_cells:
+            src = self.plan.sources[piece.source].info
+            msg = (
+                f"{src.path}: expected {piece.n_cells} cells (rows {piece.start}:{piece.stop}), "
+                f"read {counts.nnz.size}. The file is truncated or corrupt."
+            )
+            raise InputError(msg)
+        ends = offset + np.cumsum(counts.nnz, dtype=np.int64)
+        self.indptr_out.append(ends)
+        self.totals_out.append(counts.totals)
+        self.detected_out.append(counts.nnz)
+        bs, n = self.plan.block_size, self.plan.n_cells
+        stop = piece.row0 + piece.n_cells
+        block_ends = list(range((piece.row0 // bs + 1) * bs, stop + 1, bs))
+        if stop == n and n % bs:
+            block_ends.append(n)
+        self.block_offsets.extend(int(ends[r - piece.row0 - 1]) for r in block_ends)
 
-    def _merged(self) -> sp.csr_matrix:
-        return sp.vstack(self.pending, format="csr") if len(self.pending) > 1 else self.pending[0]
-
-    def _write_block(self, block: sp.csr_matrix) -> None:
-        """Append one store block to every array."""
-        offset = self.block_offsets[-1]
-        self.indptr_out.append(block.indptr[1:].astype(np.int64) + offset)
-        self.totals_out.append(np.asarray(block.sum(axis=1), dtype=np.float64).ravel())
-        self.detected_out.append(np.diff(block.indptr))
-        self.data_out.append(block.data)
-        self.indices_out.append(block.indices)
-        self.block_offsets.append(offset + int(block.indptr[-1]))
-        self.row += block.shape[0]
-        if self.progress is not None:
-            self.progress(self.row, self.plan.n_cells)
-
-    def finish(self) -> None:
-        """Write the last (shorter) block, obs and var, then mark the store complete."""
+    def finish(self, content_sha256: str) -> None:
+        """Write obs and var, then mark the store complete (the tasks wrote X/data, indices)."""
         plan = self.plan
-        if self.n_pending:
-            self._write_block(self._merged())
-        nnz = self.data_out.close()
-        self.indices_out.close()
         for out in (self.indptr_out, self.totals_out, self.detected_out):
             out.close()
         self.x.attrs["shape"] = [plan.n_cells, plan.n_genes]
@@ -659,11 +661,11 @@ class _CountWriter:
             self.root,
             n_cells=plan.n_cells,
             n_genes=plan.n_genes,
-            nnz=nnz,
+            nnz=self.nnz,
             dtype=self.dtype.name,
             block_size=plan.block_size,
             block_nnz_offsets=self.block_offsets,
-            content_sha256=self.hasher.hexdigest(),
+            content_sha256=content_sha256,
             **plan.record(),
         )
 
@@ -677,12 +679,17 @@ def _gene_union(sources: Sequence[Source]) -> tuple[np.ndarray, np.ndarray, list
     ids: list[str] = []
     symbols: list[str] = []
     where: dict[tuple[str, int], int] = {}
-    maps = []
+    maps: list[np.ndarray] = []
+    previous: np.ndarray | None = None
     for src in sources:
         info = src.info
         if info.n_genes == 0 or len(info.gene_ids) != info.n_genes:
             msg = f"{info.path}: no gene IDs for its {info.n_genes} gene columns."
             raise InputError(msg)
+        if previous is not None and _same_genes(previous, info.gene_ids):
+            maps.append(maps[-1])  # the same genes as the input before (a corpus): one map
+            continue
+        previous = info.gene_ids
         sym = info.gene_symbols if info.gene_symbols is not None else info.gene_ids
         seen: dict[str, int] = {}
         col_map = np.empty(info.n_genes, dtype=np.int64)
@@ -698,49 +705,6 @@ def _gene_union(sources: Sequence[Source]) -> tuple[np.ndarray, np.ndarray, list
     return np.asarray(ids, dtype=object), np.asarray(symbols, dtype=object), maps
 
 
-def _validate(block: sp.csr_matrix, info_path: str, row0: int, allow_non_integer: bool) -> None:
-    data = block.data
-    if data.dtype.kind in "iu":
-        bad = data < 0 if data.dtype.kind == "i" else None
-        kind = "negative"
-    else:
-        finite = np.isfinite(data)
-        if not finite.all():
-            bad, kind = ~finite, "NaN or infinite"
-        elif (data < 0).any():
-            bad, kind = data < 0, "negative"
-        elif not allow_non_integer and (np.floor(data) != data).any():
-            bad, kind = np.floor(data) != data, "non-integer"
-        else:
-            bad = None
-    if bad is not None and bad.any():
-        k = int(np.flatnonzero(bad)[0])
-        row = int(np.searchsorted(block.indptr, k, side="right") - 1)
-        msg = (
-            f"{info_path}: {kind} count {data[k].item()!r} at cell {row0 + row} (0-based, in this "
-            f"file), gene column {int(block.indices[k])}. Counts must be raw non-negative "
-            "integers"
-            + (
-                ""
-                if kind != "non-integer"
-                else "; pass --allow-non-integer "
-                "(allow_non_integer=True) to admit normalized or ambient-corrected values"
-            )
-            + "."
-        )
-        raise InputError(msg)
-
-
-def _needed_dtype(block: sp.csr_matrix, current: np.dtype[Any]) -> np.dtype[Any] | None:
-    """A wider dtype than ``current`` if the block's values need one, else None."""
-    data = block.data
-    if data.size == 0:
-        return None
-    if current.kind == "f":
-        return None
-    if data.dtype.kind == "f" and (np.floor(data) != data).any():
-        return np.dtype(np.float32)
-    top = data.max()
-    if top > np.iinfo(current).max:
-        return np.dtype(np.uint32) if top <= np.iinfo(np.uint32).max else np.dtype(np.float64)
-    return None
+def _same_genes(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two inputs list the same gene IDs in the same order (compared as text)."""
+    return len(a) == len(b) and bool(np.array_equal(a.astype(str), b.astype(str)))

@@ -163,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         run.rename(new)
         diff = differences(old, new)
         n_files = sum(len(files) for _, _, files in os.walk(new))
-        print(f"{name}: {n_files} files compared, {len(diff)} differ" + "".join(f"\n  {d}" for d in diff))
+        print(
+            f"{name}: {n_files} files compared, {len(diff)} differ"
+            + "".join(f"\n  {d}" for d in diff)
+        )
         failed += bool(diff)
     return 1 if failed else 0
 

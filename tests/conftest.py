@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask
 import numpy as np
@@ -66,6 +71,54 @@ def local_cluster_address():
         memory_limit="2GiB",
     ) as cluster:
         yield cluster.scheduler_address
+
+
+# --- S3 server (tests/test_s3.py, tests/test_s3_flaky.py) ---
+BUCKET = "flow-test"
+KEY_ID = "testing"
+SECRET = "testing-secret-7c1e5a"  # distinctive, so that a leak into any output is found
+
+
+@dataclass
+class S3:
+    """A running S3 server and the options that reach it."""
+
+    endpoint: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Python storage options with explicit credentials."""
+        return {"client_kwargs": {"endpoint_url": self.endpoint}, "key": KEY_ID, "secret": SECRET}
+
+    def url(self, *parts: str) -> str:
+        return posixpath.join(f"s3://{BUCKET}", *parts)
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3]:
+    """moto's S3 server on a free localhost port with one bucket; dummy credentials in the
+    environment (inherited by the ``flow`` commands and their local clusters)."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    werkzeug = logging.getLogger("werkzeug")  # one log line per request otherwise
+    level = werkzeug.level
+    werkzeug.setLevel(logging.ERROR)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
+        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            host, port = server.get_host_and_port()
+            endpoint = f"http://{host}:{port}"
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+            yield S3(endpoint)
+        finally:
+            server.stop()
+            werkzeug.setLevel(level)
 
 
 # --- ingest fixtures ---

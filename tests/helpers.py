@@ -158,8 +158,10 @@ def plant_cut_write(encoding: Path) -> Path:
     done = block_done(encoding)
     assert done is not None
     assert not done.all()
-    folder = encoding / "tokens" / "c" / str(int(np.flatnonzero(~done)[0]))
+    tokens = zarr.open_array(encoding / "bands" / "0" / "tokens", mode="r")
+    start = int(zarr.open_array(encoding / "band_start", mode="r")[np.flatnonzero(~done)[0], 0])
+    folder = encoding / "bands" / "0" / "tokens" / "c"  # the block's first chunk of band 0
     folder.mkdir(parents=True, exist_ok=True)
-    leftover = folder / "0.0123456789abcdef.partial"
+    leftover = folder / f"{start // tokens.chunks[0]}.0123456789abcdef.partial"
     leftover.write_bytes(b"cut")
     return leftover

@@ -70,7 +70,7 @@ def test_stages_then_run(capsys, tmp_path, h5ad):
     status, out, _ = run_cli(capsys, "info", counts)
     assert status == 0
     assert f"count store {counts}" in out
-    assert "blocks: 1 (4,096 cells each" in out
+    assert "blocks: 1 block of 4,096 cells" in out
 
     status, out, _ = run_cli(capsys, "medians", counts, "-o", med, *CLUSTER)
     assert status == 0
@@ -140,6 +140,51 @@ def test_input_size_without_preset_and_parquet(capsys, tmp_path, h5ad):
     table = pq.read_table(tmp_path / "pq")
     expected = [row[: min(2048, n)].tolist() for row, n in zip(tokens, lengths, strict=True)]
     assert table.column("input_ids").to_pylist() == expected
+
+
+def test_coverage_and_report_say_what_cost_is(capsys, tmp_path, h5ad):
+    """The cost beside each input size is named (attention relative to 2,048 tokens), and the
+    report's rates keep their small digits (a rate of 0.3% is never shown as 0%)."""
+    from flow.query import drop_rates
+    from flow.report import COST_HEADER, format_percent
+
+    outdir = tmp_path / "run"
+    status, _, _ = run_cli(capsys, "run", h5ad, "-o", outdir, "--input-size", "5", *CLUSTER)
+    assert status == 0
+    enc = outdir / "encoding.zarr"
+    status, out, _ = run_cli(capsys, "coverage", enc, "--sizes", "2048,4096")
+    assert status == 0
+    summary, header = out.splitlines()
+    assert summary.startswith("2,048 covers ")
+    assert summary.endswith("at cost 4.0")
+    assert header == f"({COST_HEADER})"
+    assert "relative to an input of 2,048 tokens, (L / 2,048)^2" in header
+
+    page = tmp_path / "report.html"
+    status, out, _ = run_cli(capsys, "report", enc, "-o", page, "--cutoff", "45", *CLUSTER)
+    assert status == 0
+    assert f"({COST_HEADER})" in out.splitlines()
+    html = page.read_text(encoding="utf-8")
+    assert COST_HEADER in html
+    frame = drop_rates(open_encoding(enc), 45).to_frame()
+    shown = frame[frame["cells_dropped"] > 0].head(20)
+    assert len(shown)
+    for rate in shown["rate"]:
+        assert 0 < rate < 1
+        assert f"<td>{format_percent(rate)}</td>" in html
+        assert format_percent(rate) not in ("0%", "0.0%", "100%")
+
+
+def test_format_percent_keeps_small_rates():
+    from flow.report import format_percent
+
+    assert format_percent(0.002) == "0.2%"
+    assert format_percent(0.0035) == "0.35%"
+    assert format_percent(0.00004) == "<0.1%"
+    assert format_percent(0.99996) == ">99.9%"
+    assert format_percent(0.123) == "12.3%"
+    assert format_percent(0.0) == "0%"
+    assert format_percent(1.0) == "100%"
 
 
 # ----------------------------------------------------------------------------------------------

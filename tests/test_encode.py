@@ -30,9 +30,15 @@ from flow._genes import GeneMapping
 from flow._location import Location
 from flow.datasets import synthetic_counts, write_synthetic
 from flow.encode import store as encode_store
-from flow.encode.rank import rank_cells
+from flow.encode.rank import rank_cells, ranked_blocks
 from flow.encode.store import encoding_graph, open_encoding, plan_encoding, write_encoding
-from flow.errors import IncompleteStoreError, InputError, OutputExistsError, VocabularyError
+from flow.errors import (
+    IncompleteStoreError,
+    InputError,
+    OutputExistsError,
+    SchemaError,
+    VocabularyError,
+)
 from flow.ingest._source import SourceInfo
 from flow.medians import MedianSet, medians_of
 from flow.store import open_counts, write_counts
@@ -95,8 +101,15 @@ def reference_rankings(counts, n_counts, gene_ids, vocab, median_set) -> list[np
 
 
 def read_arrays(path) -> dict[str, np.ndarray]:
+    """The arrays of a finished store; ``tokens`` and ``counts`` as the dense (cell, rank) view
+    readers see (the banded layout on disk depends on the block grid)."""
     root = zarr.open_group(os.fspath(path), mode="r")
-    return {name: np.asarray(root[name][:]) for name in ARRAYS}
+    enc = open_encoding(path)
+    dense = {"tokens": enc.tokens, "counts": enc.counts}
+    return {
+        name: np.asarray(dense[name].compute() if name in dense else root[name][:])
+        for name in ARRAYS
+    }
 
 
 def assert_same_bytes(a: dict[str, np.ndarray], b: dict[str, np.ndarray], names=ARRAYS) -> None:
@@ -525,10 +538,13 @@ def test_resume_recomputes_only_unfinished_blocks(synthetic_store, tmp_path):
     lost = [1, 4, 11]
     root = zarr.open_group(os.fspath(path), mode="r+")
     bs = synthetic_store.block_size
+    layout = open_encoding(path).layout
     for b in lost:
         root["block_done"][b] = False
-        root["tokens"][b * bs : (b + 1) * bs, :] = 0
-        root["counts"][b * bs : (b + 1) * bs, :] = 0
+        for k in range(layout.n_bands):  # the block's regions of every band, gone
+            start = int(root["band_start"][b, k])
+            root[f"bands/{k}/tokens"][start : start + layout.region] = PAD
+            root[f"bands/{k}/counts"][start : start + layout.region] = 0
         root["length"][b * bs : (b + 1) * bs] = 0
         root["block_token_cells"][b, :] = 0
     meta = dict(root.attrs["flow"])
@@ -558,7 +574,7 @@ def test_resume_recomputes_only_unfinished_blocks(synthetic_store, tmp_path):
         f"{len(lost)} to go"
     ]
     assert_same_bytes(read_arrays(path), original)
-    for name in ("tokens", "counts", "length"):  # the chunk files themselves, byte for byte
+    for name in ("bands", "length"):  # the chunk files themselves, byte for byte
         _assert_tree_equal(path / name, pristine / name)
     assert open_encoding(path).attrs["complete"]
 
@@ -636,3 +652,185 @@ def test_other_medians_do_not_replace_a_finished_store_without_overwrite(synthet
     with pytest.raises(OutputExistsError, match="not an encoding store"):
         encode(synthetic_store, vocab, median_set, tmp_path / "not-a-store")
     assert (tmp_path / "not-a-store" / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------------------------
+# the banded (ragged) layout: storage follows the rankings, not the deepest cell
+# ----------------------------------------------------------------------------------------------
+
+RANK_CHUNK = 64  # small bands, so that a small corpus spans many
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """120 cells of about 20 genes, and 4 "doublets" of about 700 (35x the others), in blocks
+    of 16; bands of 64 ranks."""
+    rng = np.random.default_rng(11)
+    n_cells, n_genes = 124, 900
+    counts = np.zeros((n_cells, n_genes), dtype=np.int32)
+    deep_cells = np.array([3, 40, 41, 117])
+    for i in range(n_cells):
+        size = 700 if i in deep_cells else int(rng.integers(0, 40))
+        cols = rng.choice(n_genes, size=size, replace=False)
+        counts[i, cols] = rng.integers(1, 9, size=size)
+    genes = np.array([f"ENSG{i:011d}" for i in range(n_genes)])
+    tmp = tmp_path_factory.mktemp("deep")
+    store = write_counts([ArraySource(counts, genes)], tmp / "c.zarr", block_size=16)
+    vocab, median_set = vocab_and_medians(genes, 4, fraction=0.9)
+    path = tmp / "e.zarr"
+    enc = write_encoding(plan_encoding(store, median_set, vocab, rank_chunk=RANK_CHUNK), path)
+    n_counts = counts.sum(axis=1)
+    want = reference_rankings(counts, n_counts, genes, vocab, median_set)
+    return {"store": store, "vocab": vocab, "medians": median_set, "path": path, "enc": enc,
+            "want": want, "deep_cells": deep_cells}  # fmt: skip
+
+
+def test_banded_store_reads_as_the_reference_rankings(deep):
+    enc, want = deep["enc"], deep["want"]
+    tokens, counts = enc.tokens.compute(), enc.counts.compute()
+    assert enc.tokens.chunks == enc.counts.chunks == enc.values.chunks
+    assert enc.tokens.chunks[0] == tuple([16] * 7 + [12])
+    assert set(enc.tokens.chunks[1][:-1]) == {RANK_CHUNK}
+    assert tokens.shape[1] >= max(w.size for w in want)
+    for i, ranking in enumerate(want):
+        n = ranking.size
+        assert enc.lengths[i] == n
+        np.testing.assert_array_equal(tokens[i, :n], ranking)
+        assert (tokens[i, n:] == PAD).all()
+        assert (counts[i, :n] > 0).all()
+        assert (counts[i, n:] == 0).all()
+    values = enc.values.compute()
+    for i, ranking in enumerate(want):
+        assert (np.diff(values[i, : ranking.size]) <= 0).all()  # value descending
+
+
+def test_banded_store_writes_only_the_chunks_its_rankings_fill(deep):
+    """Every band holds exactly the cells' ranks in it: a block writes the chunks of its
+    region up to its last entry and nothing past it, so bytes follow the rankings."""
+    enc, path = deep["enc"], deep["path"]
+    layout = enc.layout
+    lengths = np.array([w.size for w in deep["want"]])
+    starts = np.asarray(zarr.open_array(path / "band_start", mode="r")[...])
+    assert layout.n_bands == -(-enc.tokens.shape[1] // RANK_CHUNK)
+    total_entries = 0
+    for k in range(layout.n_bands):
+        want_files = set()
+        for b in range(layout.n_blocks):
+            rows = lengths[b * 16 : (b + 1) * 16]
+            size = int(np.clip(rows - RANK_CHUNK * k, 0, RANK_CHUNK).sum())
+            total_entries += size
+            first = starts[b, k] // layout.flat_chunk
+            want_files |= {str(c) for c in range(first, first + -(-size // layout.flat_chunk))}
+        for name in ("tokens", "counts"):
+            folder = path / "bands" / str(k) / name / "c"
+            got = {p.name for p in folder.iterdir()} if folder.exists() else set()
+            assert got == want_files, (k, name)
+    assert total_entries == lengths.sum()
+    # the deep bands hold the doublets only: one block region each, never a row per cell
+    deepest = (int(lengths.max()) - 1) // RANK_CHUNK  # (the width is an upper bound)
+    assert deepest >= 8
+    blocks_there = {int(c) // 16 for c in deep["deep_cells"] if lengths[c] > RANK_CHUNK * deepest}
+    files = {p.name for p in (path / "bands" / str(deepest) / "tokens" / "c").iterdir()}
+    assert {layout.blocks_of_flat_chunk(int(f))[0] for f in files} == blocks_there
+
+
+def test_ranked_blocks_hold_no_padding(deep):
+    """A tokenize task's result is the block's rankings, not block x deepest-cell."""
+    plan = plan_encoding(deep["store"], deep["medians"], deep["vocab"], rank_chunk=RANK_CHUNK)
+    blocks = (
+        ranked_blocks(plan.store.counts, plan.n_counts, plan.gene_map, plan.medians)
+        .to_delayed()
+        .ravel()
+    )
+    lengths = np.array([w.size for w in deep["want"]])
+    for b, part in enumerate(blocks):
+        tokens, counts, lens = part.compute()
+        np.testing.assert_array_equal(lens, lengths[b * 16 : (b + 1) * 16])
+        assert tokens.shape == counts.shape == (int(lens.sum()),)
+        np.testing.assert_array_equal(tokens, np.concatenate(deep["want"][b * 16 : (b + 1) * 16]))
+
+
+def test_an_old_schema_store_is_refused_with_how_to_fix(tmp_path):
+    path = tmp_path / "old.zarr"
+    group = zarr.open_group(os.fspath(path), mode="w", zarr_format=3)
+    group.attrs["flow"] = {"kind": "encoding", "schema_version": 1, "complete": True}
+    group.create_array("tokens", shape=(2, 3), dtype=np.uint16, chunks=(2, 3))  # the old layout
+    with pytest.raises(SchemaError, match=r"schema 1.*re-run `flow tokenize`") as err:
+        open_encoding(path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(SchemaError, match="re-run `flow tokenize`"):
+        encode_store.invalidate_blocks(path, [0])
+
+
+def test_dataset_has_cells_rankings_and_obs_but_no_bookkeeping(handmade):
+    enc = encode(
+        handmade["store"], handmade["vocab"], handmade["median_set"], handmade["path"] / "e.zarr"
+    )
+    ds = enc.dataset()
+    assert list(ds["cell"].values) == list(enc.cell_column("cell"))
+    for name in ("tokens", "counts", "values"):
+        assert ds[name].dims == ("cell", "rank")
+        assert ds[name].chunks is not None  # lazy
+        np.testing.assert_array_equal(ds[name].values, getattr(enc, name).compute())
+    np.testing.assert_array_equal(ds["length"].values, enc.lengths)
+    for name in ("n_counts", "filter_pass", *enc.obs_columns):
+        assert ds[name].dims == ("cell",)
+        np.testing.assert_array_equal(ds[name].values, enc.cell_column(name))
+    assert ds["token_gene_id"].dims == ("token",)
+    names = set(ds.variables)
+    assert not names & {"block_done", "block_token_cells", "band_start", "bands"}
+    assert not [n for n in names if n.startswith("bands")]
+
+
+def test_blocks_of_chunk(deep):
+    enc = deep["enc"]
+    layout = enc.layout
+    f = encode_store.blocks_of_chunk
+    per_region = layout.region // layout.flat_chunk
+    for b in range(layout.n_blocks):
+        for k in range(layout.n_bands):
+            for c in range(b * per_region, (b + 1) * per_region):
+                assert f(enc, f"bands/{k}/tokens", (c,)) == [b]
+                assert f(enc, f"bands/{k}/counts", (c,)) == [b]
+        assert f(enc, "length", (b,)) == [b]
+        assert f(enc, "cell", (b,)) == [b]
+        assert f(enc, "block_done", (b,)) == [b]
+        assert f(enc, "block_token_cells", (b, 0)) == [b]
+    assert f(enc, "token_median", (0,)) == []
+    assert f(enc, "band_start", (0, 0)) == []
+
+
+def test_invalidated_blocks_are_recomputed_alone_and_identically(deep, tmp_path):
+    path = tmp_path / "e.zarr"
+    shutil.copytree(deep["path"], path)
+    original = read_arrays(path)
+    enc = open_encoding(path)
+    # damage one chunk of a deep band and one of band 0: find their blocks, invalidate them
+    deepest = (int(enc.lengths.max()) - 1) // RANK_CHUNK
+    damaged = [
+        f"bands/{deepest}/tokens/c/" + sorted(p.name for p in (path / f"bands/{deepest}/tokens/c").iterdir())[-1],
+        "bands/0/counts/c/0",
+    ]  # fmt: skip
+    blocks: set[int] = set()
+    for key in damaged:
+        (path / key).write_bytes(b"damaged")
+        array, chunk = key.split("/c/")
+        blocks |= set(encode_store.blocks_of_chunk(enc, array, (int(chunk),)))
+    assert len(blocks) == 2
+    encode_store.invalidate_blocks(enc, sorted(blocks))
+    with pytest.raises(IncompleteStoreError):
+        open_encoding(path)
+    written: list[int] = []
+
+    def recording_compute(graph):
+        keys = [k for k in graph.__dask_graph__() if isinstance(k, tuple) and "write" in k[0]]
+        written.extend(sorted(k[1] for k in keys))
+        return dask.compute(graph)
+
+    plan = plan_encoding(deep["store"], deep["medians"], deep["vocab"], rank_chunk=RANK_CHUNK)
+    write_encoding(plan, path, compute=recording_compute)
+    assert written == sorted(blocks)
+    assert_same_bytes(read_arrays(path), original)
+    _assert_tree_equal(path / "bands", deep["path"] / "bands")
+    with pytest.raises(InputError, match="not 99"):
+        encode_store.invalidate_blocks(path, [99])

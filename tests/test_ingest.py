@@ -334,7 +334,7 @@ def test_formats_detected(pbmc_inputs, derived):
     assert detect_format(derived["loom"]) == "loom"
     assert detect_format(derived["zarr3"]) == "anndata-zarr"
     assert detect_format(derived["zarr2"]) == "anndata-zarr"
-    assert set(FORMATS) == {"h5ad", "10x-h5", "10x-mtx", "loom", "anndata-zarr"}
+    assert set(FORMATS) == {"h5ad", "10x-h5", "10x-mtx", "loom", "anndata-zarr", "soma"}
     named_h5 = derived["csr"].parent / "anndata.h5"  # an h5ad named .h5: told by its contents
     shutil.copy(derived["csr"], named_h5)
     assert detect_format(named_h5) == "h5ad"
@@ -1169,7 +1169,7 @@ def test_registered_reader_is_used_and_its_options_checked(tmp_path, monkeypatch
         open_source(path)  # not detected: format= names it
     with pytest.raises(ValueError, match="accepts names no format option: bogus"):
         register_reader("twos", read_ones, accepts=["bogus"])
-    assert FORMATS == ("h5ad", "10x-h5", "10x-mtx", "loom", "anndata-zarr")
+    assert FORMATS == ("h5ad", "10x-h5", "10x-mtx", "loom", "anndata-zarr", "soma")
 
 
 # --------------------------------------------------------------------------- one open

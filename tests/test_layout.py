@@ -53,7 +53,9 @@ def test_no_imports_inside_functions_but_optional_dependencies():
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     names = {n.split(".")[0] for n in _imported_top(node)}
                     if not names <= OPTIONAL:
-                        found.append(f"{path.relative_to(FLOW.parent)}:{node.lineno} {sorted(names)}")
+                        found.append(
+                            f"{path.relative_to(FLOW.parent)}:{node.lineno} {sorted(names)}"
+                        )
     assert found == []
 
 

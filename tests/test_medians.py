@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 
 import dask
 import numpy as np
@@ -190,8 +191,104 @@ def test_median_set_opens_as_xarray(tmp_path, small_stores):
     med.write_medians(got, tmp_path / "m.zarr")
     ds = med.open_medians_dataset(tmp_path / "m.zarr")
     assert ds.sizes["gene"] == 400
+    assert ds.indexes["gene"].tolist() == got.gene_ids.tolist()
     np.testing.assert_array_equal(ds["median"].values, got.medians)
     assert ds.attrs["flow"]["method"] == "tdigest"
+
+
+def _write_schema_1(medians: med.MedianSet, path) -> None:
+    """A median set as flow wrote it before schema 2: IDs in ``gene_id``, not consolidated."""
+    from flow._io import create_flow_group, mark_complete
+
+    root = create_flow_group(Location.of(path), med.KIND, 1)
+    med._create_1d(root, "gene_id", np.asarray(medians.gene_ids, dtype=str), "gene")
+    med._create_1d(root, "median", medians.medians, "gene")
+    med._create_1d(root, "n_nonzero", medians.n_nonzero, "gene")
+    arrays = med._tdigest.to_arrays(medians.digests)
+    med._create_1d(root, "digest_offset", arrays["offsets"], "gene_edge")
+    for key in ("means", "weights", "mins", "maxs"):
+        med._create_1d(root, f"digest_{key.rstrip('s')}", arrays[key], "centroid")
+    mark_complete(
+        root, method=medians.method, compression=medians.compression, stores=list(medians.stores)
+    )
+
+
+def test_median_set_is_xarray_native_on_real_data(shared_data, tmp_path):
+    """PBMC 3k: xarray.open_zarr opens the set with no warning at all (consolidated metadata),
+    the IDs are the ``gene`` coordinate (``sel`` by ID), also after a merge rewrote the set."""
+    import xarray as xr
+
+    from flow.pipeline import convert
+
+    store = convert(
+        [shared_data / "pbmc3k" / "filtered_gene_bc_matrices" / "hg19"], tmp_path / "3k.zarr"
+    )
+    got = med.medians_of([store], compute=dask.compute)
+    med.write_medians(got, tmp_path / "m.zarr")
+    merged = med.merge_median_sets([med.open_medians(tmp_path / "m.zarr"), got])
+    med.write_medians(merged, tmp_path / "merged.zarr")
+    cd3e = "ENSG00000198851"
+    i = got.gene_ids.tolist().index(cd3e)
+    for name, want in (("m.zarr", got), ("merged.zarr", merged)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ds = xr.open_zarr(tmp_path / name)
+            assert ds.indexes["gene"].tolist() == want.gene_ids.tolist()
+            assert float(ds["median"].sel(gene=cd3e)) == want.medians[i]
+            assert int(ds["n_nonzero"].sel(gene=cd3e)) == want.n_nonzero[i] > 0
+            np.testing.assert_array_equal(ds["median"].values, want.medians)
+            assert set(ds.data_vars) == {
+                "median",
+                "n_nonzero",
+                "digest_offset",
+                "digest_mean",
+                "digest_weight",
+                "digest_min",
+                "digest_max",
+            }
+            assert ds.attrs["flow"]["complete"] is True
+    assert merged.n_nonzero[i] == 2 * got.n_nonzero[i]  # the same cells twice
+    # the set flow.open_medians reads back is the one written
+    back = med.open_medians(tmp_path / "m.zarr")
+    assert back.gene_ids.tolist() == got.gene_ids.tolist()
+    assert back.fingerprint == got.fingerprint
+
+
+def test_median_sets_of_schema_1_still_open(tmp_path, small_stores):
+    """Sets written before the ``gene`` coordinate open with open_medians (same values) and as
+    datasets with the ``gene`` coordinate; rewriting one brings it to the current layout."""
+    import xarray as xr
+
+    got = med.medians_of([small_stores[0]], compute=dask.compute)
+    _write_schema_1(got, tmp_path / "old.zarr")
+    old = med.open_medians(tmp_path / "old.zarr")
+    assert old.fingerprint == got.fingerprint
+    np.testing.assert_array_equal(old.n_nonzero, got.n_nonzero)
+    assert old.digests is not None
+    np.testing.assert_array_equal(old.digests.means, got.digests.means)
+    ds = med.open_medians_dataset(tmp_path / "old.zarr")
+    assert "gene_id" not in ds.variables
+    assert ds.indexes["gene"].tolist() == got.gene_ids.tolist()
+    np.testing.assert_array_equal(ds["median"].values, got.medians)
+    med.write_medians(old, tmp_path / "new.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = xr.open_zarr(tmp_path / "new.zarr")
+    assert new.indexes["gene"].tolist() == got.gene_ids.tolist()
+    assert new.attrs["flow"]["schema_version"] == med.SCHEMA_VERSION == 2
+
+
+def test_describe_names_an_imported_dictionary(shared_data, tmp_path):
+    """An imported set says which file it came from (not "0 cells from 1 store(s)")."""
+    path = shared_data / "geneformer" / "v1_gc30M" / "gene_median_dictionary_gc30M.pkl"
+    text = med.import_median_dictionary(path).describe("gf.zarr")
+    assert text == (f"median set -> gf.zarr: 25,424 genes (25,424 expressed), imported from {path}")
+    bundled = med.write_medians(med.bundled_medians("V1"), tmp_path / "gf.zarr")
+    assert med.open_medians(tmp_path / "gf.zarr").describe() == bundled.describe()
+    assert bundled.describe().endswith(
+        "imported from Geneformer's V1 medians shipped with flow "
+        "(converted from v1_gc30M/gene_median_dictionary_gc30M.pkl)"
+    )
 
 
 def test_open_without_digests(tmp_path, small_stores):

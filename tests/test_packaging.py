@@ -11,9 +11,13 @@ import flow
 
 from conftest import REPO
 
+#: conda-forge names that differ from the PyPI ones.
+_PYPI_NAME = {"tiledbsoma-py": "tiledbsoma"}
+
 
 def _name(req: str) -> str:
-    return re.split(r"[<>=\[ ;]", req, maxsplit=1)[0].lower()
+    name = re.split(r"[<>=\[ ;]", req, maxsplit=1)[0].lower()
+    return _PYPI_NAME.get(name, name)
 
 
 def test_environment_yml_mirrors_pyproject():

@@ -20,6 +20,7 @@ import zarr
 
 from flow import pipeline
 from flow.datasets import write_synthetic
+from flow.encode._bands import BandLayout
 from flow.encode.store import open_encoding
 from flow.errors import IncompleteStoreError
 
@@ -49,13 +50,18 @@ def flow_meta(root: Path) -> dict[str, Any]:
 
 
 def tokens_mtimes(encoding: Path, blocks: np.ndarray) -> dict[str, int]:
-    """Modification times of the token and value chunk files of the given cell blocks."""
-    return {
+    """Modification times of the token and count chunk files of the given cell blocks (their
+    regions of every rank band)."""
+    meta: Any = zarr.open_group(encoding, mode="r").attrs["flow"]
+    layout = BandLayout.from_attrs(meta["bands"])
+    mine = {int(b) for b in blocks}
+    found = {
         os.fspath(p): p.stat().st_mtime_ns
-        for b in blocks
-        for name in ("tokens", "counts")
-        for p in (encoding / name / "c" / str(b)).iterdir()
+        for p in (encoding / "bands").glob("*/*/c/*")
+        if p.name.isdigit() and set(layout.blocks_of_flat_chunk(int(p.name))) <= mine
     }
+    assert found or not mine
+    return found
 
 
 def group_alive(pgid: int) -> bool:

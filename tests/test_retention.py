@@ -14,6 +14,8 @@ import itertools
 import math
 import pickle
 import re
+import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from fractions import Fraction
@@ -860,3 +862,17 @@ def test_sparse_states_merge_to_the_state_of_all_entries(
             assert whole["min:x"][row] == found.min()
             assert whole["minn:x"][row] == np.count_nonzero(found == found.min())
             assert whole["maxn:x"][row] == np.count_nonzero(found == found.max())
+
+
+def test_cli_warns_in_one_line(small: Case, tmp_path: Path) -> None:
+    """An unknown gene of a set is a one-line ``warning: ...`` on stderr, not Python's file:line form."""
+    argv = [sys.executable, "-m", "flow.cli", "retention", str(small.path), "-q"]
+    gmt = tmp_path / "sets.gmt"
+    gmt.write_text("SET\tdescription\tGENE1\tNOTAGENE\n")
+    argv += ["--gene-sets", str(gmt), "-o", str(tmp_path / "genes.csv"), "--workers", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "NOTAGENE" in line]
+    assert len(warned) == 1
+    assert warned[0].startswith("warning: ")
+    assert "retention.py" not in done.stderr

@@ -10,13 +10,11 @@ the column that records where each cell came from.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import posixpath
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,54 +25,10 @@ from flow.cli._common import storage_options as parse_storage_options
 from flow.encode.store import open_encoding
 from flow.store import open_counts
 
+from conftest import S3, SECRET  # the s3 fixture (moto's server) is in conftest
 from helpers import array_bytes, flow_meta, stored_files, write_synthetic_h5ad
 
 FLOW = os.fspath(Path(sys.executable).parent / "flow")
-BUCKET = "flow-test"
-KEY_ID = "testing"
-SECRET = "testing-secret-7c1e5a"  # distinctive, so that a leak into any output is found
-
-
-@dataclass
-class S3:
-    """A running S3 server and the options that reach it."""
-
-    endpoint: str
-
-    @property
-    def options(self) -> dict[str, Any]:
-        """Python storage options with explicit credentials."""
-        return {"client_kwargs": {"endpoint_url": self.endpoint}, "key": KEY_ID, "secret": SECRET}
-
-    def url(self, *parts: str) -> str:
-        return posixpath.join(f"s3://{BUCKET}", *parts)
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3]:
-    """moto's S3 server on a free localhost port with one bucket; dummy credentials in the
-    environment (inherited by the ``flow`` commands and their local clusters)."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
-
-    werkzeug = logging.getLogger("werkzeug")  # one log line per request otherwise
-    level = werkzeug.level
-    werkzeug.setLevel(logging.ERROR)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            endpoint = f"http://{host}:{port}"
-            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-            yield S3(endpoint)
-        finally:
-            server.stop()
-            werkzeug.setLevel(level)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
+from .._checksum import is_checksum_error
+from .._location import store_failure
 from .._version import __version__
-from ..errors import FlowError
-from . import _convert, _demo, _medians, _query, _retention, _tokenize
+from ..cluster import Interrupted, stop_on_signals
+from ..errors import FlowError, FlowWarning
+from . import _convert, _demo, _medians, _query, _retention, _tokenize, _verify
 
 __all__ = ["main"]
 
@@ -55,29 +59,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"flow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = _common_parser()
-    for module in (_demo, _convert, _medians, _tokenize, _query, _retention):
+    for module in (_demo, _convert, _medians, _tokenize, _query, _retention, _verify):
         module.register(sub, common)
     return parser
 
 
+def _one_line_warning(
+    message: Warning | str, category: type[Warning], *args: object, **kwargs: object
+) -> str:
+    """flow's own warnings as ``warning: ...`` (no file and source line); others as Python's."""
+    if issubclass(category, FlowWarning):
+        return f"warning: {message}\n"
+    return _PYTHON_FORMAT(message, category, *args, **kwargs)  # type: ignore[arg-type]
+
+
+_PYTHON_FORMAT = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``flow`` command; returns the exit status (0 ok, 1 flow error, 2 usage)."""
+    """Run the ``flow`` command; returns the exit status (0 ok, 1 flow error, 2 usage,
+    130/143 interrupted by SIGINT/SIGTERM: rerun the same command to finish)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
-        status = args.func(args)
+        with stop_on_signals():  # Ctrl-C, SIGTERM: Interrupted, the cluster shut down
+            status = args.func(args)
     except FlowError as err:
         print(f"flow {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except ValueError as err:  # zarr's bare checksum error (flow's own names the chunk)
+        damaged = "a stored chunk fails its checksum: `flow verify STORE` names it"
+        failed = damaged if is_checksum_error(err) else store_failure(err, vars(args).values())
+        if failed is None:
+            raise
+        print(f"flow {args.command}: error: {failed}", file=sys.stderr)
+        return 1
     except OSError as err:  # a file not found, not readable, a full disk: the user can act
         where = f": {err.filename!r}" if err.filename else ""
-        print(f"flow {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        msg = store_failure(err, vars(args).values()) or f"{err.strerror or err}{where}"
+        print(f"flow {args.command}: error: {msg}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(
-            f"flow {args.command}: interrupted; rerun the same command to finish.", file=sys.stderr
+            f"flow {args.command}: interrupted: rerun the same command to finish", file=sys.stderr
         )
-        return 130
+        return err.exit_status if isinstance(err, Interrupted) else 130
+    except Exception as err:  # an object store still failing after its retries; else a bug
+        if (failure := store_failure(err, vars(args).values())) is None:
+            raise
+        print(f"flow {args.command}: error: {failure}", file=sys.stderr)
+        return 1
     return int(status or 0)
 
 

@@ -88,7 +88,8 @@ def _add_coverage(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="fraction of cells fully encoded at each input size",
         description="Prints what input sizes cover and cost, e.g. "
-        "'2,048 covers 93.0%% of cells at cost 1.0'.",
+        "'2,048 covers 93.0%% of cells at cost 1.0', the cost being the dense attention "
+        "cost relative to 2,048 tokens, (L / 2,048)^2.",
     )
     _encoding_arg(p)
     p.add_argument(
@@ -172,6 +173,7 @@ def _coverage(args: argparse.Namespace) -> int:
     enc = _open(args)
     sizes = query.parse_sizes(args.sizes)
     print(query.coverage_summary(enc, sizes))
+    print(f"({report.COST_HEADER})")
     if args.plot:
         report.plot_coverage(enc, args.plot)
         print(f"wrote {args.plot}")
@@ -188,5 +190,6 @@ def _report(args: argparse.Namespace) -> int:
             enc, args.output, args.cutoff, args.group_by, top=args.top, retention=args.retention
         )
     print(query.coverage_summary(enc))
+    print(f"({report.COST_HEADER})")
     print(f"wrote {out}")
     return 0

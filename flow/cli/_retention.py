@@ -106,9 +106,9 @@ def _summary(result: RetentionResult) -> str:
         line = f"at {cutoff:,}: {int(genes[col].sum()):,} of {int(genes['expressing_cells'].sum()):,} occurrences dropped"
         if tail is not None:
             rows = tail[tail["cutoff"] == cutoff].set_index("part")["below_median_fraction"]
-            line += (
-                f"; below the corpus median: {100 * rows['dropped']:.1f}% of dropped, "
-                f"{100 * rows['kept']:.1f}% of kept"
+            line += "; below the corpus median: " + ", ".join(
+                f"{100 * rows[part]:.1f}% of {part}" if rows[part] == rows[part] else f"none {part}"
+                for part in ("dropped", "kept")
             )
         lines.append(line)
     return "\n".join(lines)

@@ -70,7 +70,7 @@ from .._kernels import (
 )
 from ..errors import InputError
 
-__all__ = ["rank_block", "ranked_values", "value_matrix"]
+__all__ = ["padded", "rank_block", "rank_block_flat", "ranked_values", "value_matrix"]
 
 _SLICE_NNZ: Final = 1 << 16  # stored counts sorted at once: small slices stay in cache (measured)
 _SLICE_MAX_ROWS: Final = 1 << 12
@@ -309,7 +309,7 @@ def _sort_slice(
     offsets: npt.NDArray[np.int64],
     row_starts: npt.NDArray[np.int64],
     lengths: npt.NDArray[np.int64],
-) -> tuple[npt.NDArray[np.int64], FloatArray, int]:
+) -> tuple[npt.NDArray[np.int64], int]:
     """Exact order of a slice of whole rows: row asc, value desc, offset (= token) asc.
 
     Parameters
@@ -328,8 +328,6 @@ def _sort_slice(
     perm
         Indices into the slice in ranked order. Rows keep their places: position ``p`` of the
         result belongs to the same row as entry ``p`` and has rank ``offsets[p]``.
-    ranked
-        ``values[perm]``.
     n_resorted
         Rows whose truncated keys were ambiguous and were re-sorted exactly (diagnostics).
     """
@@ -351,10 +349,10 @@ def _sort_slice(
     key &= np.uint64((1 << ob) - 1)
     perm = key.view(np.int64)
     perm += row_starts  # rows keep their places, so the row start of position p is known
+    if not shift:  # exact keys: no check needed (the values are gathered only to check)
+        return perm, 0
     ranked = np.take(values, perm)
-    if not shift:
-        return perm, ranked, 0
-    return perm, ranked, _resort_rising_rows(values, offsets, lengths, perm, ranked)
+    return perm, _resort_rising_rows(values, offsets, lengths, perm, ranked)
 
 
 def _rank_rows(
@@ -368,11 +366,11 @@ def _rank_rows(
 ) -> None:
     """Rank rows ``[r0, r1)`` of canonical ``x`` into ``out = (tokens, counts)`` (in place).
 
-    ``indptr`` is ``x.indptr`` as int64; the rows are one slice of :func:`_sort_slice`.
+    ``out`` is flat, in the layout of ``x``'s entries: row ``r``'s ranking fills
+    ``indptr[r]:indptr[r + 1]``, highest value first. ``indptr`` is ``x.indptr`` as int64; the
+    rows are one slice of :func:`_sort_slice`.
     """
     r0, r1 = rows
-    ranked_tokens, ranked_counts = out
-    width = ranked_tokens.shape[1]
     a, b = int(indptr[r0]), int(indptr[r1])
     if b == a:
         return
@@ -382,15 +380,64 @@ def _rank_rows(
     offsets -= row_starts
     cols = x.indices[a:b]
     vals = _values(x.data[a:b], np.repeat(n_c[r0:r1], lens), np.take(med, cols))
-    perm, _, _ = _sort_slice(vals, offsets, row_starts, lens)
-    toks = np.take(tok, np.take(cols, perm))
-    cnts = np.take(x.data[a:b], perm)
-    if int(lens.max()) > width:
-        keep = offsets < width
-        toks, cnts, lens = toks[keep], cnts[keep], np.minimum(lens, width)
-    filled = np.arange(width) < lens[:, None]  # row-major order = ranked order
-    ranked_tokens[r0:r1][filled] = toks
-    ranked_counts[r0:r1][filled] = cnts
+    perm, _ = _sort_slice(vals, offsets, row_starts, lens)
+    # plain gathers: np.take(..., out=) buffers its output in its default (raise) mode
+    out[0][a:b] = tok[cols[perm]]
+    out[1][a:b] = x.data[a:b][perm]
+
+
+def rank_block_flat(
+    block_csr: Any,
+    n_counts: npt.ArrayLike,
+    medians: npt.ArrayLike,
+    tokens: npt.ArrayLike,
+    *,
+    row_offset: int = 0,
+) -> tuple[TokenArray, npt.NDArray[Any], npt.NDArray[np.int32]]:
+    """Rank-value encode a block of cells into flat rankings (no padding anywhere).
+
+    Same inputs, order and checks as :func:`rank_block` (without ``width`` and ``pad``).
+
+    Returns
+    -------
+    ranked_tokens : numpy.ndarray
+        ``(lengths.sum(),)`` ``tokens.dtype``: the rankings of the cells one after another,
+        each highest value first (cell ``i``'s at ``cumsum(lengths)[i] - lengths[i]``).
+    ranked_counts : numpy.ndarray
+        ``(lengths.sum(),)`` the block's count dtype: the count of the gene at each rank.
+    lengths : numpy.ndarray
+        ``(n_cells,)`` int32: detected genes (count > 0) per cell.
+
+    Notes
+    -----
+    Eager numpy; work and memory follow the block's stored counts, never the longest cell.
+    """
+    tok_in = np.asarray(tokens)
+    out_dtype = tok_in.dtype if tok_in.size else np.dtype(np.uint16)
+    x, n_c, med, tok = _prepare(block_csr, n_counts, medians, tokens, row_offset)
+    indptr = x.indptr.astype(np.int64, copy=False)
+    ranked_tokens = np.empty(x.nnz, dtype=out_dtype)
+    ranked_counts = np.empty(x.nnz, dtype=x.data.dtype)
+    for rows in row_slices(indptr, nnz=_SLICE_NNZ, max_rows=_SLICE_MAX_ROWS):
+        _rank_rows(x, indptr, n_c, med, tok, rows, (ranked_tokens, ranked_counts))
+    return ranked_tokens, ranked_counts, np.diff(indptr).astype(np.int32)
+
+
+def padded(
+    flat: npt.NDArray[Any], lengths: npt.NDArray[Any], width: int, fill: Any
+) -> npt.NDArray[Any]:
+    """``(n_cells, width)`` rows from flat rankings (:func:`rank_block_flat`): each cell's first
+    ``width`` ranks, then ``fill``."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    out = np.full((lens.size, width), fill, dtype=flat.dtype)
+    if width == 0 or flat.size == 0:
+        return out
+    if int(lens.max()) > width:  # truncated: keep each row's first ``width`` entries
+        starts = np.cumsum(lens) - lens
+        offsets = np.arange(flat.size, dtype=np.int64) - np.repeat(starts, lens)
+        flat, lens = flat[offsets < width], np.minimum(lens, width)
+    out[np.arange(width) < lens[:, None]] = flat  # row-major order = ranked order
+    return out
 
 
 def rank_block(
@@ -453,13 +500,12 @@ def rank_block(
     Eager numpy; memory is a few times 8 bytes per stored count of the block. Values are
     computed and sorted in slices of about ``2**16`` stored counts (whole rows).
     """
-    width, out_dtype = _check_width_and_pad(tokens, width, pad)
-    x, n_c, med, tok = _prepare(block_csr, n_counts, medians, tokens, row_offset)
-    n_cells = x.shape[0]
-    indptr = x.indptr.astype(np.int64, copy=False)
-    ranked_tokens = np.full((n_cells, width), pad, dtype=out_dtype)
-    ranked_counts = np.zeros((n_cells, width), dtype=x.data.dtype)
-    if width > 0:
-        for rows in row_slices(indptr, nnz=_SLICE_NNZ, max_rows=_SLICE_MAX_ROWS):
-            _rank_rows(x, indptr, n_c, med, tok, rows, (ranked_tokens, ranked_counts))
-    return ranked_tokens, ranked_counts, np.diff(indptr).astype(np.int32)
+    width, _ = _check_width_and_pad(tokens, width, pad)
+    flat_tokens, flat_counts, lengths = rank_block_flat(
+        block_csr, n_counts, medians, tokens, row_offset=row_offset
+    )
+    return (
+        padded(flat_tokens, lengths, width, pad),
+        padded(flat_counts, lengths, width, 0),
+        lengths,
+    )

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from ..vocab import GeneMap
 
-__all__ = ["RankContext", "RankedCells", "rank_cells"]
+__all__ = ["RankContext", "RankedCells", "rank_cells", "ranked_blocks"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,20 @@ def _rank_block(
     return tokens, counts.astype(ctx.count_dtype, copy=False), lengths
 
 
+def _rank_block_flat(
+    block: sp.csr_matrix,
+    n_counts: np.ndarray,
+    ctx: RankContext,
+    block_info: dict[Any, Any] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    row0 = block_info[0]["array-location"][0][0] if block_info else 0
+    kept = ctx.gene_map.apply(block)
+    tokens, counts, lengths = _kernels.rank_block_flat(
+        kept, np.ravel(n_counts), ctx.medians, ctx.tokens, row_offset=row0
+    )
+    return tokens, counts.astype(ctx.count_dtype, copy=False), lengths
+
+
 def _take(part: tuple[np.ndarray, ...], i: int) -> np.ndarray:
     return part[i]
 
@@ -72,21 +86,24 @@ def _take_lengths(parts: list[tuple[np.ndarray, ...]]) -> np.ndarray:
     return parts[0][2]
 
 
-def _block_results(counts: da.Array, n_counts: np.ndarray, ctx: RankContext, tok: str) -> da.Array:
-    """One task per cell block: ``(tokens, counts, lengths)`` of :func:`_rank_block`."""
+def _block_results(
+    counts: da.Array, n_counts: np.ndarray, ctx: RankContext, tok: str, *, flat: bool = False
+) -> da.Array:
+    """One task per cell block: ``(tokens, counts, lengths)`` of :func:`_rank_block` (or of
+    :func:`_rank_block_flat` with ``flat``)."""
     shared: Delayed = delayed(ctx, name=f"flow-rank-context-{tok}")
     nc = da.from_array(
         n_counts.astype(np.float64), chunks=(counts.chunks[0],), name=f"flow-n-counts-{tok}"
     )
     return da.map_blocks(
-        _rank_block,
+        _rank_block_flat if flat else _rank_block,
         counts,
         nc[:, None],
         shared,
         chunks=(counts.chunks[0], (ctx.width,)),
         dtype=object,
         meta=np.empty((0, 0), dtype=object),
-        name=f"flow-rank-{tok}",
+        name=f"flow-rank{'-flat' if flat else ''}-{tok}",
     )
 
 
@@ -173,3 +190,30 @@ def rank_cells(
     count_dtype = np.dtype(count_dtype if count_dtype is not None else counts.dtype)
     ctx = RankContext(gene_map, medians, gene_map.kept_tokens, width, pad, count_dtype)
     return _split_results(_block_results(counts, n_counts, ctx, tok), ctx, tok)
+
+
+def ranked_blocks(
+    counts: da.Array,
+    n_counts: np.ndarray,
+    gene_map: GeneMap,
+    medians: np.ndarray,
+    *,
+    count_dtype: Any = None,
+) -> da.Array:
+    """Rank every cell lazily into flat rankings: one ``(tokens, counts, lengths)`` per block.
+
+    Same inputs and checks as :func:`rank_cells` (no ``width``: nothing is padded). Each
+    element of the result (an object array with one chunk per cell block and one along ranks;
+    take its blocks with ``.to_delayed()``) is the tuple of
+    :func:`flow.encode._kernels.rank_block_flat` for that block: the block's rankings one cell
+    after another, the counts at each rank (``count_dtype``) and the lengths. Memory per task
+    follows the block's stored counts, never the longest cell.
+    """
+    require_single_chunk(counts, 1, name="counts", dim="genes")
+    if medians.shape != (gene_map.n_kept,):
+        msg = f"Need one median per kept gene ({gene_map.n_kept}); got shape {medians.shape}."
+        raise VocabularyError(msg)
+    tok = tokenize(counts.name, n_counts, gene_map.vocab_fingerprint, gene_map.column, medians)
+    count_dtype = np.dtype(count_dtype if count_dtype is not None else counts.dtype)
+    ctx = RankContext(gene_map, medians, gene_map.kept_tokens, 1, 0, count_dtype)
+    return _block_results(counts, n_counts, ctx, tok, flat=True)

@@ -1,13 +1,13 @@
 """The encoding store: every cell's full ranking, queryable past any cutoff.
 
-Layout (Zarr v3; opens as an :class:`xarray.Dataset` with dimensions ``cell``, ``rank``,
-``token``)::
+Layout (Zarr v3, schema 2; :meth:`EncodingStore.dataset` gives an :class:`xarray.Dataset`
+with dimensions ``cell``, ``rank``, ``token``)::
 
-    tokens (cell, rank)       token IDs, highest value first, pad-filled; chunks
-                              (block_size, rank_chunk) so ranks 0..L-1 never touch the tail
-    counts (cell, rank)       the count of the gene at each rank (the store's count dtype; 0
-                              past the end). The value at each rank, count / n_counts x 10,000
-                              / median (the fold change against the corpus); 0 past the end
+    bands/<k>/tokens (entry)  ranks [512 k, 512 (k + 1)) of every cell, one cell after another
+                              (flat, ragged: storage follows the rankings, not the deepest
+                              cell; see :mod:`flow.encode._bands`)
+    bands/<k>/counts (entry)  the count of the gene at each of those ranks
+    band_start (block, band)  where each cell block's region starts in each band
     length (cell)             ranked (detected, in-vocabulary) genes per cell
     cell (cell)               barcodes; n_counts, filter_pass and carried obs columns beside
     token_gene_id, token_symbol, token_median, token_cells (token)
@@ -19,8 +19,10 @@ Layout (Zarr v3; opens as an :class:`xarray.Dataset` with dimensions ``cell``, `
     attrs["flow"]             kind "encoding", complete, fingerprints of counts, medians and
                               vocabulary, parameters, special tokens
 
-Writers own whole chunks: each task writes the rows of one cell block across all rank chunks,
-then marks the block done. A rerun with the same inputs writes only the blocks not done and
+Readers see ``tokens``, ``counts`` and ``values`` as lazy ``(cell, rank)`` arrays chunked
+(block, 512), each chunk built from one band of one block (padding filled in memory), so ranks
+0..L-1 never touch the tail. Writers own whole chunks: each task writes its cell block's region
+of every band (whole chunks of the flat arrays), then marks the block done. A rerun with the same inputs writes only the blocks not done and
 gives byte-identical arrays.
 """
 
@@ -39,30 +41,54 @@ import xarray as xr
 import zarr
 from dask.base import tokenize
 from dask.delayed import Delayed, delayed
+from dask.highlevelgraph import HighLevelGraph
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from .._genes import GeneMapping, normalize_gene_ids
-from .._io import create_flow_group, flow_attrs, mark_complete, open_flow_group, write_1d
+from .._io import (
+    DEFAULT_CODECS,
+    checked,
+    create_flow_group,
+    flow_attrs,
+    mark_complete,
+    open_flow_group,
+    write_1d,
+)
 from .._location import Located, Location, LocationLike
 from .._version import __version__
 from ..cluster import compute as cluster_compute
-from ..errors import OutputExistsError, VocabularyError
+from ..errors import (
+    IncompleteStoreError,
+    InputError,
+    OutputExistsError,
+    SchemaError,
+    VocabularyError,
+)
 from ..medians import MedianSet
 from ..vocab import GeneMap, Vocabulary, build_gene_map
+from ._bands import BandLayout, read_band_chunk, split_bands, write_band
 from ._kernels import ranked_values
-from .rank import rank_cells
+from .rank import ranked_blocks
 
 if TYPE_CHECKING:
     from ..store import CountStore
 
-__all__ = ["EncodingStore", "open_encoding", "plan_encoding", "write_encoding"]
+__all__ = [
+    "EncodingStore",
+    "blocks_of_chunk",
+    "invalidate_blocks",
+    "open_encoding",
+    "plan_encoding",
+    "write_encoding",
+]
 
 KIND = "encoding"
-SCHEMA_VERSION = 1
+#: 2: ragged rank bands (``bands/<k>/...``); 1 (dense ``tokens``/``counts``) is refused.
+SCHEMA_VERSION = 2
 DEFAULT_RANK_CHUNK = 512
 #: Blosc lz4 + byte shuffle: measured here on a 4,096-cell block, half the write time of zstd
 #: (0.10 s vs 0.19 s for tokens + values) and faster reads, for about 10% more bytes.
-RANKING_CODECS = (BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle),)
+RANKING_CODECS = checked((BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle),))
 _RESERVED = frozenset(
     {
         "tokens",
@@ -74,6 +100,8 @@ _RESERVED = frozenset(
         "filter_pass",
         "block_done",
         "block_token_cells",
+        "band_start",
+        "bands",
         "token_gene_id",
         "token_symbol",
         "token_median",
@@ -225,38 +253,49 @@ def _create(plan: EncodingPlan, location: Location) -> zarr.Group:
     n_cells = int(store.attrs["n_cells"])
     cell_chunk = max(1, min(store.block_size, n_cells))
     root = create_flow_group(location, KIND, SCHEMA_VERSION)
-    _create_arrays(root, plan, n_cells, cell_chunk)
+    layout = BandLayout.plan(n_cells, cell_chunk, plan.rank_chunk, plan.width)
+    _create_arrays(root, plan, layout)
     _write_cell_table(root, plan, n_cells, cell_chunk)
     _write_token_table(root, plan)
     # The plan is recorded last: a store killed while being laid out is created afresh on rerun.
     meta = flow_attrs(root)
+    meta["bands"] = layout.to_attrs()
     meta["plan"] = plan.fingerprint
     root.attrs["flow"] = meta
     return root
 
 
-def _create_arrays(root: zarr.Group, plan: EncodingPlan, n_cells: int, cell_chunk: int) -> None:
-    """The (cell, rank) rankings, lengths, and the per-block bookkeeping, all unwritten."""
+def _create_arrays(root: zarr.Group, plan: EncodingPlan, layout: BandLayout) -> None:
+    """The banded rankings, lengths, band starts and per-block bookkeeping, all unwritten."""
     vocab = plan.vocab
-    grid: dict[str, Any] = {
-        "chunks": (cell_chunk, min(plan.rank_chunk, plan.width)),
-        "dimension_names": ("cell", "rank"),
+    flat: dict[str, Any] = {
+        "shape": (layout.flat_size,),
+        "chunks": (layout.flat_chunk,),
+        "dimension_names": ("entry",),
         "compressors": RANKING_CODECS,
     }
-    root.create_array(
-        "tokens",
-        shape=(n_cells, plan.width),
-        dtype=vocab.token_dtype,
-        fill_value=vocab.pad_token,
-        **grid,
+    for k in range(layout.n_bands):
+        band = root.create_group(f"bands/{k}")
+        band.create_array("tokens", dtype=vocab.token_dtype, fill_value=vocab.pad_token, **flat)
+        band.create_array("counts", dtype=plan.count_dtype, fill_value=0, **flat)
+    n_cells, cell_chunk, n_blocks = layout.n_cells, layout.block_size, layout.n_blocks
+    starts = root.create_array(
+        "band_start",
+        shape=(n_blocks, layout.n_bands),
+        dtype=np.int64,
+        chunks=(max(1, n_blocks), max(1, layout.n_bands)),
+        dimension_names=("block", "band"),
+        compressors=DEFAULT_CODECS,
     )
+    starts[...] = layout.band_start()
     root.create_array(
-        "counts", shape=(n_cells, plan.width), dtype=plan.count_dtype, fill_value=0, **grid
+        "length",
+        shape=(n_cells,),
+        dtype=np.int32,
+        chunks=(cell_chunk,),
+        dimension_names=("cell",),
+        compressors=DEFAULT_CODECS,
     )
-    root.create_array(
-        "length", shape=(n_cells,), dtype=np.int32, chunks=(cell_chunk,), dimension_names=("cell",)
-    )
-    n_blocks = plan.store.n_blocks
     root.create_array(
         "block_done",
         shape=(n_blocks,),
@@ -264,6 +303,7 @@ def _create_arrays(root: zarr.Group, plan: EncodingPlan, n_cells: int, cell_chun
         chunks=(1,),
         fill_value=False,
         dimension_names=("block",),
+        compressors=DEFAULT_CODECS,
     )
     n_tokens = vocab.n_tokens
     root.create_array(
@@ -273,6 +313,7 @@ def _create_arrays(root: zarr.Group, plan: EncodingPlan, n_cells: int, cell_chun
         chunks=(1, n_tokens),
         fill_value=0,
         dimension_names=("block", "token"),
+        compressors=DEFAULT_CODECS,
     )
 
 
@@ -326,14 +367,10 @@ def _write_token_table(root: zarr.Group, plan: EncodingPlan) -> None:
 def _token_cells(
     tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray, n_tokens: int
 ) -> np.ndarray:
-    """In how many of the kept cells each token is expressed (each token once per ranking)."""
-    total = np.zeros(n_tokens, np.int64)
-    for r0 in range(0, tokens.shape[0], 256):  # slices of rows: small temporaries
-        ends = np.where(keep[r0 : r0 + 256], lengths[r0 : r0 + 256], 0)
-        ranks = tokens[r0 : r0 + 256, : ends.max(initial=0)]
-        ranked = np.arange(ranks.shape[1]) < ends[:, None]  # not the padding
-        total += np.bincount(ranks[ranked], minlength=n_tokens)[:n_tokens]
-    return total.astype(np.int32)
+    """In how many of the kept cells each token is expressed (flat rankings: each token once
+    per ranking)."""
+    kept = np.repeat(keep.astype(bool), lengths)
+    return np.bincount(tokens[kept], minlength=n_tokens)[:n_tokens].astype(np.int32)
 
 
 def _write_block(
@@ -344,16 +381,19 @@ def _write_block(
     r0: int,
     n_tokens: int,
 ) -> int:
-    """Write one ranked block (whole chunks only), then mark it done."""
+    """Write one ranked block (flat rankings) into its regions of the bands, then mark it done."""
     tokens, counts, lengths = part
     root: Any = location.open_group(mode="r+")
-    r1 = r0 + tokens.shape[0]
-    # rank chunks past the block's longest ranking hold only the fill value: left unwritten
-    step = root["tokens"].chunks[1]
-    end = max(step, -(-int(lengths.max(initial=0)) // step) * step)
-    root["tokens"][r0:r1, :end] = tokens[:, :end]
-    root["counts"][r0:r1, :end] = counts[:, :end]
-    root["length"][r0:r1] = lengths
+    layout = BandLayout.from_attrs(root.attrs["flow"]["bands"])
+    starts = root["band_start"][b, :]
+    pad = root["bands/0/tokens"].fill_value if layout.n_bands else 0
+    band_tokens = split_bands(tokens, lengths, layout.band_width)
+    band_counts = split_bands(counts, lengths, layout.band_width)
+    for k, (tok, cnt) in enumerate(zip(band_tokens, band_counts, strict=True)):
+        band = root[f"bands/{k}"]
+        write_band(band["tokens"], int(starts[k]), tok, pad)
+        write_band(band["counts"], int(starts[k]), cnt, 0)
+    root["length"][r0 : r0 + lengths.size] = lengths
     root["block_token_cells"][b, :] = _token_cells(tokens, lengths, keep, n_tokens)
     root["block_done"][b] = True
     return b
@@ -441,16 +481,14 @@ def encoding_graph(
 ) -> Delayed:
     """The lazy graph that ranks and writes the given cell blocks into an existing store."""
     location = Location.of(where, storage_options)
-    ranked = rank_cells(
+    ranked = ranked_blocks(
         plan.store.counts,
         plan.n_counts,
         plan.gene_map,
         plan.medians,
-        width=plan.width,
-        pad=int(plan.vocab.pad_token or 0),
         count_dtype=plan.count_dtype,
     )
-    parts = ranked.blocks.to_delayed().ravel()
+    parts = ranked.to_delayed().ravel()
     edges = np.cumsum((0, *plan.store.counts.chunks[0]))
     tok = tokenize(plan.fingerprint, location.url)
     writes = [
@@ -491,18 +529,46 @@ class EncodingStore(Located):
     def _group(self) -> Any:
         """The store's group, opened (and checked complete) once, read-only."""
         if self._opened is None:
-            object.__setattr__(self, "_opened", open_flow_group(self.location, KIND))
+            object.__setattr__(self, "_opened", _open_group(self.location))
         return self._opened
 
     @cached_property
+    def layout(self) -> BandLayout:
+        """Where each block's bands are (:mod:`flow.encode._bands`)."""
+        return BandLayout.from_attrs(self.attrs["bands"])
+
+    def _banded(self, name: str) -> da.Array:
+        """The dense ``(cell, rank)`` view of ``bands/<k>/<name>``: one task per (block, band),
+        reading that block's lengths and its slice of that band only."""
+        group, layout = self._group(), self.layout
+        sources = [group[f"bands/{k}/{name}"] for k in range(layout.n_bands)]
+        dtype = sources[0].dtype if sources else np.dtype(np.int32)
+        tok = tokenize(self.url, self.attrs.get("plan"), name)
+        shared = delayed(
+            (sources, np.asarray(group["band_start"][...])), name=f"flow-{name}-bands-{tok}"
+        )
+        lengths = da.from_zarr(group["length"], chunks=(layout.block_size,))
+        out = f"flow-{name}-{tok}"
+        dsk: dict[Any, Any] = {
+            (out, b, k): (read_band_chunk, (lengths.name, b), shared.key, b, k, layout)
+            for b in range(lengths.numblocks[0])
+            for k in range(layout.n_bands)
+        }
+        graph = HighLevelGraph.from_collections(out, dsk, dependencies=[lengths, shared])
+        chunks = (lengths.chunks[0], layout.band_chunks())
+        return da.Array(graph, out, chunks, meta=np.empty((0, 0), dtype))
+
+    @cached_property
     def tokens(self) -> da.Array:
-        """``(cell, rank)`` token IDs as a lazy Dask array on the store's chunks."""
-        return da.from_zarr(self._group()["tokens"])
+        """``(cell, rank)`` token IDs, pad-filled past each cell's end, as a lazy Dask array
+        chunked (block, 512); a chunk reads one band of one block."""
+        return self._banded("tokens")
 
     @cached_property
     def counts(self) -> da.Array:
-        """``(cell, rank)`` the count of the gene at each rank, as a lazy Dask array."""
-        return da.from_zarr(self._group()["counts"])
+        """``(cell, rank)`` the count of the gene at each rank (0 past the end), lazy, chunked
+        like :attr:`tokens`."""
+        return self._banded("counts")
 
     @cached_property
     def values(self) -> da.Array:
@@ -567,9 +633,24 @@ class EncodingStore(Located):
         return int(self.attrs["pad_token"])
 
     def dataset(self) -> xr.Dataset:
-        """The store as a lazy :class:`xarray.Dataset` (dimensions cell, rank, token, block)."""
-        return xr.open_zarr(
-            self.url, consolidated=False, storage_options=self.location.store_options
+        """The store as an :class:`xarray.Dataset` with a ``cell`` coordinate (barcodes).
+
+        ``tokens``, ``counts`` and ``values`` (cell, rank) are lazy Dask arrays (as
+        :attr:`tokens`); ``length``, ``n_counts``, ``filter_pass`` and the carried obs columns
+        (cell) and the token table (``token_gene_id``, ``token_symbol``, ``token_median``,
+        ``token_cells``; dimension ``token``) beside them. Reads the barcodes (the index);
+        the bookkeeping arrays (bands, block flags) are left out.
+        """
+        cell_vars = {
+            name: ("cell", self.cell_array(name))
+            for name in ("length", "n_counts", "filter_pass", *self.obs_columns)
+        }
+        token_vars = {f"token_{k}": ("token", v) for k, v in self.token_table().items()}
+        ranks = {name: (("cell", "rank"), getattr(self, name)) for name in _RANKINGS}
+        return xr.Dataset(
+            {**ranks, **cell_vars, **token_vars},
+            coords={"cell": self.cell_column("cell")},
+            attrs={"flow": dict(self.attrs)},
         )
 
     def describe(self) -> str:
@@ -585,6 +666,9 @@ class EncodingStore(Located):
             f"({a['n_duplicates_summed']:,} duplicate IDs summed); {empty:,} passing cells with no "
             f"vocabulary gene (kept with length 0)"
         )
+
+
+_RANKINGS = ("tokens", "counts", "values")
 
 
 def _values_block(
@@ -607,7 +691,99 @@ def open_encoding(
         The writer was stopped: rerun ``flow tokenize`` with the same arguments to finish it.
     """
     location = Location.of(where, storage_options)
-    group = open_flow_group(
-        location, KIND, finish_hint="rerun the same `flow tokenize` command to finish it"
-    )
+    group = _open_group(location)
     return EncodingStore(location, flow_attrs(group), group)
+
+
+def _open_group(location: Location, *, mode: str = "r", require_complete: bool = True) -> Any:
+    """The store's group, checked: an encoding store of this schema, finished (if required).
+
+    Raises
+    ------
+    SchemaError
+        Another kind of store, or an encoding store of another schema (e.g. the dense layout
+        of schema 1): it must be written again with ``flow tokenize``.
+    IncompleteStoreError
+        The writer was stopped (``require_complete``).
+    """
+    group = open_flow_group(location, KIND, mode=mode, require_complete=False)
+    meta = flow_attrs(group)
+    found = meta.get("schema_version")
+    if found != SCHEMA_VERSION:
+        msg = (
+            f"{location.url} is an encoding store of schema {found}, this flow reads schema "
+            f"{SCHEMA_VERSION}: re-run `flow tokenize` (with --overwrite) to rewrite it."
+        )
+        raise SchemaError(msg)
+    if require_complete and not meta.get("complete", False):
+        msg = (
+            f"The {KIND} store {location.url!r} is unfinished (its writer was stopped): "
+            "rerun the same `flow tokenize` command to finish it."
+        )
+        raise IncompleteStoreError(msg)
+    return group
+
+
+def blocks_of_chunk(
+    enc: EncodingStore, array_path: str, chunk_coords: tuple[int, ...]
+) -> list[int]:
+    """The cell blocks whose data chunk ``chunk_coords`` of array ``array_path`` holds.
+
+    ``bands/<k>/tokens`` and ``bands/<k>/counts``: the block owning that region of the band;
+    per-cell arrays (``length``, ``cell``, ``n_counts``, ``filter_pass``, obs columns): the
+    blocks of the chunk's cells; ``block_done`` and ``block_token_cells``: the block of the
+    chunk's row. ``[]`` for arrays not written per block (the token table, ``band_start``):
+    ``token_cells`` is summed again whenever a tokenize run finishes; the rest is laid out when
+    the store is created (rewrite it with ``flow tokenize --overwrite``).
+    Reads array metadata only. Pass the blocks to :func:`invalidate_blocks`.
+    """
+    layout = enc.layout
+    parts = array_path.strip("/").split("/")
+    if parts[0] == "bands" and len(parts) == 3:
+        return layout.blocks_of_flat_chunk(int(chunk_coords[0]))
+    if parts[0] in ("block_done", "block_token_cells"):
+        b = int(chunk_coords[0])
+        return [b] if 0 <= b < layout.n_blocks else []
+    array = enc._group()[array_path.strip("/")]
+    if getattr(array.metadata, "dimension_names", None) != ("cell",):
+        return []
+    step = int(array.chunks[0])
+    first = int(chunk_coords[0]) * step
+    last = min(first + step, layout.n_cells) - 1
+    if first > last:
+        return []
+    return list(range(first // layout.block_size, last // layout.block_size + 1))
+
+
+def invalidate_blocks(
+    where: EncodingStore | LocationLike,
+    blocks: Sequence[int],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> None:
+    """Mark cell blocks not done, and the store unfinished: ``flow tokenize`` with the same
+    arguments (a resume) then recomputes exactly these blocks and finishes the store again.
+
+    ``where``: an opened :class:`EncodingStore` or its location (``storage_options`` used only
+    for a path or URL). Even with no blocks, the store is marked unfinished, so the next run
+    sums ``token_cells`` again. A compute boundary of its own (writes flags only).
+
+    Raises
+    ------
+    InputError
+        A block number outside the store.
+    """
+    location = (
+        where.location if isinstance(where, EncodingStore) else Location.of(where, storage_options)
+    )
+    root = _open_group(location, mode="r+", require_complete=False)
+    flags = root["block_done"]
+    bad = [b for b in blocks if not 0 <= int(b) < flags.shape[0]]
+    if bad:
+        msg = f"{location.url} has blocks 0..{flags.shape[0] - 1}, not {bad[0]}: check the block numbers."
+        raise InputError(msg)
+    meta = flow_attrs(root)
+    meta["complete"] = False
+    root.attrs["flow"] = meta  # first: a store stopped here is never taken for finished
+    for b in sorted({int(b) for b in blocks}):
+        flags[b] = False

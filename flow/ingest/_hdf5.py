@@ -15,7 +15,7 @@ import h5py
 
 from ..errors import InputError
 from ._columns import as_str_array
-from ._fs import cause, open_input, redact
+from ._fs import cause, input_errors, open_input, redact
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -24,7 +24,12 @@ if TYPE_CHECKING:
 
     from .._location import Location
 
-__all__ = ["H5_BLOCK_SIZE", "h5_strings", "open_h5", "sniff_h5"]
+__all__ = ["H5_BLOCK_SIZE", "H5_ERRORS", "h5_strings", "open_h5", "sniff_h5"]
+
+#: What h5py raises on a damaged file once it is open: OSError ("Can't read data"),
+#: RuntimeError ("wrong B-tree signature"), KeyError (a damaged link or object header),
+#: UnicodeDecodeError (a damaged byte in a text dataset: barcodes, gene IDs).
+H5_ERRORS: tuple[type[Exception], ...] = (OSError, RuntimeError, KeyError, UnicodeDecodeError)
 
 #: Read-ahead of remote HDF5 files (h5ad, 10x h5, loom): one request per miss fetches this much.
 H5_BLOCK_SIZE = 2 << 20
@@ -32,7 +37,7 @@ H5_BLOCK_SIZE = 2 << 20
 
 @contextlib.contextmanager
 def open_h5(location: Location) -> Iterator[h5py.File]:
-    """Open an HDF5 file read-only; a file HDF5 cannot open is an :class:`InputError`.
+    """Open an HDF5 file read-only; a file HDF5 cannot open or read is an :class:`InputError`.
 
     A URL is opened with fsspec (its storage options) and handed to h5py as a file object;
     both are closed on exit, so each use opens its own handle.
@@ -56,6 +61,8 @@ def open_h5(location: Location) -> Iterator[h5py.File]:
             )
             raise InputError(msg) from cause(err, location)
         stack.enter_context(fh)
+        # anything HDF5 fails to read while the file is in use names the file (a damaged file)
+        stack.enter_context(input_errors(location, "the file", H5_ERRORS))
         yield fh
 
 

@@ -17,7 +17,15 @@ __all__ = ["FORMAT_OPTIONS", "ReadOptions"]
 
 #: Options that apply to some formats only (a reader declares which it takes); the others
 #: (``format``, ``read_size``, ``temp_dir``) apply to every format.
-FORMAT_OPTIONS = ("layer", "use_raw", "gene_id_column", "obs_columns", "genome")
+FORMAT_OPTIONS = (
+    "layer",
+    "use_raw",
+    "gene_id_column",
+    "obs_columns",
+    "genome",
+    "measurement",
+    "obs_filter",
+)
 
 
 def _optional_str(name: str, value: Any) -> str | None:
@@ -96,6 +104,11 @@ class ReadOptions:
         present.
     genome
         10x HDF5: the genome to read (Cell Ranger 2 files with several genomes need it).
+    measurement
+        TileDB-SOMA: the measurement to read (default ``RNA``).
+    obs_filter
+        TileDB-SOMA: read only the cells this ``obs`` value filter keeps (TileDB-SOMA's
+        ``value_filter`` syntax, e.g. ``"cell_type == 'B cell'"``).
     read_size
         How much one read takes: cells for row-wise layouts (CSR, dense, loom, 10x HDF5;
         default: the block size, or 64 MB of dense values), entries for CSC (default
@@ -125,11 +138,13 @@ class ReadOptions:
     gene_id_column: str | None = None
     obs_columns: tuple[str, ...] | None = None
     genome: str | None = None
+    measurement: str | None = None
+    obs_filter: str | None = None
     read_size: int | None = None
     temp_dir: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("format", "layer", "gene_id_column", "genome"):
+        for name in ("format", "layer", "gene_id_column", "genome", "measurement", "obs_filter"):
             _optional_str(name, getattr(self, name))
         if not isinstance(self.use_raw, bool):
             msg = f"use_raw must be True or False; got {self.use_raw!r}."

@@ -15,6 +15,7 @@ from .anndata_zarr import read_anndata_zarr
 from .h5ad import h5ad_from_file, read_h5ad
 from .loom import LOOM_OPTIONS, loom_from_file, read_loom
 from .mtx import read_10x_mtx
+from .soma import SOMA_OPTIONS, is_soma_experiment, read_soma
 from .tenx import TENX_H5_OPTIONS, read_10x_h5, tenx_h5_from_file
 
 if TYPE_CHECKING:
@@ -93,6 +94,9 @@ register_reader(
     accepts=ANNDATA_OPTIONS,
     description="anndata-zarr (.zarr directory)",
 )
+register_reader(
+    "soma", read_soma, accepts=SOMA_OPTIONS, description="soma (TileDB-SOMA experiment directory)"
+)
 
 #: The formats flow reads itself (``format=`` / ``--format``); see also :data:`READERS`.
 FORMATS = tuple(READERS)
@@ -136,9 +140,13 @@ def _format_by_name(location: Location) -> str | None:
         entries = set(listdir(location))
         if entries & {"matrix.mtx", "matrix.mtx.gz"}:
             return "10x-mtx"
+        if is_soma_experiment(entries):
+            return "soma"
         if name.endswith(".zarr") or entries & {"zarr.json", ".zgroup"}:
             return "anndata-zarr"
-        why = "is a directory with neither matrix.mtx[.gz] (10x) nor Zarr metadata"
+        why = (
+            "is a directory with neither matrix.mtx[.gz] (10x), Zarr metadata nor a SOMA experiment"
+        )
         raise _unknown(text, why)
     for suffixes, fmt in (
         ((".h5ad",), "h5ad"),

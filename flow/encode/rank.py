@@ -55,12 +55,12 @@ def _rank_block(
     ctx: RankContext,
     block_info: dict[Any, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    row0 = block_info[0]["array-location"][0][0] if block_info else 0
-    kept = ctx.gene_map.apply(block)
-    tokens, counts, lengths = _kernels.rank_block(
-        kept, np.ravel(n_counts), ctx.medians, ctx.tokens, ctx.width, ctx.pad, row_offset=row0
+    tokens, counts, lengths = _rank_block_flat(block, n_counts, ctx, block_info)
+    return (
+        _kernels.padded(tokens, lengths, ctx.width, ctx.pad),
+        _kernels.padded(counts, lengths, ctx.width, 0),
+        lengths,
     )
-    return tokens, counts.astype(ctx.count_dtype, copy=False), lengths
 
 
 def _rank_block_flat(
@@ -184,6 +184,7 @@ def rank_cells(
     if medians.shape != (gene_map.n_kept,):
         msg = f"Need one median per kept gene ({gene_map.n_kept}); got shape {medians.shape}."
         raise VocabularyError(msg)
+    width, _ = _kernels._check_width_and_pad(gene_map.kept_tokens, width, pad)
     tok = tokenize(
         counts.name, n_counts, gene_map.vocab_fingerprint, gene_map.column, medians, width, pad
     )

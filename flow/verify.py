@@ -15,6 +15,7 @@ that made it.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -131,10 +132,29 @@ def _open(location: Location) -> zarr.Group:
         raise SchemaError(msg) from err
 
 
-def _arrays(group: zarr.Group) -> dict[str, zarr.Array[Any]]:
-    """Every array of the store by path (nested groups included), in path order."""
-    found = dict(group.members(max_depth=None))
-    return {p: a for p, a in sorted(found.items()) if isinstance(a, zarr.Array)}
+def _arrays(group: zarr.Group, location: Location) -> tuple[dict[str, zarr.Array[Any]], list[str]]:
+    """Every array of the store by path (nested groups included), in path order; or, when a
+    metadata document does not parse (its bytes changed), none and which documents are damaged."""
+    try:
+        found = dict(group.members(max_depth=None))
+    except ValueError:  # json.JSONDecodeError, or zarr refusing what the bytes now say
+        return {}, _damaged_metadata(location)
+    return {p: a for p, a in sorted(found.items()) if isinstance(a, zarr.Array)}, []
+
+
+def _damaged_metadata(location: Location) -> list[str]:
+    """The store's ``zarr.json`` documents that are not valid JSON, as problems."""
+    fs, root = location.fs()
+    problems = []
+    for path in sorted(p for p in fs.find(root) if p.endswith("zarr.json")):
+        try:
+            json.loads(fs.cat_file(path))
+        except ValueError:
+            name = path[len(root.rstrip("/")) + 1 :]
+            problems.append(
+                f"metadata {name} is damaged (not valid JSON): its arrays were not read"
+            )
+    return problems or ["the metadata of an array or group does not read"]
 
 
 def _structure(meta: Mapping[str, Any], arrays: Mapping[str, zarr.Array[Any]]) -> list[str]:
@@ -276,8 +296,8 @@ def verify(
     group = _open(location)
     meta = group.attrs.get("flow")
     meta = dict(meta) if isinstance(meta, dict) else {}
-    arrays = _arrays(group)
-    problems = _structure(meta, arrays)
+    arrays, unreadable = _arrays(group, location)
+    problems = unreadable or _structure(meta, arrays)
     graph, n_chunks, n_bytes = _graph(location, arrays)
     if n_bytes <= LOCAL_BYTES:
         (damaged,) = dask_compute(graph, scheduler="threads")

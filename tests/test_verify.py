@@ -171,6 +171,27 @@ def test_verify_reports_structure(stores: dict[str, Path], tmp_path: Path) -> No
     assert main(["verify", "-q", str(store)]) == 1
 
 
+def test_damaged_metadata_is_named(
+    stores: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A changed byte in an array's zarr.json: verify names the document, a read is one line."""
+    store = copy(stores["encoding"], tmp_path)
+    document = store / "length" / "zarr.json"
+    text = document.read_text()
+    document.write_text(text.replace('"shape"', '"shape" :'))  # no longer JSON
+    report = verify(store)
+    assert not report.ok
+    assert report.problems == (
+        "metadata length/zarr.json is damaged (not valid JSON): its arrays were not read",
+    )
+    assert main(["verify", "-q", str(store)]) == 1
+    capsys.readouterr()
+    assert main(["dropped", str(store), "--cell", "0", "--cutoff", "10", "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("flow dropped: error: a store's metadata (zarr.json) is damaged")
+
+
 def test_repair_recomputes_only_damaged_blocks(stores: dict[str, Path], tmp_path: Path) -> None:
     encoding = copy(stores["encoding"], tmp_path)
     n_blocks = -(-N_CELLS // BLOCK)

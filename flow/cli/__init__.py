@@ -7,6 +7,7 @@ Each sub-command lives in its own module with a ``register(subparsers, common)``
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -90,7 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except ValueError as err:  # zarr's bare checksum error (flow's own names the chunk)
         damaged = "a stored chunk fails its checksum: `flow verify STORE` names it"
-        failed = damaged if is_checksum_error(err) else store_failure(err, vars(args).values())
+        if isinstance(err, json.JSONDecodeError):
+            damaged = (
+                f"a store's metadata (zarr.json) is damaged, not valid JSON ({err}): "
+                "`flow verify STORE` names it; rerun the command that wrote the store"
+            )
+        checksum = is_checksum_error(err) or isinstance(err, json.JSONDecodeError)
+        failed = damaged if checksum else store_failure(err, vars(args).values())
         if failed is None:
             raise
         print(f"flow {args.command}: error: {failed}", file=sys.stderr)

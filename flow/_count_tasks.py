@@ -13,13 +13,24 @@ only be read as one stream (10x MTX, CSC h5ad, readers without ranges), and one 
    run of whole ``X/data``/``X/indices`` shards (their offsets are known once phase 1 has
    counted every earlier cell) and writes those shards, returning one digest per shard.
 
-Each shard is written by one task, whole, once, so the bytes do not depend on the number of
-workers or the split (DESIGN section 8: misaligned parallel writes corrupt silently). The
-scratch area is removed before the store is marked complete.
+When every source records where each cell's entries start (:func:`piece_offsets`: the
+``indptr`` of CSR h5ad, 10x HDF5 and AnnData Zarr, read before any count), every value's
+place is known before phase 1 and there is one pass instead: :func:`count_direct` reads,
+validates and counts a piece, writes the shards that lie wholly inside it and returns the
+values of the shards at its edges (in memory: on a cluster they move between workers as task
+results); :func:`write_edge` writes each edge shard from them. The one pass assumes uint16
+(:data:`DIRECT_DTYPE`) and the ``indptr``'s counts; a piece that needs more (a count above
+65,535, a non-integer count) or holds fewer values (explicit zeros, repeated entries) sends
+the whole store to the two phases.
+
+Each shard is written by one task, whole, once, so the bytes do not depend on the path, the
+number of workers or the split (DESIGN section 8: misaligned parallel writes corrupt
+silently). The scratch area is removed before the store is marked complete.
 """
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -29,10 +40,10 @@ import numpy as np
 import scipy.sparse as sp
 from dask.base import compute as dask_compute
 from dask.delayed import delayed
-from distributed import as_completed
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from ._io import checked, content_hasher
+from .cluster import as_completed  # distributed's, imported only where futures exist
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -42,17 +53,26 @@ if TYPE_CHECKING:
     from .ingest._source import Source
 
 __all__ = [
+    "DIRECT_DTYPE",
     "PIECE_CELLS",
     "SCRATCH",
+    "DirectCounts",
+    "Edge",
     "Piece",
     "PieceCounts",
+    "Place",
     "Reader",
     "Runner",
     "Segment",
+    "count_direct",
     "count_piece",
+    "edge_part",
+    "edge_shards",
     "final_dtype",
+    "piece_offsets",
     "plan_pieces",
     "validate",
+    "write_edge",
     "write_span",
 ]
 
@@ -69,10 +89,19 @@ class Reader:
     """What a task needs to read one source: the source, its column map and the options."""
 
     source: Source
-    col_map: np.ndarray
+    col_map: np.ndarray | None  # None: the source's genes are the store's, in order
     n_genes: int
     allow_non_integer: bool
     block_size: int
+
+    def __post_init__(self) -> None:
+        # int32 gene indices (what the store holds), and no gather at all for the common
+        # case of a source whose genes are the store's, in order (measured: ~15% of convert)
+        col_map = np.asarray(self.col_map, dtype=np.int32)
+        identity = col_map.size == self.n_genes and bool(
+            (col_map == np.arange(self.n_genes, dtype=np.int32)).all()
+        )
+        object.__setattr__(self, "col_map", None if identity else col_map)
 
     @property
     def path(self) -> str:
@@ -116,11 +145,13 @@ class Reader:
 
     def _mapped(self, raw: sp.csr_matrix, row0: int) -> sp.csr_matrix:
         validate(raw, self.path, row0, self.allow_non_integer)
+        indices = raw.indices if self.col_map is None else self.col_map[raw.indices]
         block = sp.csr_matrix(
-            (raw.data, self.col_map[raw.indices], raw.indptr), shape=(raw.shape[0], self.n_genes)
+            (raw.data, indices, raw.indptr), shape=(raw.shape[0], self.n_genes), copy=False
         )
         block.sum_duplicates()  # sorts indices; sums repeated columns of one cell
-        block.eliminate_zeros()
+        if not block.data.all():
+            block.eliminate_zeros()
         return block
 
     def _truncated(self, what: str, got: int) -> None:
@@ -180,9 +211,8 @@ class PieceCounts:
         return int(self.nnz.sum()), self.blocks
 
 
-def count_piece(reader: Reader, piece: Piece, location: Location, i: int) -> PieceCounts:
-    """Phase 1 of piece ``i``: read, validate, count, and spill its nonzeros to the scratch
-    group of the output at ``location`` (a task)."""
+def _read_piece(reader: Reader, piece: Piece) -> tuple[PieceCounts, np.ndarray, np.ndarray]:
+    """A piece's per-cell counts and its nonzeros (values as read, int32 gene indices)."""
     nnz, totals, flags, data, indices = [], [], [], [], []
     for block in reader.blocks(piece.start, piece.stop, ranged=piece.ranged):
         nnz.append(np.diff(block.indptr).astype(np.int64))
@@ -190,9 +220,21 @@ def count_piece(reader: Reader, piece: Piece, location: Location, i: int) -> Pie
         flags.append(_dtype_flags(block.data))
         data.append(block.data)
         indices.append(block.indices.astype(np.int32, copy=False))
+    counts = PieceCounts(
+        nnz=np.concatenate(nnz) if nnz else np.zeros(0, np.int64),
+        totals=np.concatenate(totals) if totals else np.zeros(0, np.float64),
+        blocks=tuple(flags),
+    )
+    values = np.concatenate(data) if data else np.zeros(0, np.int32)
+    return counts, values, np.concatenate(indices) if indices else np.zeros(0, np.int32)
+
+
+def count_piece(reader: Reader, piece: Piece, location: Location, i: int) -> PieceCounts:
+    """Phase 1 of piece ``i``: read, validate, count, and spill its nonzeros to the scratch
+    group of the output at ``location`` (a task)."""
+    counts, data, indices = _read_piece(reader, piece)
     scratch: Any = location.open_group(mode="r+")[SCRATCH]
-    for name, parts in ((f"d{i}", data), (f"i{i}", indices)):
-        values = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    for name, values in ((f"d{i}", data), (f"i{i}", indices)):
         arr = scratch.create_array(
             name,
             shape=values.shape,
@@ -203,11 +245,7 @@ def count_piece(reader: Reader, piece: Piece, location: Location, i: int) -> Pie
         )
         if values.size:
             arr[:] = values
-    return PieceCounts(
-        nnz=np.concatenate(nnz) if nnz else np.zeros(0, np.int64),
-        totals=np.concatenate(totals) if totals else np.zeros(0, np.float64),
-        blocks=tuple(flags),
-    )
+    return counts
 
 
 def _dtype_flags(data: np.ndarray) -> tuple[bool, float]:
@@ -246,25 +284,20 @@ def write_span(
     Returns the SHA-256 of each shard written (its data bytes, then its indices bytes).
     """
     root: Any = location.open_group(mode="r+")
-    data_arr, indices_arr, scratch = root["X/data"], root["X/indices"], root[SCRATCH]
+    dtype, scratch = root["X/data"].dtype, root[SCRATCH]
     data_parts: list[np.ndarray] = []
     index_parts: list[np.ndarray] = []
     held, pos = 0, start
     digests: list[str] = []
     for i, lo, hi in segments:
-        data_parts.append(np.asarray(scratch[f"d{i}"][lo:hi]).astype(data_arr.dtype))
+        data_parts.append(np.asarray(scratch[f"d{i}"][lo:hi]).astype(dtype))
         index_parts.append(np.asarray(scratch[f"i{i}"][lo:hi]))
         held += hi - lo
         while held >= shard or (pos + held == stop and held):
             n = min(shard, held)
             data, data_parts = _take(data_parts, n)
             indices, index_parts = _take(index_parts, n)
-            data_arr[pos : pos + n] = data
-            indices_arr[pos : pos + n] = indices
-            h = content_hasher()
-            h.update(data.tobytes())
-            h.update(indices.tobytes())
-            digests.append(h.hexdigest())
+            digests.append(_write_shard(root, pos, data, indices))
             pos += n
             held -= n
     if pos != stop:
@@ -278,6 +311,150 @@ def _take(parts: list[np.ndarray], n: int) -> tuple[np.ndarray, list[np.ndarray]
     whole = np.concatenate(parts) if len(parts) > 1 else parts[0]
     rest = whole[n:]
     return whole[:n], ([rest] if rest.size else [])
+
+
+# ---------------------------------------------------------------- one pass (offsets known)
+
+#: The dtype a one-pass write assumes: what ordinary counts need. A piece that needs more
+#: (a count above 65,535, a non-integer count) sends the whole store to the two phases.
+DIRECT_DTYPE = np.dtype(np.uint16)
+
+
+def piece_offsets(sources: Sequence[Source], pieces: Sequence[Piece]) -> np.ndarray | None:
+    """Where each piece's values start in ``X/data`` (and, last, all values), known from the
+    sources' ``row_offsets`` (CSR ``indptr``) before any count is read; None when a source
+    does not record them (dense, CSC, streamed, filtered features)."""
+    sizes = np.zeros(len(pieces), dtype=np.int64)
+    for i, src in enumerate(sources):
+        mine = [j for j, p in enumerate(pieces) if p.source == i]
+        row_offsets = getattr(src, "row_offsets", None)
+        ends = None if row_offsets is None else row_offsets(_piece_rows(pieces, mine))
+        if ends is None:
+            return None
+        sizes[mine] = np.diff(np.asarray(ends, dtype=np.int64))
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+def _piece_rows(pieces: Sequence[Piece], mine: Sequence[int]) -> list[int]:
+    """The first row of each of a source's pieces, then the last one's stop."""
+    return [pieces[j].start for j in mine] + [pieces[mine[-1]].stop] if mine else [0]
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a piece's values land: values ``offset:offset + nnz`` of ``X/data``, which holds
+    ``total`` values in shards of ``shard``."""
+
+    offset: int
+    nnz: int
+    total: int
+    shard: int
+
+    def shards(self) -> range:
+        """The shards the piece's values fall in."""
+        if self.nnz == 0:
+            return range(0)
+        return range(self.offset // self.shard, (self.offset + self.nnz - 1) // self.shard + 1)
+
+    def bounds(self, k: int) -> tuple[int, int]:
+        """Values ``a:b`` of shard ``k``."""
+        return k * self.shard, min((k + 1) * self.shard, self.total)
+
+    def holds(self, k: int) -> bool:
+        """Whether shard ``k`` lies wholly inside the piece (the piece's task writes it)."""
+        a, b = self.bounds(k)
+        return self.offset <= a and b <= self.offset + self.nnz
+
+
+def edge_shards(offsets: np.ndarray, shard: int) -> list[tuple[int, list[int]]]:
+    """The shards no piece holds whole, each with the pieces whose values it takes."""
+    total = int(offsets[-1])
+    found: dict[int, list[int]] = {}
+    for i in range(len(offsets) - 1):
+        place = Place(int(offsets[i]), int(offsets[i + 1] - offsets[i]), total, shard)
+        for k in place.shards():
+            if not place.holds(k):
+                found.setdefault(k, []).append(i)
+    return sorted(found.items())
+
+
+Edge = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class DirectCounts:
+    """What a one-pass count task returns: the piece's counts; whether its values are the
+    ones planned (``fits``: as many as its ``indptr`` says, all fitting :data:`DIRECT_DTYPE`);
+    the digests of the shards it wrote; the values of the shards at its edges (data in
+    :data:`DIRECT_DTYPE`, gene indices), by shard."""
+
+    counts: PieceCounts
+    fits: bool
+    digests: dict[int, str]
+    edges: dict[int, Edge]
+
+    @property
+    def summary(self) -> tuple[bool, dict[int, str]]:
+        """Whether it fits, and its shards' digests (what the driver needs before the cells)."""
+        return self.fits, self.digests
+
+
+def count_direct(reader: Reader, piece: Piece, location: Location, place: Place) -> DirectCounts:
+    """One pass over a piece whose values' offsets are known: read, validate, count, write the
+    shards that lie wholly inside it, and keep the values of the shards at its edges (a task).
+
+    Nothing is written when the piece does not fit (see :class:`DirectCounts`)."""
+    counts, data, indices = _read_piece(reader, piece)
+    fits = data.size == place.nnz and final_dtype(counts.blocks) == DIRECT_DTYPE
+    if not fits:
+        return DirectCounts(counts, fits=False, digests={}, edges={})
+    values = data.astype(DIRECT_DTYPE)
+    del data
+    root: Any = location.open_group(mode="r+")
+    digests: dict[int, str] = {}
+    edges: dict[int, Edge] = {}
+    for k in place.shards():
+        a, b = place.bounds(k)
+        lo, hi = (
+            max(a, place.offset) - place.offset,
+            min(b, place.offset + place.nnz) - place.offset,
+        )
+        if place.holds(k):
+            digests[k] = _write_shard(root, a, values[lo:hi], indices[lo:hi])
+        else:  # copies: the piece's arrays are not kept alive by its edges
+            edges[k] = (values[lo:hi].copy(), indices[lo:hi].copy())
+    return DirectCounts(counts, fits=True, digests=digests, edges=edges)
+
+
+def edge_part(result: DirectCounts, k: int) -> Edge | None:
+    """A piece's values of edge shard ``k`` (None when the piece did not fit)."""
+    return result.edges.get(k) if result.fits else None
+
+
+def write_edge(
+    location: Location, k: int, place: Place, parts: Sequence[Edge | None]
+) -> str | None:
+    """Write edge shard ``k`` from its pieces' values, in order, and return its digest (a
+    task); None (nothing written) when a piece did not fit."""
+    if any(part is None for part in parts):
+        return None
+    data = np.concatenate([p[0] for p in parts if p is not None])
+    indices = np.concatenate([p[1] for p in parts if p is not None])
+    a, b = place.bounds(k)
+    if data.size != b - a:
+        msg = f"shard {k} of the counts: {data.size} values for {b - a} places"
+        raise InputError(msg)
+    return _write_shard(location.open_group(mode="r+"), a, data, indices)
+
+
+def _write_shard(root: Any, start: int, data: np.ndarray, indices: np.ndarray) -> str:
+    """Write one shard's values at ``start`` of ``X/data``/``X/indices``; its SHA-256."""
+    root["X/data"][start : start + data.size] = data
+    root["X/indices"][start : start + data.size] = indices
+    h = content_hasher()
+    h.update(data.tobytes())
+    h.update(indices.tobytes())
+    return h.hexdigest()
 
 
 def validate(block: sp.csr_matrix, info_path: str, row0: int, allow_non_integer: bool) -> None:
@@ -328,10 +505,12 @@ class Runner:
         self.token = uuid.uuid4().hex[:12]
 
     def share(self, readers: list[Reader]) -> list[Any]:
-        """The readers as the tasks receive them (scattered once on a cluster)."""
+        """The readers as the tasks receive them (scattered once on a cluster, to every worker:
+        a reader held by one worker would draw all its tasks there, and from a task on a
+        worker, as with ``--scheduler``, scatter places data on that worker)."""
         if self.client is None:
             return readers
-        return list(self.client.scatter(readers, hash=False))
+        return list(self.client.scatter(readers, hash=False, broadcast=True))
 
     def count(
         self, readers: list[Any], pieces: Sequence[Piece], location: Location, n_cells: int
@@ -368,6 +547,99 @@ class Runner:
             done_cells += cells[f.key]
             self._report(done_cells, n_cells)
         return futures
+
+    def direct(
+        self,
+        readers: list[Any],
+        pieces: Sequence[Piece],
+        location: Location,
+        offsets: np.ndarray,
+        shard: int,
+    ) -> tuple[list[Any], list[tuple[bool, dict[int, str]]], list[str | None]]:
+        """One pass: a :func:`count_direct` task per piece, then a :func:`write_edge` task per
+        edge shard (:func:`edge_shards`, in order) fed by the pieces' edge values (held in
+        memory, on the workers of a cluster). Returns, once all ran, a handle per piece (see
+        :meth:`fetch`), each piece's :attr:`DirectCounts.summary` and each edge's digest."""
+        total = int(offsets[-1])
+        places = [Place(int(a), int(b - a), total, shard) for a, b in itertools.pairwise(offsets)]
+        edges = edge_shards(offsets, shard)
+        n_cells = sum(p.n_cells for p in pieces)
+        if self.client is None:
+            calls = [
+                delayed(count_direct, pure=False)(readers[p.source], p, location, places[i])
+                for i, p in enumerate(pieces)
+            ]
+            writes = [
+                delayed(write_edge, pure=False)(
+                    location, k, places[js[0]], [delayed(edge_part)(calls[j], k) for j in js]
+                )
+                for k, js in edges
+            ]
+            wanted = (
+                [delayed(_counts_of)(c) for c in calls],
+                [delayed(_direct_summary)(c) for c in calls],
+            )
+            got = dask_compute(*wanted[0], *wanted[1], *writes, scheduler="threads")
+            self._report(n_cells, n_cells)
+            n = len(calls)
+            return list(got[:n]), list(got[n : 2 * n]), list(got[2 * n :])
+        return self._direct_on_cluster(self.client, readers, pieces, location, places, edges)
+
+    def _direct_on_cluster(
+        self,
+        client: Client,
+        readers: list[Any],
+        pieces: Sequence[Piece],
+        location: Location,
+        places: Sequence[Place],
+        edges: Sequence[tuple[int, list[int]]],
+    ) -> tuple[list[Any], list[tuple[bool, dict[int, str]]], list[str | None]]:
+        token = self.token
+        results = [
+            client.submit(
+                count_direct,
+                readers[p.source],
+                p,
+                location,
+                places[i],
+                key=f"flow-convert-count-{token}-{i}",
+            )
+            for i, p in enumerate(pieces)
+        ]
+        writes = [
+            client.submit(
+                write_edge,
+                location,
+                k,
+                places[js[0]],
+                [
+                    client.submit(
+                        edge_part, results[j], k, key=f"flow-convert-edge-{token}-{k}-{j}"
+                    )
+                    for j in js
+                ],
+                key=f"flow-convert-write-{token}-{k}",
+            )
+            for k, js in edges
+        ]
+        summaries = [
+            client.submit(_direct_summary, f, key=f"flow-convert-nnz-{token}-{i}")
+            for i, f in enumerate(results)
+        ]
+        counts = [
+            client.submit(_counts_of, f, key=f"flow-convert-cells-{token}-{i}")
+            for i, f in enumerate(results)
+        ]
+        cells = {f.key: p.n_cells for f, p in zip(summaries, pieces, strict=True)}
+        done_cells, n_cells = 0, sum(cells.values())
+        for f in as_completed(summaries):
+            f.result()  # raises the task's error here
+            done_cells += cells[f.key]
+            self._report(done_cells, n_cells)
+        digests = list(client.gather(writes))
+        del results  # the pieces' edge values: released on the workers
+        self._report(n_cells, n_cells)
+        return counts, list(client.gather(summaries)), digests
 
     def summaries(self, handles: list[Any]) -> list[tuple[int, tuple[tuple[bool, float], ...]]]:
         """Each piece's nonzeros and per-block dtype flags, in order."""
@@ -422,6 +694,14 @@ class Runner:
     def _report(self, done: int, total: int) -> None:
         if self.progress is not None:
             self.progress(done, total)
+
+
+def _counts_of(result: DirectCounts) -> PieceCounts:
+    return result.counts
+
+
+def _direct_summary(result: DirectCounts) -> tuple[bool, dict[int, str]]:
+    return result.summary
 
 
 def _summary_of(counts: PieceCounts) -> tuple[int, tuple[tuple[bool, float], ...]]:

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ._version import __version__
+from .encode._bands import BandReader, index_dtype
 from .errors import InputError, VocabularyError
 
 if TYPE_CHECKING:
@@ -31,7 +32,9 @@ __all__ = [
     "column_type",
     "export_schema",
     "features",
+    "flat_batches",
     "model_input_arrays",
+    "model_input_bands",
     "parse_specials",
 ]
 
@@ -174,16 +177,7 @@ def model_input_arrays(
     w = int(genes.max()) if rows else 0
     # row-major boolean selection: cell by cell, each in rank order
     gene_values = tokens[:, :w][np.arange(w) < genes[:, None]]
-    if (
-        gene_values.size
-        and not np.can_cast(gene_values.dtype, np.int32)
-        and (int(gene_values.max()) > _INT32_MAX or int(gene_values.min()) < 0)
-    ):
-        msg = (
-            f"cells {row_offset}..{row_offset + rows}: token IDs outside "
-            f"[0, {_INT32_MAX}] do not fit input_ids (int32)"
-        )
-        raise InputError(msg)
+    _check_int32(gene_values, row_offset, rows)
     sizes = genes + model.n_special
     if model.cls is None or model.eos is None:  # V1 (n_special == 0)
         return gene_values.astype(np.int32, copy=False), sizes
@@ -197,6 +191,75 @@ def model_input_arrays(
     values[starts] = model.cls
     values[ends - 1] = model.eos
     return values, sizes
+
+
+def model_input_bands(
+    reader: BandReader,
+    block: int,
+    lengths: np.ndarray,
+    keep: np.ndarray | None,
+    *,
+    model: ModelInput,
+    row_offset: int = 0,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.intp]]:
+    """The model input of a block's kept cells, read from the flat rank bands of an encoding
+    store (``reader``: its token bands) without padding: flat ``input_ids`` values (int32),
+    per-row sizes (int64) and the block rows they are (the kept cells, in order).
+
+    Reads, per band the input reaches, only that band's entries up to the last one a kept
+    cell needs. The values equal :func:`model_input_arrays` on the dense rankings.
+    """
+    lengths = np.asarray(lengths).reshape(-1).astype(np.int64, copy=False)
+    width = reader.layout.width
+    if lengths.size and (lengths.min() < 0 or lengths.max() > width):
+        bad = int(np.flatnonzero((lengths < 0) | (lengths > width))[0])
+        msg = (
+            f"cell {row_offset + bad}: length {int(lengths[bad])} does not fit its ranking of "
+            f"{width} stored rank columns (the lengths do not belong to these tokens?)"
+        )
+        raise InputError(msg)
+    rows = (
+        np.arange(lengths.size)
+        if keep is None
+        else np.flatnonzero(np.asarray(keep, dtype=bool).reshape(-1))
+    )
+    genes = np.zeros(lengths.size, dtype=np.int64)  # ranks each cell gives (0: not exported)
+    genes[rows] = np.minimum(lengths[rows], model.max_genes)
+    sizes = genes[rows] + model.n_special
+    ends = np.cumsum(sizes)
+    values = np.empty(int(ends[-1]) if rows.size else 0, dtype=np.int32)
+    dest = np.zeros(lengths.size, dtype=np.int64)  # where each cell's rank 0 goes
+    dest[rows] = ends - sizes + (1 if model.n_special else 0)
+    band_width = reader.layout.band_width
+    n_bands = min(reader.layout.n_bands, -(-int(genes.max(initial=0)) // band_width))
+    for k in range(n_bands):
+        part, taken = reader.take(block, k, lengths, 0, genes)
+        _check_int32(part, row_offset, lengths.size)
+        # part holds each cell's ranks [512 k, ...) cell after cell: place them
+        live = taken > 0
+        starts = np.cumsum(taken) - taken
+        index = np.arange(part.size, dtype=index_dtype(values.size))
+        shift = (dest + band_width * k - starts)[live].astype(index.dtype)
+        index += np.repeat(shift, taken[live])
+        values[index] = part
+    if model.cls is not None and model.eos is not None:
+        values[ends - sizes] = model.cls
+        values[ends - 1] = model.eos
+    return values, sizes, rows
+
+
+def _check_int32(values: np.ndarray, row_offset: int, rows: int) -> None:
+    """Raise when token IDs do not fit ``input_ids`` (int32)."""
+    if (
+        values.size
+        and not np.can_cast(values.dtype, np.int32)
+        and (int(values.max()) > _INT32_MAX or int(values.min()) < 0)
+    ):
+        msg = (
+            f"cells {row_offset}..{row_offset + rows}: token IDs outside "
+            f"[0, {_INT32_MAX}] do not fit input_ids (int32)"
+        )
+        raise InputError(msg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,7 +328,7 @@ def block_batches(
     model: ModelInput,
     row_offset: int,
 ) -> list[pa.RecordBatch]:
-    """Record batches of at most :data:`BATCH_ROWS` kept cells of one block."""
+    """Record batches of at most :data:`BATCH_ROWS` kept cells of one block (dense tokens)."""
     lengths = np.asarray(lengths).reshape(-1)
     rows = np.arange(lengths.shape[0])
     if keep is not None:
@@ -281,15 +344,53 @@ def block_batches(
             model=model,
             row_offset=first,
         )
-        offsets = np.zeros(sizes.shape[0] + 1, dtype=np.int32)
-        np.cumsum(sizes, out=offsets[1:])
-        arrays = [
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=_IDS_TYPE)),
-            pa.array(sizes, type=_LENGTH_TYPE),
-        ]
-        arrays += carried_arrays(columns, schema, None if whole else sel, first)
-        batches.append(pa.RecordBatch.from_arrays(arrays, schema=schema))
+        batches.append(_record_batch(values, sizes, columns, None if whole else sel, schema, first))
     return batches
+
+
+def flat_batches(
+    values: np.ndarray,
+    sizes: np.ndarray,
+    rows: np.ndarray,
+    columns: Mapping[str, np.ndarray],
+    *,
+    schema: pa.Schema,
+    row_offset: int,
+) -> list[pa.RecordBatch]:
+    """Record batches of at most :data:`BATCH_ROWS` rows from the flat model input of a block's
+    kept cells (``values``, ``sizes`` per row; ``rows``: the block rows they are): the same
+    batches as :func:`block_batches` gives for the same cells."""
+    ends = np.cumsum(sizes)
+    batches = []
+    for start in range(0, max(rows.shape[0], 1), BATCH_ROWS):
+        stop = min(start + BATCH_ROWS, rows.shape[0])
+        sel = rows[start:stop]
+        first = int(sel[0]) + row_offset if sel.size else row_offset
+        lo = int(ends[start - 1]) if start else 0
+        hi = int(ends[stop - 1]) if stop > start else lo
+        batch = _record_batch(values[lo:hi], sizes[start:stop], columns, sel, schema, first)
+        batches.append(batch)
+    return batches
+
+
+def _record_batch(
+    values: np.ndarray,
+    sizes: np.ndarray,
+    columns: Mapping[str, np.ndarray],
+    sel: np.ndarray | None,
+    schema: pa.Schema,
+    first: int,
+) -> pa.RecordBatch:
+    """One record batch: ``input_ids`` from flat values and per-row sizes, ``length``, and the
+    carried columns of rows ``sel`` (all rows with None)."""
+    offsets = np.zeros(sizes.shape[0] + 1, dtype=np.int32)
+    np.cumsum(sizes, out=offsets[1:])
+    arrays = [
+        pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=_IDS_TYPE)),
+        pa.array(sizes, type=_LENGTH_TYPE),
+    ]
+    arrays += carried_arrays(columns, schema, sel, first)
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def carried_arrays(

@@ -1,8 +1,14 @@
-"""Where flow's graphs run: an existing ``distributed`` scheduler, or a local cluster.
+"""Where flow's graphs run: an existing ``distributed`` scheduler, a local cluster, or threads.
 
 Nothing here schedules work itself. :func:`flow_client` connects to a scheduler address or
 starts a :class:`distributed.LocalCluster` sized to the machine, and prints the dashboard link;
 :func:`compute` runs Dask collections on the current client with a progress bar.
+
+Which one, is one rule (:func:`current_client`): a client the user set up or asked for
+(``--scheduler``, ``--workers``, ...) is used; inside :func:`lazy_client` with no such
+request, work on fewer than :func:`cluster_cells` cells (declared with :func:`working_on`)
+runs on dask's threads in this process, and larger work starts the local cluster, which the
+later stages of the same command then reuse.
 """
 
 from __future__ import annotations
@@ -14,24 +20,31 @@ import re
 import signal
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import psutil
 from dask import config as dask_config
 from dask.base import compute as dask_compute
 from dask.diagnostics.progress import ProgressBar
-from distributed import Client, LocalCluster, Variable, get_client, progress, wait
-from distributed.diagnostics.plugin import WorkerPlugin
-from distributed.diagnostics.progressbar import TextProgressBar
-from distributed.scheduler import KilledWorker
 
-from .errors import FlowError
+from ._progress import Throttle, on_terminal
+from .errors import FlowError, InputError
+
+if TYPE_CHECKING:
+    from distributed import Client, Variable
+    from distributed.scheduler import KilledWorker
+
+# ``distributed`` itself is imported inside the functions that run only once a cluster is in
+# play (a documented import-time cost: ~0.4 s of a command's start on a quiet 2-core machine,
+# which commands on fewer than `cluster_cells()` cells, run on threads, do not need).
 
 __all__ = [
+    "CLUSTER_CELLS",
+    "CLUSTER_CELLS_VARIABLE",
     "MEDIANS_MMAP_THRESHOLD",
     "QUIET",
     "Interrupted",
@@ -39,6 +52,8 @@ __all__ = [
     "SchedulerError",
     "WorkerLostError",
     "TextProgress",
+    "as_completed",
+    "cluster_cells",
     "compute",
     "current_client",
     "flow_client",
@@ -46,6 +61,7 @@ __all__ = [
     "run_task",
     "stop_on_signals",
     "worker_environ",
+    "working_on",
 ]
 
 #: glibc's mmap threshold for the workers of ``flow medians``: see :func:`worker_environ`.
@@ -191,23 +207,95 @@ def _kill_children() -> None:
                 child.kill()
 
 
-def current_client() -> Client | None:
-    """The ``distributed.Client`` in use (the current one), or None.
+#: Cells of work from which a command that asked for no cluster starts its local one: a
+#: local cluster costs seconds to start (measured: 9,000 cells tokenize in 3.4 s on threads,
+#: of which the cluster would add ~5 s), and 2 worker processes beat the threads of one from
+#: about this size on (90,000 cells: tokenize 7.7 s on the cluster, 15 s on threads).
+CLUSTER_CELLS = 50_000
+#: The environment variable that overrides :data:`CLUSTER_CELLS` (0: always a cluster).
+CLUSTER_CELLS_VARIABLE = "FLOW_CLUSTER_CELLS"
 
-    Inside :func:`lazy_client`, the first call starts (or connects to) its cluster.
+_WORK_CELLS: ContextVar[int | None] = ContextVar("flow_work_cells", default=None)
+
+
+def cluster_cells() -> int:
+    """Cells of work from which :func:`lazy_client` starts its local cluster:
+    ``$FLOW_CLUSTER_CELLS`` if set, else :data:`CLUSTER_CELLS`.
+
+    Raises
+    ------
+    InputError
+        The variable is not a whole number.
+    """
+    text = os.environ.get(CLUSTER_CELLS_VARIABLE, "").strip()
+    if not text:
+        return CLUSTER_CELLS
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        msg = (
+            f"{CLUSTER_CELLS_VARIABLE}={text!r} is not a number of cells: set it to a whole "
+            "number (e.g. 50000; 0 for always a cluster) or unset it."
+        )
+        raise InputError(msg) from None
+
+
+@contextlib.contextmanager
+def working_on(n_cells: int | None) -> Iterator[None]:
+    """Declare how many cells the work in the ``with`` block is about (None: unknown).
+
+    :func:`current_client` (so :func:`compute`) chooses where that work runs by it. Blocks
+    nest; the innermost declaration wins.
+    """
+    token = _WORK_CELLS.set(None if n_cells is None else int(n_cells))
+    try:
+        yield
+    finally:
+        _WORK_CELLS.reset(token)
+
+
+def current_client(*, cells: int | None = None) -> Client | None:
+    """The ``distributed.Client`` to compute on, or None for dask's scheduler in this process.
+
+    The one rule of where flow's work runs:
+
+    - a client already set (by the user, or a cluster started earlier in the command) is used;
+    - inside :func:`lazy_client`, its cluster is started (then reused) when its options ask
+      for one (a scheduler address, workers, threads per worker or a memory limit), or when
+      the work is on :func:`cluster_cells` cells or more, or of unknown size;
+    - otherwise (small work, nothing asked for) None: dask's threads in this process.
+
+    Parameters
+    ----------
+    cells
+        The number of cells of the work; default: the one declared by :func:`working_on`
+        (unknown if none was).
     """
     client = _default_client()
-    if client is None and _PENDING:
-        return _PENDING[-1].client()
-    return client
+    if client is not None or not _PENDING:
+        return client
+    pending = _PENDING[-1]
+    n = _WORK_CELLS.get() if cells is None else cells
+    if pending.started or pending.asked or n is None or n >= cluster_cells():
+        return pending.client()
+    return None
 
 
 def _default_client() -> Client | None:
-    """distributed's default client, if one is set."""
+    """distributed's default client, if one is set (none if distributed was never imported)."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import get_client  # imported already: free
+
     try:
         return get_client()
     except ValueError:
         return None
+
+
+#: :func:`flow_client` options that ask for a cluster (and their values that do not).
+_ASKING = {"scheduler": (None,), "n_workers": (None,), "threads_per_worker": (None,)}
+_ASKING_MEMORY = (None, "auto")
 
 
 class _LazyCluster:
@@ -217,6 +305,13 @@ class _LazyCluster:
         self._options = options
         self._stack = contextlib.ExitStack()
         self._client: Client | None = None
+        self.asked = any(options.get(k) not in none for k, none in _ASKING.items()) or (
+            options.get("memory_limit") not in _ASKING_MEMORY
+        )
+
+    @property
+    def started(self) -> bool:
+        return self._client is not None
 
     def client(self) -> Client:
         if self._client is None:
@@ -232,11 +327,15 @@ _PENDING: list[_LazyCluster] = []
 
 @contextlib.contextmanager
 def lazy_client(**options: Any) -> Iterator[Callable[[], Client]]:
-    """:func:`flow_client`, started only when something is first computed in the block.
+    """:func:`flow_client`, started only when work that needs it first computes in the block.
 
     Commands check their arguments and read metadata first: a mistake is reported without
     waiting for a cluster, and work that computes nothing (a dictionary import, a one-cell
-    query) starts none. Yields a function that returns the client, starting it if needed.
+    query) starts none. Small work (under :func:`cluster_cells` cells, see
+    :func:`current_client`) runs on dask's threads unless ``options`` ask for a cluster
+    (``scheduler``, ``n_workers``, ``threads_per_worker``, a ``memory_limit`` other than
+    ``"auto"``). Once started, the cluster serves the rest of the block. Yields a function
+    that returns the client, starting it if needed.
     """
     pending = _LazyCluster(**options)
     _PENDING.append(pending)
@@ -274,6 +373,10 @@ def flow_client(
         Environment variables of a local cluster's worker processes (default:
         :func:`worker_environ`).
     """
+    from distributed import Client, LocalCluster  # a cluster is asked for: see the imports
+
+    from ._distributed import QuietTaskErrors
+
     if isinstance(scheduler, Client):
         yield scheduler
         return
@@ -310,28 +413,10 @@ def flow_client(
                 )
             )
         client = stack.enter_context(Client(cluster, set_as_default=True))
-        client.register_plugin(_QuietTaskErrors(), name="flow-quiet-task-errors")
+        client.register_plugin(QuietTaskErrors(), name="flow-quiet-task-errors")
         n = len(cluster.workers)
         _announce(client, quiet, f"Started a local Dask cluster ({n} workers)")
         yield client
-
-
-class _QuietTaskErrors(WorkerPlugin):
-    """Local workers do not log a failed task ("Compute Failed" and its traceback) nor a task
-    cancelled as they shut down (after Ctrl-C): a failure's exception reaches the caller, which
-    reports it (one line for a fault the user can act on, such as a full disk; the traceback for
-    a bug). Their stderr is the user's terminal."""
-
-    def setup(self, worker: Any) -> None:
-        for name in ("distributed.worker", "distributed.worker.state_machine"):
-            logging.getLogger(name).addFilter(_not_reported_here)
-
-
-def _not_reported_here(record: logging.LogRecord) -> bool:
-    text = str(record.msg)
-    if text.startswith("Compute Failed"):
-        return False
-    return not (text.startswith("Async instruction") and "CancelledError" in record.getMessage())
 
 
 @contextlib.contextmanager
@@ -360,7 +445,7 @@ def _announce(client: Client, quiet: bool, what: str) -> None:
 
 
 def compute(*collections: Any, quiet: bool = True, label: str = "") -> tuple[Any, ...]:
-    """Compute Dask collections on the current client (or dask's default scheduler).
+    """Compute Dask collections on :func:`current_client` (or dask's default scheduler).
 
     With ``quiet=False`` progress is shown on standard error while they run: a progress bar
     on a terminal, plain lines at a modest rate (every 10% or 30 s) in a log file.
@@ -371,18 +456,23 @@ def compute(*collections: Any, quiet: bool = True, label: str = "") -> tuple[Any
     if client is None:
         if quiet:
             return tuple(dask_compute(*collections))
-        bar = ProgressBar(out=sys.stderr) if _on_terminal() else _LocalLogProgress(label)
+        bar = ProgressBar(out=sys.stderr) if on_terminal() else _LocalLogProgress(label)
         with bar:
             return tuple(dask_compute(*collections))
+    from distributed import progress  # a client: imported already
+    from distributed.scheduler import KilledWorker
+
+    from ._distributed import LogProgressBar
+
     futures = client.compute(list(collections))
     try:
         if not quiet:
-            if _on_terminal():
+            if on_terminal():
                 with contextlib.redirect_stdout(sys.stderr):
                     progress(futures, notebook=False)
                 print(file=sys.stderr)
             else:
-                _LogProgressBar(futures, label=label)
+                LogProgressBar(futures, label=label)
         return tuple(client.gather(futures))
     except KilledWorker as err:
         raise worker_lost(err) from None
@@ -392,49 +482,12 @@ def compute(*collections: Any, quiet: bool = True, label: str = "") -> tuple[Any
         raise
 
 
-def _on_terminal() -> bool:
-    return sys.stderr.isatty()
-
-
-class _Throttle:
-    """Decides when a plain progress line is worth printing (every 10% or 30 s)."""
-
-    STEP, SECONDS = 10, 30.0
-
-    def __init__(self, label: str) -> None:
-        self.label = label or "progress"
-        self.last_pct, self.last_time = -self.STEP, time.monotonic()
-
-    def line(self, pct: int, what: str, *, final: bool = False) -> None:
-        now = time.monotonic()
-        due = pct >= self.last_pct + self.STEP or now - self.last_time >= self.SECONDS
-        if (due or final) and pct != self.last_pct:
-            print(f"{self.label}: {what} ({pct}%)", file=sys.stderr, flush=True)
-            self.last_pct, self.last_time = pct, now
-
-
-class _LogProgressBar(TextProgressBar):
-    """distributed's text progress bar, as plain lines for a log file."""
-
-    def __init__(self, keys: Any, *, label: str, **kwargs: Any) -> None:
-        self._throttle = _Throttle(label)
-        super().__init__(keys, **kwargs)
-
-    def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:
-        done = all - remaining
-        pct = int(100 * done / all) if all else 100
-        self._throttle.line(pct, f"{done:,}/{all:,} tasks", final=remaining == 0)
-
-    def _draw_stop(self, **kwargs: Any) -> None:
-        return None
-
-
 class _LocalLogProgress(ProgressBar):
     """dask's local progress bar, as plain lines for a log file."""
 
     def __init__(self, label: str) -> None:
         super().__init__(out=sys.stderr)
-        self._throttle = _Throttle(label)
+        self._throttle = Throttle(label)
 
     def _draw_bar(self, frac: float, elapsed: float) -> None:
         self._throttle.line(int(100 * frac), f"{elapsed:.0f} s elapsed", final=frac >= 1)
@@ -451,6 +504,9 @@ def run_task(
     :class:`distributed.Variable` deleted at the end (intermediate values may be skipped).
     Its exception, if any, is raised here.
     """
+    from distributed import Variable, wait  # a client: imported already
+    from distributed.scheduler import KilledWorker
+
     key = f"flow-{label}-{uuid.uuid4().hex}"
     latest = Variable(f"{key}-progress", client=client)
     latest.set(None)  # so that reading it never waits
@@ -476,6 +532,14 @@ def run_task(
         latest.delete()
 
 
+def as_completed(futures: Any) -> Iterator[Any]:
+    """``distributed.as_completed(futures)``, for modules that must not import ``distributed``
+    when they run on threads (see the imports above)."""
+    from distributed import as_completed as completed  # futures: imported already
+
+    return iter(completed(futures))
+
+
 def _report_progress(
     func: Any, latest: Variable, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
@@ -490,7 +554,7 @@ class TextProgress:
         self.label = label
         self.quiet = quiet
         self._last = -1
-        self._log = None if _on_terminal() else _Throttle(label)
+        self._log = None if on_terminal() else Throttle(label)
 
     def __call__(self, done: int, total: int) -> None:
         """Report ``done`` of ``total`` cells (in a log file: a plain line now and then)."""

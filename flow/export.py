@@ -3,7 +3,8 @@
 The model input for an input size ``L`` is a view of the encoding store's full rankings: the
 first ``L`` tokens of each cell (V1), or ``<cls>``, the first ``L - 2`` tokens and ``<eos>``
 (V2), exactly as upstream Geneformer truncates (``input_ids[0:L-2]``, then ``<cls>`` inserted
-first and ``<eos>`` last). Only the rank columns the model needs are read.
+first and ``<eos>`` last). Only the rank columns the model needs are read: from an encoding
+store, each block's flat rank bands below the input size, as stored (no padding).
 
 :func:`write_model_dataset` is the export stage: an opened encoding store and a preset in, a
 dataset directory out. :func:`write_model_arrays` does the same from plain Dask arrays (any
@@ -51,10 +52,13 @@ from ._export_arrow import (
     column_type,
     export_schema,
     features,
+    flat_batches,
     model_input_arrays,
+    model_input_bands,
 )
 from ._location import Location, LocationLike
 from ._version import __version__
+from .encode._bands import BandReader
 from .errors import ChunkingError, InputError
 
 if TYPE_CHECKING:
@@ -176,22 +180,8 @@ def _prepare_dir(location: Location) -> str:
     return location.url
 
 
-def _write_shard(
-    tokens: np.ndarray,
-    lengths: np.ndarray,
-    keep: np.ndarray | None,
-    columns: dict[str, np.ndarray],
-    ready: str,
-    *,
-    spec: _ShardSpec,
-    name: str,
-    row_offset: int,
-) -> int:
-    """Write one cell block's shard file (after ``ready``: the directory is prepared); return
-    the number of rows written."""
-    batches = block_batches(
-        tokens, lengths, keep, columns, schema=spec.schema, model=spec.model, row_offset=row_offset
-    )
+def _write_batches(batches: list[pa.RecordBatch], spec: _ShardSpec, name: str) -> int:
+    """Write one shard file of record batches (empty ones skipped); return its rows."""
     fs, root = spec.location.fs()
     with fs.open(posixpath.join(root, name), "wb") as sink:
         if spec.fmt == "hf":
@@ -205,6 +195,46 @@ def _write_shard(
                     if batch.num_rows:
                         pwriter.write_batch(batch)
     return sum(batch.num_rows for batch in batches)
+
+
+def _write_shard(
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    keep: np.ndarray | None,
+    columns: dict[str, np.ndarray],
+    ready: str,
+    *,
+    spec: _ShardSpec,
+    name: str,
+    row_offset: int,
+) -> int:
+    """Write one cell block's shard file from its dense rank columns (after ``ready``: the
+    directory is prepared); return the number of rows written."""
+    batches = block_batches(
+        tokens, lengths, keep, columns, schema=spec.schema, model=spec.model, row_offset=row_offset
+    )
+    return _write_batches(batches, spec, name)
+
+
+def _write_band_shard(
+    reader: BandReader,
+    lengths: np.ndarray,
+    keep: np.ndarray | None,
+    columns: dict[str, np.ndarray],
+    ready: str,
+    *,
+    block: int,
+    spec: _ShardSpec,
+    name: str,
+    row_offset: int,
+) -> int:
+    """Write one cell block's shard file read straight from the encoding store's flat token
+    bands (only the bands and entries the model input needs; nothing padded)."""
+    values, sizes, rows = model_input_bands(
+        reader, block, lengths, keep, model=spec.model, row_offset=row_offset
+    )
+    batches = flat_batches(values, sizes, rows, columns, schema=spec.schema, row_offset=row_offset)
+    return _write_batches(batches, spec, name)
 
 
 def _finalize(n_rows: list[int], *, spec: _ShardSpec, names: list[str], fingerprint: str) -> str:
@@ -404,9 +434,19 @@ class _CellInputs:
 
 
 def _export_graph(
-    cells: _CellInputs, location: Location, fmt: ExportFormat, model: ModelInput
+    cells: _CellInputs,
+    location: Location,
+    fmt: ExportFormat,
+    model: ModelInput,
+    *,
+    bands: BandReader | None = None,
 ) -> Delayed:
-    """The lazy export: prepare the directory, one shard task per cell block, then finalize."""
+    """The lazy export: prepare the directory, one shard task per cell block, then finalize.
+
+    With ``bands`` (the token bands of the encoding store ``cells.tokens`` is the dense view
+    of), each shard task reads its block's flat bands itself and the dense view is never
+    computed; it still names the export, so both ways give the same keys and files.
+    """
     schema = cells.schema()
     head = cells.head(model)
     url = location.url
@@ -428,14 +468,22 @@ def _export_graph(
     ready = delayed(_prepare_dir, pure=True)(
         spec.location, dask_key_name=f"flow-export-prepare-{token}"
     )
-    token_parts = head.to_delayed().ravel()
     length_parts = cells.lengths.to_delayed().ravel()
     keep_parts = [None] * len(chunks) if cells.keep is None else _cell_parts(cells.keep, chunks)
     col_parts = {name: _cell_parts(col, chunks) for name, col in cells.columns.items()}
     offsets = np.cumsum((0, *chunks))
+    if bands is None:
+        first = head.to_delayed().ravel()
+        write: Any = delayed(_write_shard, pure=True)
+        extra: list[dict[str, int]] = [{} for _ in chunks]
+    else:
+        reader = delayed(bands, name=f"flow-export-bands-{token}", traverse=False)
+        first = [reader] * len(chunks)
+        write = delayed(_write_band_shard, pure=True)
+        extra = [{"block": i} for i in range(len(chunks))]
     shards = [
-        delayed(_write_shard, pure=True)(
-            token_parts[i],
+        write(
+            first[i],
             length_parts[i],
             keep_parts[i],
             {name: parts[i] for name, parts in col_parts.items()},
@@ -444,6 +492,7 @@ def _export_graph(
             name=names[i],
             row_offset=int(offsets[i]),
             dask_key_name=(f"flow-export-shard-{token}", i),
+            **extra[i],
         )
         for i in range(len(chunks))
     ]
@@ -578,11 +627,14 @@ def write_model_dataset(
     Every row carries the cell's identifier (column :data:`CELL_ID`, the barcode), so rows map
     back to cells although cells failing ``filter_pass`` are left out.
 
-    A writer, as :func:`write_model_arrays` (which it calls): with ``compute=True`` (default)
-    it runs the export on the current Dask scheduler; with ``compute=False`` it returns the
-    lazy :class:`~dask.delayed.Delayed` and reads and writes nothing. Each cell block of the
-    store is one shard task that reads only the first rank columns the preset needs, and the
-    block's length, ``filter_pass`` and carried columns (lazy per-cell arrays).
+    A writer, as :func:`write_model_arrays` (same files, same task names): with
+    ``compute=True`` (default) it runs the export on the current Dask scheduler; with
+    ``compute=False`` it returns the lazy :class:`~dask.delayed.Delayed` and writes nothing
+    (it reads only the store's band starts). Each cell block of the store is one shard task
+    that reads its block's flat token bands directly (:class:`~flow.encode._bands.BandReader`:
+    bands ``0 .. ceil(max_genes / 512) - 1``, each only up to the last entry a passing cell
+    needs; no dense padded view), and the block's length, ``filter_pass`` and carried columns
+    (lazy per-cell arrays); it builds the Arrow list arrays from offsets and flat values.
 
     Parameters
     ----------
@@ -626,18 +678,15 @@ def write_model_dataset(
         raise InputError(msg)
     columns = {CELL_ID: enc.cell_array("cell")}
     columns.update({name: enc.cell_array(name) for name in chosen})  # lazy, per block
-    return write_model_arrays(
-        enc.tokens,
-        enc.cell_array("length"),
-        Location.of(output, storage_options),
-        input_size=model.input_size,
-        cls=model.cls,
-        eos=model.eos,
-        keep=enc.cell_array("filter_pass").astype(bool),
-        columns=columns,
-        format=format,
-        compute=compute,
-    )
+    fmt = _parse_format(format)
+    keep = enc.cell_array("filter_pass").astype(bool)
+    cells = _CellInputs.parse(enc.tokens, enc.cell_array("length"), keep, columns)
+    layout = enc.layout
+    head = range(min(layout.n_bands, -(-model.max_genes // layout.band_width)))
+    reader = BandReader.of(enc._group(), "tokens", layout, bands=head)
+    location = Location.of(output, storage_options)
+    graph = _export_graph(cells, location, fmt, model, bands=reader)
+    return str(graph.compute()) if compute else graph
 
 
 def export_summary(enc: EncodingStore, preset: Preset) -> str:

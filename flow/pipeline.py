@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from dask.base import compute as dask_compute
 from dask.delayed import delayed
-from distributed import Client, worker_client
 
 from ._claim import claim_output
 from ._location import Location, LocationLike
-from .cluster import QUIET, Reporter, WorkerLostError, current_client, run_task
+from .cluster import CLUSTER_CELLS as CLUSTER_CELLS  # where it was (the rule: flow.cluster)
+from .cluster import QUIET, Reporter, WorkerLostError, current_client, run_task, working_on
 from .datasets import synthetic_counts
 from .encode.store import EncodingStore, open_encoding, plan_encoding, write_encoding
 from .errors import InputError, SchemaError, StoreNotFoundError
@@ -66,6 +66,8 @@ from .vocab import (
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
 
+    from distributed import Client
+
 __all__ = [
     "RunResult",
     "convert",
@@ -81,9 +83,6 @@ __all__ = [
     "tokenize",
 ]
 
-#: Cells from which ``convert`` starts (or uses) a cluster; below, threads in this process
-#: (a local cluster costs ~2 s to start; measured: 20k cells convert in about a second).
-CLUSTER_CELLS = 50_000
 #: Inputs from which ``convert`` opens them (reads their metadata) as parallel tasks.
 OPEN_IN_TASKS = 8
 
@@ -202,9 +201,10 @@ def convert(
 
     The inputs are read by many tasks at once (one per file, and one per range of cells of a
     file that allows it), with the same bytes as a result whatever the workers. Without
-    ``client`` the inputs are opened here and the tasks run on the current client (in
+    ``client`` the inputs are opened here and the tasks run where
+    :func:`flow.cluster.current_client` says for that many cells (in
     :func:`flow.cluster.lazy_client`, the local cluster starts only for inputs of at least
-    :data:`CLUSTER_CELLS` cells), or on dask's threaded scheduler when there is none. Given a
+    :func:`flow.cluster.cluster_cells` cells), else on dask's threaded scheduler. Given a
     ``distributed.Client``, the inputs are opened by one task (``flow-convert``) on a worker,
     which hands the reads and writes to the cluster's workers: they must all see the inputs
     and the output (shared file system or object store). ``storage_options`` apply to every
@@ -261,10 +261,11 @@ def _convert_here(
     client: Client | None,
 ) -> CountStore:
     """Open the inputs here and write the count store with tasks on ``client`` (None: the
-    current client for :data:`CLUSTER_CELLS` cells or more, else dask's threaded scheduler)."""
+    current client for that many cells, :func:`flow.cluster.current_client`, else dask's
+    threaded scheduler)."""
     sources = _open_inputs(inputs, read, client)
-    if client is None and sum(s.info.n_cells for s in sources) >= CLUSTER_CELLS:
-        client = current_client()
+    if client is None:
+        client = current_client(cells=sum(s.info.n_cells for s in sources))
     return write_counts(
         sources,
         output,
@@ -287,7 +288,7 @@ def _open_inputs(
         for i in where:
             opened[i] = open_source(opened[i], read)
         return opened
-    client = client or current_client()
+    client = client or current_client(cells=0)  # metadata: a cluster only if there is one
     locations = [inputs[i] for i in where]
     if client is None:
         got = dask_compute(
@@ -314,6 +315,8 @@ def _convert_to_url(
 ) -> str:
     """:func:`_convert_here` on a worker, its tasks on the worker's cluster (this task leaves
     its thread to them meanwhile); returns the store's URL (what a task sends back)."""
+    from distributed import worker_client  # on a worker: imported already (see flow.cluster)
+
     with worker_client() as client:
         store = _convert_here(
             inputs, output, read, block_size, allow_non_integer, progress, client=client
@@ -335,7 +338,10 @@ def nonzero_medians(
     many = stores if isinstance(stores, Sequence) and not isinstance(stores, str) else [stores]
     opened = [_counts(s, storage_options) for s in many]
     # one store: its block numbers are the tasks' (a block too large for memory: say which)
-    with _naming_blocks(opened[0]) if len(opened) == 1 else contextlib.nullcontext():
+    with (
+        working_on(sum(int(s.attrs["n_cells"]) for s in opened)),
+        _naming_blocks(opened[0]) if len(opened) == 1 else contextlib.nullcontext(),
+    ):
         return medians_of(
             opened,
             method=method,
@@ -497,7 +503,8 @@ def _tokenize(
         gene_mapping=load_gene_mapping(gene_mapping),
         n_counts_column=n_counts_column,
     )
-    with _naming_blocks(counts):  # a block too large for the workers' memory: say which
+    # a block too large for the workers' memory: say which
+    with working_on(int(counts.attrs["n_cells"])), _naming_blocks(counts):
         return write_encoding(
             plan,
             output,
@@ -556,7 +563,8 @@ def _export(
         enc, out, preset=chosen, format=format, obs_columns=obs_columns, compute=False
     )
     label = f"export ({format}, {chosen.name}, {chosen.input_size} tokens)"
-    reporter.compute(graph, label=label)
+    with working_on(enc.layout.n_cells):
+        reporter.compute(graph, label=label)
     reporter.say(f"exported {out.path}: {export_summary(enc, chosen)}")
     return out.path
 

@@ -10,12 +10,13 @@ for any cell and says whether it passes.
 
 What each query reads
 ---------------------
-- :func:`dropped_genes`: that cell's rows of ``tokens`` and ``counts``, ranks ``L .. length-1``
-  (the chunks holding them: one cell block, a few rank chunks).
-- :func:`gene_ranks` / :func:`gene_drop`: all of ``tokens`` (a gene may sit at any rank), one
-  small result per cell; never ``counts``.
-- :func:`drop_rates`: only the rank chunks of ``tokens`` that hold ranks ``>= L``; never
-  ``counts``. One reduction: a bincount per block, tree-summed.
+- :func:`dropped_genes`: that cell's entries of the flat ``tokens`` and ``counts`` bands at
+  ranks ``L .. length-1`` (the chunks holding them: one cell block, a few bands), read
+  directly, and its block's lengths.
+- :func:`gene_ranks` / :func:`gene_drop`: all of the flat ``tokens`` bands (a gene may sit at
+  any rank), as stored, one small result per cell; never ``counts``.
+- :func:`drop_rates`: only the flat ``tokens`` bands that hold ranks ``>= L``, as stored
+  (no padding); never ``counts``. One reduction: a bincount per block, tree-summed.
 - :func:`coverage` / :func:`coverage_summary`: the per-cell lengths only.
 """
 
@@ -25,12 +26,15 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
 import pandas as pd
 from dask.base import tokenize
+from dask.delayed import delayed
+from dask.highlevelgraph import HighLevelGraph
 
 # the name helpers live in flow._names (shared with flow.retention); the private aliases stay
 # importable from here as they were
@@ -41,6 +45,8 @@ from ._names import group_codes, resolve_cell, resolve_gene
 from ._names import shortlist as _shortlist  # noqa: F401
 from ._names import table_writer as _table_writer
 from .cluster import compute as cluster_compute
+from .encode._bands import BandReader, band_sizes
+from .encode._kernels import ranked_values
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -102,13 +108,40 @@ def _default_compute() -> Compute:
 # one cell
 
 
+def _cell_value(enc: EncodingStore, name: str, index: int) -> Any:
+    """One cell's entry of a per-cell array (reads the one chunk that holds it)."""
+    return enc._group()[name][index]
+
+
+def _cell_tail(enc: EncodingStore, index: int, cutoff: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and counts of one cell's ranks ``cutoff .. length-1``, read from the flat bands
+    (only that cell's entries, in rank order)."""
+    layout = enc.layout
+    group = enc._group()
+    block, row = divmod(index, layout.block_size)
+    lengths = np.asarray(
+        enc.lengths[block * layout.block_size : (block + 1) * layout.block_size], dtype=np.int64
+    )
+    hi = np.zeros_like(lengths)
+    hi[row] = lengths[row]  # this cell only
+    width = layout.band_width
+    bands = range(cutoff // width, min(layout.n_bands, -(-int(lengths[row]) // width)))
+    out = []
+    for name in ("tokens", "counts"):
+        reader = BandReader.of(group, name, layout, bands=bands)
+        parts = [reader.take(block, k, lengths, cutoff, hi)[0] for k in bands]
+        out.append(np.concatenate(parts) if parts else np.empty(0, reader.dtype))
+    return out[0], out[1]
+
+
 def dropped_genes(
     enc: EncodingStore, cell: int | str, cutoff: int = DEFAULT_CUTOFF
 ) -> pd.DataFrame:
-    """The genes a model of input size ``cutoff`` does not see in one cell (computes; small).
+    """The genes a model of input size ``cutoff`` does not see in one cell (reads; small).
 
-    Reads only that cell's row of ``tokens`` and ``counts`` at ranks ``cutoff .. length-1``
-    (the chunks of one cell block that hold them), on the current Dask scheduler.
+    Reads only that cell's entries of the flat ``tokens`` and ``counts`` bands at ranks
+    ``cutoff .. length-1`` (the chunks of its cell block's regions that hold them), directly
+    in this process (no Dask graph: a few chunks), and the cell's block of lengths.
 
     Parameters
     ----------
@@ -136,15 +169,16 @@ def dropped_genes(
     length_cutoff = _parse_cutoff(cutoff)
     index = resolve_cell(enc, cell)
     length = int(enc.lengths[index])
+    table = enc.token_table()
     if length_cutoff < length:
-        tokens, values = _default_compute()(
-            enc.tokens[index, length_cutoff:length], enc.values[index, length_cutoff:length]
-        )
-        tokens = np.asarray(tokens).astype(np.int64)
-        values = np.asarray(values, dtype=np.float64)
+        tokens, counts = _cell_tail(enc, index, length_cutoff)
+        medians = np.nan_to_num(np.asarray(table["median"], dtype=np.float64), nan=1.0)
+        n_counts = np.asarray(_cell_value(enc, "n_counts", index), dtype=np.float64).reshape(1)
+        # the ranking's own value arithmetic (as EncodingStore.values): bit-identical values
+        values = ranked_values(counts[None, :], n_counts, medians[tokens][None, :])[0]
+        tokens = tokens.astype(np.int64)
     else:
         tokens, values = np.empty(0, np.int64), np.empty(0, np.float64)
-    table = enc.token_table()
     frame = pd.DataFrame(
         {
             "rank": np.arange(length_cutoff, length_cutoff + tokens.size, dtype=np.int64),
@@ -156,11 +190,11 @@ def dropped_genes(
         }
     )
     frame.attrs.update(
-        cell=str(enc.cell_column("cell")[index]),
+        cell=str(_cell_value(enc, "cell", index)),
         index=index,
         length=length,
         cutoff=length_cutoff,
-        filter_pass=bool(enc.cell_column("filter_pass")[index]),
+        filter_pass=bool(_cell_value(enc, "filter_pass", index)),
     )
     return frame
 
@@ -169,13 +203,22 @@ def dropped_genes(
 # one gene
 
 
-def _gene_rank_block(block: np.ndarray, *, gene_token: int, block_info: Any = None) -> np.ndarray:
-    """Rank of ``gene_token`` in each row of a (cell, rank) block, or -1 (one column per block)."""
-    start = 0 if block_info is None else int(block_info[0]["array-location"][1][0])
-    hit = block == gene_token
-    found = hit.any(axis=1)
-    rank = np.where(found, hit.argmax(axis=1) + start, -1).astype(np.int32)
-    return rank[:, None]
+def _gene_rank_band(
+    reader: BandReader, lengths: np.ndarray, *, block: int, band: int, gene_token: int
+) -> np.ndarray:
+    """Rank of ``gene_token`` in each cell of one block within one band, or -1: a
+    ``(cells, 1)`` int32 block, from the band's flat entries (no padding)."""
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    out = np.full(lengths.size, -1, dtype=np.int32)
+    width = reader.layout.band_width
+    stored = band_sizes(lengths, band, width)
+    flat = reader.read(block, band, 0, int(stored.sum()))
+    hits = np.flatnonzero(flat == gene_token)
+    if hits.size:  # a token is at most once in a ranking
+        ends = np.cumsum(stored)
+        cell = np.searchsorted(ends, hits, side="right")
+        out[cell] = width * band + hits - (ends - stored)[cell]
+    return out[:, None]
 
 
 def gene_ranks(enc: EncodingStore, gene: str | int, *, split_every: int = 8) -> da.Array:
@@ -188,24 +231,38 @@ def gene_ranks(enc: EncodingStore, gene: str | int, *, split_every: int = 8) -> 
     gene
         Ensembl ID or symbol (see :func:`resolve_gene`), or a token ID (int).
     split_every
-        Fan-in of the max-reduction over rank chunks.
+        Fan-in of the max-reduction over bands.
 
     Returns
     -------
     dask.array.Array
         ``(cell,)`` int32, chunked like ``enc.tokens`` along cells. Computing it reads every
-        chunk of ``tokens`` (the gene can sit at any rank) and no chunk of ``counts``.
+        band of ``tokens`` (the gene can sit at any rank), flat as stored (one task per cell
+        block and band: no padding), and no chunk of ``counts``.
     """
     token = resolve_gene(enc, gene) if isinstance(gene, str) else int(gene)
-    tokens = enc.tokens
-    per_chunk = da.map_blocks(
-        _gene_rank_block,
-        tokens,
-        gene_token=token,  # not ``token=``: map_blocks takes that as a key prefix
-        chunks=(tokens.chunks[0], (1,) * tokens.numblocks[1]),
-        dtype=np.int32,
-        meta=np.empty((0, 0), dtype=np.int32),
-        name=f"flow-gene-rank-{tokenize(tokens, token)}",
+    tokens = enc.tokens  # the dense view: its name and cell chunks only (never computed here)
+    layout = enc.layout
+    lengths = enc.cell_array("length")
+    reader = delayed(
+        BandReader.of(enc._group(), "tokens", layout),
+        name=f"flow-gene-rank-bands-{tokenize(tokens)}",
+        traverse=False,
+    )
+    name = f"flow-gene-rank-{tokenize(tokens, token)}"
+    dsk: dict[Any, Any] = {
+        (name, b, k): (
+            partial(_gene_rank_band, block=b, band=k, gene_token=token),
+            reader.key,
+            (lengths.name, b),
+        )
+        for b in range(lengths.numblocks[0])
+        for k in range(layout.n_bands)
+    }
+    deps: list[Any] = [lengths, reader]
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=deps)
+    per_chunk = da.Array(
+        graph, name, (lengths.chunks[0], (1,) * layout.n_bands), meta=np.empty((0, 0), np.int32)
     )
     ranks: da.Array = da.reduction(
         per_chunk,
@@ -353,37 +410,43 @@ def gene_drop(
 
 
 def _dropped_block(
-    tokens: list[np.ndarray] | np.ndarray,
+    reader: BandReader,
+    lengths: np.ndarray,
     codes: np.ndarray,
     *,
+    block: int,
+    cutoff: int,
     n_groups: int,
     n_tokens: int,
     pad: int,
 ) -> np.ndarray:
-    """Per (group, token): passing cells of one cell block holding the token at these ranks.
+    """Per (group, token): passing cells of one cell block holding the token at rank ``>= cutoff``.
 
-    ``tokens`` is the block's rank chunks (a list: they are counted one by one, never
-    concatenated); ``codes`` each cell's group (0 .. n_groups-1), -1 for cells that do not
-    pass. Returns a ``(1, n_groups, n_tokens)`` int64 block.
+    Reads the block's flat token bands from the one holding rank ``cutoff`` on (each band's
+    entries from the first at rank ``>= cutoff``; no padding, one band in memory at a time);
+    ``codes`` is each cell's group (0 .. n_groups-1), -1 for cells that do not pass. Returns a
+    ``(1, n_groups, n_tokens)`` int64 block.
     """
+    lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
     keep = codes >= 0
     counts = np.zeros(n_groups * n_tokens, dtype=np.int64)
-    for chunk in tokens if isinstance(tokens, list) else [tokens]:
-        if not chunk.shape[1]:
+    width = reader.layout.band_width
+    last = min(reader.layout.n_bands, -(-int(lengths.max(initial=0)) // width))
+    for k in range(cutoff // width, last):
+        part, taken = reader.take(block, k, lengths, cutoff, lengths)
+        if not part.size:
             continue
-        # rows are pad-filled past their length: a row whose first entry here is the pad
-        # token has no gene in this chunk (most rows, far past the cutoff)
-        live = keep & (chunk[:, 0] != pad)
-        if not live.any():
-            continue
-        kept = chunk[live]
         if n_groups == 1:
-            counts += np.bincount(kept.ravel(), minlength=n_tokens)
+            kept = part if keep.all() else part[np.repeat(keep, taken)]
+            counts += np.bincount(kept, minlength=n_tokens)
         else:
-            flat = kept.astype(np.intp) + codes[live].astype(np.intp)[:, None] * n_tokens
-            counts += np.bincount(flat.ravel(), minlength=n_groups * n_tokens)
+            code = np.repeat(codes.astype(np.intp), taken)
+            live = code >= 0
+            counts += np.bincount(
+                part[live].astype(np.intp) + code[live] * n_tokens, minlength=n_groups * n_tokens
+            )
     table = counts.reshape(n_groups, n_tokens)
-    table[:, pad] = 0  # the pad token fills ranks past each cell's length: not a gene
+    table[:, pad] = 0  # the pad token is never a gene
     return table[None]
 
 
@@ -501,6 +564,43 @@ def _group_codes(
     return group_codes(enc, keep, group_by, max_groups=MAX_GROUPS)
 
 
+def _per_block_drops(
+    enc: EncodingStore, cutoff: int, codes: np.ndarray, n_groups: int, n_tokens: int, name: str
+) -> da.Array:
+    """``(block, group, token)`` drop counts, one task per cell block reading its flat token
+    bands at ranks ``>= cutoff`` (:func:`_dropped_block`), lazy."""
+    lengths = enc.cell_array("length")
+    cell_chunks = lengths.chunks[0]
+    lazy_codes = da.from_array(
+        codes, chunks=(cell_chunks,), name=f"flow-cell-groups-{tokenize(codes, cell_chunks)}"
+    )
+    layout = enc.layout
+    reader = delayed(
+        BandReader.of(
+            enc._group(), "tokens", layout, bands=range(cutoff // layout.band_width, layout.n_bands)
+        ),
+        name=f"{name}-bands",
+        traverse=False,
+    )
+    count = partial(
+        _dropped_block, cutoff=cutoff, n_groups=n_groups, n_tokens=n_tokens, pad=enc.pad_token
+    )
+    out = f"{name}-chunk"
+    dsk: dict[Any, Any] = {
+        (out, b, 0, 0): (
+            partial(count, block=b),
+            reader.key,
+            (lengths.name, b),
+            (lazy_codes.name, b),
+        )
+        for b in range(len(cell_chunks))
+    }
+    deps: list[Any] = [lengths, lazy_codes, reader]
+    graph = HighLevelGraph.from_collections(out, dsk, dependencies=deps)
+    chunks = ((1,) * len(cell_chunks), (n_groups,), (n_tokens,))
+    return da.Array(graph, out, chunks, meta=np.empty((0, 0, 0), dtype=np.int64))
+
+
 def drop_rates(
     enc: EncodingStore,
     cutoff: int = DEFAULT_CUTOFF,
@@ -510,13 +610,14 @@ def drop_rates(
 ) -> DropRates:
     """Per-gene drop counts at ``cutoff`` for all genes at once (lazy).
 
-    One out-of-core reduction over ``tokens[:, cutoff:]``: per cell block, a bincount of the
-    tokens of passing cells over its rank chunks at or past ``cutoff`` (one chunk in memory at
-    a time), tree-summed over blocks (``split_every``). Rank chunks that
-    lie wholly below ``cutoff`` are not in the graph, so they are never read; the chunk that
-    holds rank ``cutoff`` is read whole when ``cutoff`` is not a multiple of the rank chunk;
-    ``counts`` is never read. Graph size is O(number of chunks read). Nothing is computed
-    here: use :meth:`DropRates.to_frame` or :func:`write_drop_rates`.
+    One out-of-core reduction over ranks ``>= cutoff``: per cell block, one task reads the
+    block's flat token bands from the one holding rank ``cutoff`` on, as stored (no padded
+    dense view; one band in memory at a time), and bincounts the entries of passing cells at
+    rank ``>= cutoff``; the blocks' tables are tree-summed (``split_every``). Bands wholly
+    below ``cutoff`` are never read, nor bands past a block's longest cell; the band holding
+    rank ``cutoff`` is read from its first entry at rank ``>= cutoff``; ``counts`` is never
+    read. Graph size is O(number of cell blocks). Nothing is computed here: use
+    :meth:`DropRates.to_frame` or :func:`write_drop_rates`.
 
     Parameters
     ----------
@@ -545,33 +646,13 @@ def drop_rates(
     n_tokens = int(np.asarray(table["gene_id"]).size)
     keep = np.asarray(enc.cell_column("filter_pass")).astype(bool)
     codes, groups = _group_codes(enc, keep, group_by)
-    tokens = enc.tokens
+    tokens = enc.tokens  # the dense view: its name and cell chunks only (never computed here)
     n_groups = len(groups)
     name = f"flow-drop-rates-{tokenize(tokens, length_cutoff, codes, n_groups, split_every)}"
     if length_cutoff >= tokens.shape[1]:  # nothing is ever dropped: read nothing
         dropped = da.zeros((n_groups, n_tokens), dtype=np.int64, chunks=-1)
     else:
-        tail = tokens[:, length_cutoff:]
-        lazy_codes = da.from_array(
-            codes, chunks=(tail.chunks[0],), name=f"flow-cell-groups-{tokenize(codes)}"
-        )
-        per_block = da.blockwise(  # one task per cell block, over its rank chunks >= L
-            _dropped_block,
-            "igt",
-            tail,
-            "ij",
-            lazy_codes,
-            "i",
-            new_axes={"g": n_groups, "t": n_tokens},
-            adjust_chunks={"i": 1},
-            concatenate=False,
-            dtype=np.int64,
-            meta=np.empty((0, 0, 0), dtype=np.int64),
-            name=f"{name}-chunk",
-            n_groups=n_groups,
-            n_tokens=n_tokens,
-            pad=enc.pad_token,
-        )
+        per_block = _per_block_drops(enc, length_cutoff, codes, n_groups, n_tokens, name)
         dropped = da.reduction(
             per_block,
             np.sum,

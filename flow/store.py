@@ -36,13 +36,16 @@ import zarr
 from dask.base import tokenize
 
 from ._count_tasks import (
+    DIRECT_DTYPE,
     SCRATCH,
     Piece,
     PieceCounts,
     Reader,
     Runner,
     Segment,
+    edge_shards,
     final_dtype,
+    piece_offsets,
     plan_pieces,
 )
 from ._io import (
@@ -390,13 +393,17 @@ def write_counts(
     united (first source's order, new genes appended). The store is marked complete only
     after the last write.
 
-    The inputs are read by many tasks at once, in two phases (see :mod:`flow._count_tasks`):
-    one task per input file, and one per range of cells of a file whose reader reads ranges,
-    first counts (validating every count, dropping explicit zeros, summing repeated entries
-    of a cell); then, with every offset known, one task per ``X/data`` shard reads its cells
-    again and writes that shard whole. The result is the same bytes whatever the number of
-    workers or the split. Memory per task is one block of cells and one shard; this process
-    holds one piece's per-cell counts at a time (all of them without a ``client``).
+    The inputs are read by many tasks at once (see :mod:`flow._count_tasks`): one task per
+    input file, and one per range of cells of a file whose reader reads ranges, validates
+    every count, drops explicit zeros and sums repeated entries of a cell. When every input
+    records where each cell's entries start (CSR h5ad, 10x HDF5, AnnData Zarr: their
+    ``indptr``), that is one pass: each task writes the ``X/data`` shards inside its cells
+    and hands the values of the shards at its edges to one small task per such shard. Else
+    (or when a piece turns out not to match its ``indptr`` or to need more than uint16) two
+    passes: the tasks count and spill, then, with every offset known, one task per shard
+    writes it whole. The result is the same bytes whatever the path, the number of workers
+    or the split. Memory per task is one piece of cells and one shard; this process holds one
+    piece's per-cell counts at a time (all of them without a ``client``).
 
     Counts are stored as the smallest dtype that holds every one of them (repeated entries of a
     cell summed): uint16, else uint32, else float64 (float32 for non-integer counts), decided
@@ -541,14 +548,10 @@ class _CountPlan:
 
 
 def _write_store(plan: _CountPlan, runner: Runner) -> None:
-    """Write the store: count every piece, then write whole shards at known offsets."""
-    root = create_flow_group(  # first: a convert stopped at any point leaves an unfinished store
-        plan.location,
-        KIND,
-        SCHEMA_VERSION,
-        extra_attrs={"encoding-type": "anndata", "encoding-version": "0.1.0"},
-    )
-    root.create_group(SCRATCH)
+    """Write the store: in one pass when every value's offset is known before reading (CSR
+    inputs: their ``indptr``) and the counts fit uint16, else (or when a piece turns out not
+    to fit: explicit zeros, repeated entries, wide or non-integer counts) in two: count every
+    piece, then write whole shards at known offsets."""
     pieces = plan_pieces(plan.sources, plan.block_size)
     readers = runner.share(
         [
@@ -556,6 +559,57 @@ def _write_store(plan: _CountPlan, runner: Runner) -> None:
             for src, col_map in zip(plan.sources, plan.col_maps, strict=True)
         ]
     )
+    offsets = piece_offsets(plan.sources, pieces)
+    if offsets is None or not _write_direct(plan, runner, readers, pieces, offsets):
+        _write_spilled(plan, runner, readers, pieces)
+
+
+def _create(plan: _CountPlan) -> zarr.Group:
+    """The store's root, marked incomplete (replacing whatever was there)."""
+    return create_flow_group(  # first: a convert stopped at any point leaves an unfinished store
+        plan.location,
+        KIND,
+        SCHEMA_VERSION,
+        extra_attrs={"encoding-type": "anndata", "encoding-version": "0.1.0"},
+    )
+
+
+def _content_sha256(plan: _CountPlan, shard_digests: Iterable[str]) -> str:
+    hasher = content_hasher()
+    hasher.update(f"{plan.n_cells}x{plan.n_genes}".encode())
+    for digest in shard_digests:
+        hasher.update(digest.encode())
+    return hasher.hexdigest()
+
+
+def _write_direct(
+    plan: _CountPlan, runner: Runner, readers: list[Any], pieces: list[Piece], offsets: np.ndarray
+) -> bool:
+    """One pass (see :func:`flow._count_tasks.count_direct`); False, with the store left
+    unfinished, when a piece did not fit the plan."""
+    writer = _CountWriter(_create(plan), plan, DIRECT_DTYPE, int(offsets[-1]))
+    handles, summaries, edge_digests = runner.direct(
+        readers, pieces, plan.location, offsets, _SHARD
+    )
+    if not all(fits for fits, _ in summaries) or None in edge_digests:
+        return False
+    digests: dict[int, str | None] = dict(
+        zip((k for k, _ in edge_shards(offsets, _SHARD)), edge_digests, strict=True)
+    )
+    for _, written in summaries:
+        digests.update(written)
+    for i, piece in enumerate(pieces):
+        writer.add(piece, runner.fetch(handles, i), int(offsets[i]))
+    writer.finish(_content_sha256(plan, (str(digests[k]) for k in sorted(digests))))
+    return True
+
+
+def _write_spilled(
+    plan: _CountPlan, runner: Runner, readers: list[Any], pieces: list[Piece]
+) -> None:
+    """Two phases: count every piece (spilling its nonzeros), then write whole shards."""
+    root = _create(plan)
+    root.create_group(SCRATCH)
     handles = runner.count(readers, pieces, plan.location, plan.n_cells)
     summaries = runner.summaries(handles)
     offsets = np.concatenate([[0], np.cumsum([s[0] for s in summaries], dtype=np.int64)])
@@ -569,13 +623,8 @@ def _write_store(plan: _CountPlan, runner: Runner) -> None:
         for a, b in itertools.pairwise(bounds)
     ]
     digests = runner.write(plan.location, spans, _SHARD)
-    hasher = content_hasher()
-    hasher.update(f"{plan.n_cells}x{plan.n_genes}".encode())
-    for shard_digests in digests:
-        for digest in shard_digests:
-            hasher.update(digest.encode())
     del root[SCRATCH]
-    writer.finish(hasher.hexdigest())
+    writer.finish(_content_sha256(plan, (d for shard in digests for d in shard)))
 
 
 def _segments(offsets: np.ndarray, start: int, stop: int) -> list[Segment]:

@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
@@ -128,7 +128,7 @@ class Vocabulary:
     pad_token: int | None = None
 
     def __post_init__(self) -> None:
-        gene_ids = _frozen(normalize_gene_ids(list(self.gene_ids)), np.str_)
+        gene_ids = _frozen(normalize_gene_ids(self.gene_ids), np.str_)
         token_ids = np.asarray(self.token_ids)
         if token_ids.size and not np.issubdtype(token_ids.dtype, np.integer):
             msg = f"token_ids must be integers, got dtype {token_ids.dtype}."
@@ -763,15 +763,19 @@ def _mismatch_message(
     )
 
 
+@cache
 def bundled_vocabulary(preset: str) -> Vocabulary:
     """Geneformer's token dictionary of ``preset`` (``"V1"``: gc30M, ``"V2"``: gc104M), as
-    shipped with flow (see :mod:`flow.geneformer`). Eager and small."""
+    shipped with flow (see :mod:`flow.geneformer`). Eager and small; read and normalised once
+    per process (the object is immutable)."""
     name = geneformer.bundled_path(preset, "token_dictionary")
     return _vocabulary_from_dict(geneformer.load(preset, "token_dictionary"), str(name))
 
 
+@cache
 def bundled_gene_mapping(preset: str) -> GeneMapping:
     """Geneformer's Ensembl mapping dictionary of ``preset`` (V2's also maps upper-case gene
-    symbols to IDs), as shipped with flow. Eager."""
+    symbols to IDs), as shipped with flow. Eager; read and normalised once per process (the
+    object is immutable)."""
     name = geneformer.bundled_path(preset, "gene_mapping")
     return GeneMapping.from_dict(geneformer.load(preset, "gene_mapping"), source=str(name))

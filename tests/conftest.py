@@ -12,8 +12,12 @@ from typing import Any
 
 import dask
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.sparse as sp
 from hypothesis import HealthCheck, settings
+
+from flow.ingest._source import SourceInfo
 
 settings.register_profile(
     "dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -136,3 +140,26 @@ def pbmc_inputs(shared_data: Path) -> dict[str, Path]:
 
 
 # --- end ingest fixtures ---
+
+
+class MatrixSource:
+    """A Source over an in-memory count matrix (test input; tests import it from here)."""
+
+    def __init__(self, matrix: sp.csr_matrix, obs: pd.DataFrame) -> None:
+        n, g = matrix.shape
+        self.matrix = matrix
+        self.info = SourceInfo(
+            path="memory.h5ad",
+            format="h5ad",
+            n_cells=n,
+            n_genes=g,
+            gene_ids=np.array([f"ENSG{i:011d}" for i in range(g)], dtype=object),
+            gene_symbols=None,
+            barcodes=np.array([f"c{i}" for i in range(n)], dtype=object),
+            obs=obs,
+            fingerprint="test",
+        )
+
+    def iter_blocks(self, n_cells: int):
+        for i in range(0, self.matrix.shape[0], n_cells):
+            yield self.matrix[i : i + n_cells]

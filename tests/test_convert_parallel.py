@@ -5,6 +5,7 @@ split or the number of workers."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -274,3 +275,178 @@ def test_many_inputs_are_opened_by_tasks_on_a_cluster(tmp_path, rng, local_clust
         prefixes = client.run_on_scheduler(_finished_prefixes)
     assert stored_files(here.url) == stored_files(there.url)
     assert prefixes.get("flow-convert-open", 0) >= len(paths)
+
+
+# ------------------------------------------------------------- one pass (offsets known up front)
+
+
+@pytest.fixture
+def csr_inputs(tmp_path, rng):
+    """Three CSR h5ad files (each cell's entries known from indptr) and their matrix."""
+    parts = [_matrix(rng, n, 30) for n in (97, 41, 130)]
+    paths = [_h5ad(tmp_path / f"{p}.h5ad", x, prefix=p) for p, x in zip("abc", parts, strict=True)]
+    return paths, sp.vstack(parts, format="csr")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """How many one-pass and two-phase count tasks ran."""
+    seen = {"direct": 0, "spilled": 0}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(count_tasks, "count_direct", spy("direct", count_tasks.count_direct))
+    monkeypatch.setattr(count_tasks, "count_piece", spy("spilled", count_tasks.count_piece))
+    return seen
+
+
+def _two_phase(monkeypatch):
+    """Make the writer take the two-phase path (as for inputs without indptr)."""
+    monkeypatch.setattr(store_module, "piece_offsets", lambda *a: None)
+
+
+@pytest.mark.parametrize("piece_cells", [1, 7, 40, 10_000])
+@pytest.mark.parametrize("block_size", [3, 16])
+def test_csr_inputs_convert_in_one_pass_to_the_same_bytes(
+    tmp_path, csr_inputs, small_shards, monkeypatch, calls, piece_cells, block_size
+):
+    """CSR inputs: every piece's offsets come from indptr, each count task writes the shards
+    inside its piece and hands on its edges; the files are the two-phase writer's, byte for
+    byte, for any split, and anndata reads the input's counts."""
+    paths, x = csr_inputs
+    monkeypatch.setattr(count_tasks, "PIECE_CELLS", piece_cells)
+    direct = write_counts(
+        [open_source(p) for p in paths], tmp_path / "d.zarr", block_size=block_size
+    )
+    assert calls == {
+        "direct": len(plan_pieces([open_source(p) for p in paths], block_size)),
+        "spilled": 0,
+    }
+    _two_phase(monkeypatch)
+    spilled = write_counts(
+        [open_source(p) for p in paths], tmp_path / "s.zarr", block_size=block_size
+    )
+    assert calls["spilled"] > 0
+    assert stored_files(direct.url) == stored_files(spilled.url)
+    assert direct.fingerprint == spilled.fingerprint
+    assert direct.attrs["dtype"] == "uint16"
+    _check_content(tmp_path / "d.zarr", x)
+
+
+@pytest.mark.parametrize(
+    ("change", "allow_non_integer", "dtype"),
+    [
+        ({250: 70_000}, False, "uint32"),  # a count past uint16, late
+        ({5: 2.5}, True, "float32"),  # a non-integer count, early
+        ({120: 0.0}, False, "uint16"),  # an explicit zero: fewer values than indptr says
+    ],
+    ids=["wide", "non-integer", "explicit-zero"],
+)
+def test_a_piece_that_does_not_fit_sends_the_store_to_two_phases(
+    tmp_path, small_shards, monkeypatch, rng, calls, change, allow_non_integer, dtype
+):
+    """When a piece's counts need a wider dtype than uint16, or it holds fewer values than
+    its indptr says, the one-pass write is dropped and the store is written in two phases:
+    the same bytes as a two-phase write from the start, the right dtype and counts."""
+    x = _matrix(rng, 300, 12, density=0.5).astype(np.float64)
+    for row, value in change.items():
+        assert x.indptr[row + 1] > x.indptr[row]
+        x.data[x.indptr[row]] = value  # the cell's first stored entry (a zero stays stored)
+    path = tmp_path / "a.h5ad"
+    _h5ad(path, x, prefix="a")
+    kw = {"block_size": 8, "allow_non_integer": allow_non_integer}
+    store = write_counts([open_source(path)], tmp_path / "d.zarr", **kw)
+    assert calls["direct"] > 0  # tried in one pass,
+    assert calls["spilled"] > 0  # then fell back
+    _two_phase(monkeypatch)
+    spilled = write_counts([open_source(path)], tmp_path / "s.zarr", **kw)
+    assert stored_files(store.url) == stored_files(spilled.url)
+    assert store.attrs["dtype"] == dtype
+    want = sp.csr_matrix(x.toarray())  # explicit zeros dropped
+    _check_content(tmp_path / "d.zarr", want)
+
+
+@pytest.mark.parametrize("sizes", [[5, 0, 3, 9, 1, 0], [1] * 9, [20], [0, 0], [4, 4, 4]])
+@pytest.mark.parametrize("shard", [1, 3, 4, 7])
+def test_every_shard_is_written_once_by_a_piece_or_as_an_edge(sizes, shard):
+    """Each shard of X/data is either held whole by one piece or an edge fed, in order, by
+    exactly the pieces it overlaps (a loop over every value as reference)."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    total = int(offsets[-1])
+    owner = np.repeat(np.arange(len(sizes)), sizes)  # piece of each value
+    edges = dict(count_tasks.edge_shards(offsets, shard))
+    for k in range(-(-total // shard)):
+        pieces = sorted(set(owner[k * shard : (k + 1) * shard].tolist()))
+        places = [
+            count_tasks.Place(int(offsets[i]), sizes[i], total, shard) for i in range(len(sizes))
+        ]
+        holders = [i for i, p in enumerate(places) if k in p.shards() and p.holds(k)]
+        if len(pieces) == 1 and k not in edges:
+            assert holders == pieces
+        else:
+            assert holders == []
+            assert edges[k] == pieces
+    assert all(k < -(-total // shard) for k in edges)
+
+
+@pytest.mark.distributed
+def test_one_pass_on_workers_writes_the_bytes_threads_write(
+    tmp_path, csr_inputs, small_shards, local_cluster_address
+):
+    """CSR inputs on a cluster of 2 worker processes: the edges travel between workers as task
+    results; the store is the threaded scheduler's, byte for byte."""
+    paths, x = csr_inputs
+    local = write_counts([open_source(p) for p in paths], tmp_path / "local.zarr", block_size=16)
+    with Client(local_cluster_address) as client:
+        client.run(_patch_sizes, store_module._SHARD, store_module._CHUNK, count_tasks.PIECE_CELLS)
+        try:
+            remote = write_counts(
+                [open_source(p) for p in paths],
+                tmp_path / "remote.zarr",
+                block_size=16,
+                client=client,
+            )
+        finally:
+            client.run(_patch_sizes, 1 << 22, 1 << 18, 8192)
+        prefixes = client.run_on_scheduler(_finished_prefixes)
+    assert stored_files(local.url) == stored_files(remote.url)
+    assert local.fingerprint == remote.fingerprint
+    assert prefixes.get("flow-convert-edge", 0) > 0
+    _check_content(tmp_path / "remote.zarr", x)
+
+
+def test_real_10x_h5_and_anndata_zarr_convert_in_one_pass(
+    tmp_path, pbmc_inputs, monkeypatch, calls
+):
+    """Real data: PBMC 1k (Cell Ranger h5) and PBMC 3k (h5ad, rewritten as AnnData Zarr CSR)
+    give their indptr up front, convert in one pass, and match the two-phase writer's bytes
+    and the inputs' counts."""
+    monkeypatch.setattr(store_module, "_SHARD", 1 << 16)  # many shards and edges
+    monkeypatch.setattr(store_module, "_CHUNK", 1 << 14)
+    monkeypatch.setattr(count_tasks, "PIECE_CELLS", 300)
+    adata = ad.read_h5ad(pbmc_inputs["h5ad"])
+    adata.X = sp.csr_matrix(adata.X)
+    with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3):
+        warnings.filterwarnings("ignore", "zarr v3 autosharding will be", UserWarning)
+        warnings.filterwarnings("ignore", "Consolidated metadata is currently", UserWarning)
+        adata.write_zarr(tmp_path / "pbmc3k.zarr")
+    paths = [pbmc_inputs["10x-h5"], tmp_path / "pbmc3k.zarr"]
+    sources = [open_source(p) for p in paths]
+    rows = [0, 5, sources[0].info.n_cells]
+    assert sources[0].row_offsets(rows) is not None
+    assert sources[1].row_offsets([0, 5]).tolist() == adata.X.indptr[[0, 5]].tolist()
+    direct = write_counts(sources, tmp_path / "d.zarr", block_size=256)
+    assert calls["direct"] > 0
+    assert calls["spilled"] == 0
+    _two_phase(monkeypatch)
+    spilled = write_counts([open_source(p) for p in paths], tmp_path / "s.zarr", block_size=256)
+    assert stored_files(direct.url) == stored_files(spilled.url)
+    back = ad.read_zarr(tmp_path / "d.zarr")[sources[0].info.n_cells :]  # PBMC 3k's cells
+    np.testing.assert_array_equal(back.obs["n_counts"], np.asarray(adata.X.sum(axis=1)).ravel())
+    np.testing.assert_array_equal(back.obs["n_genes"], np.diff(adata.X.indptr))
+    np.testing.assert_array_equal(np.diff(back.X.indptr), np.diff(adata.X.indptr))

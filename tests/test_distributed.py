@@ -476,3 +476,45 @@ def test_flow_run_with_scheduler_converts_on_the_cluster(
     assert "convert: " not in proc.stderr
     assert convert_tasks(cluster.address) == before + 1
     assert load_from_disk(os.fspath(tmp_path / "dataset")).num_rows == 2_700
+
+
+def _count_runs(address: str, since: float) -> list[tuple[str, float, float]]:
+    """The convert count tasks the scheduler's task stream recorded since ``since``: (worker,
+    start, stop) of each."""
+    with Client(address) as client:
+        records = client.get_task_stream(start=since)
+    return [
+        (str(r["worker"]), float(s["start"]), float(s["stop"]))
+        for r in records
+        if "flow-convert-count-" in str(r["key"])
+        for s in r["startstops"]
+        if s["action"] == "compute"
+    ]
+
+
+def test_many_inputs_convert_on_both_workers_at_once(cluster: Cluster, tmp_path: Path) -> None:
+    """``flow convert`` of 8 files with ``--scheduler``: the files' count tasks run on both
+    workers of a real ``dask scheduler``, at the same time (the scheduler's task stream), and
+    the store is a local convert's, byte for byte. A serial convert (one stream, or one
+    worker) fails here."""
+    paths = [write_h5ad(tmp_path / f"in{i}.h5ad", 4_000, 800, seed=20 + i) for i in range(8)]
+    local = tmp_path / "local.zarr"
+    run_flow("convert", *paths, "-o", local, "--block-size", "500", "-q")
+    with Client(cluster.address) as client:
+        client.get_task_stream()  # installs the scheduler's task-stream plugin (kept after)
+        since = client.run_on_scheduler(time.time)
+    remote = tmp_path / "remote.zarr"
+    run_flow(
+        "convert", *paths, "-o", remote, "--block-size", "500", "--scheduler", cluster.address, "-q"
+    )
+    runs = _count_runs(cluster.address, since)
+    assert len(runs) >= len(paths)  # at least a task per file
+    assert len({w for w, _, _ in runs}) == 2, f"count tasks ran on one worker only: {runs}"
+    overlapping = [
+        (a, b)
+        for a in runs
+        for b in runs
+        if a[0] < b[0] and a[1] < b[2] and b[1] < a[2]  # two workers, overlapping in time
+    ]
+    assert overlapping, f"no two count tasks ran at the same time: {runs}"
+    assert_same_store(os.fspath(remote), os.fspath(local))

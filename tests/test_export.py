@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -16,20 +17,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
+import zarr
 from dask.delayed import Delayed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flow._export_arrow import ModelInput, model_input_arrays, model_input_bands
+from flow.encode._bands import BandLayout, BandReader, gather, split_bands
 from flow.encode.store import plan_encoding, write_encoding
 from flow.errors import ChunkingError, InputError, VocabularyError
 from flow.export import export_summary, model_input_block, write_model_arrays, write_model_dataset
-from flow.ingest._source import SourceInfo
 from flow.medians import medians_of
 from flow.store import write_counts
 from flow.vocab import CLS as CLS_NAME
 from flow.vocab import EOS as EOS_NAME
 from flow.vocab import resolve_preset, vocabulary_from_genes
 
+from conftest import MatrixSource
 from helpers import no_compute
 from strategies import chunking
 
@@ -574,29 +578,6 @@ def test_tokens_must_be_a_dask_array_of_integers(tmp_path, small):
 # ----------------------------------------------------------------------------------------------
 
 
-class MatrixSource:
-    """A Source over an in-memory count matrix (test input)."""
-
-    def __init__(self, matrix: sp.csr_matrix, obs: pd.DataFrame) -> None:
-        n, g = matrix.shape
-        self.matrix = matrix
-        self.info = SourceInfo(
-            path="memory.h5ad",
-            format="h5ad",
-            n_cells=n,
-            n_genes=g,
-            gene_ids=np.array([f"ENSG{i:011d}" for i in range(g)], dtype=object),
-            gene_symbols=None,
-            barcodes=np.array([f"c{i}" for i in range(n)], dtype=object),
-            obs=obs,
-            fingerprint="test",
-        )
-
-    def iter_blocks(self, n_cells):
-        for i in range(0, self.matrix.shape[0], n_cells):
-            yield self.matrix[i : i + n_cells]
-
-
 N_STAGE = 60
 STAGE_TYPES = np.array([f"t{i % 3}" for i in range(N_STAGE)])
 STAGE_KEEP = np.arange(N_STAGE) % 4 != 1
@@ -694,3 +675,200 @@ def test_stage_exports_the_chosen_obs_columns_only(tmp_path, stage_encoding):
         f"{int(STAGE_KEEP.sum()):,} rows (the cells passing filter_pass, with their cell_id); "
         f"{int((kept > 5).sum()):,} truncated to 5 genes"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# the export stage reads the flat rank bands directly: same files as the dense view gives
+# ----------------------------------------------------------------------------------------------
+
+
+N_DEEP, DEEP_GENES, DEEP_BLOCK = 150, 6000, 32
+DEEP_KEEP = np.arange(N_DEEP) % 7 != 3
+
+
+@pytest.fixture(scope="module")
+def deep_encoding(tmp_path_factory):
+    """An encoding store with cells deeper than 4,096 genes, cells of length 0 (they express
+    only genes outside the vocabulary), failing cells and an uneven last block."""
+    tmp = tmp_path_factory.mktemp("deep")
+    rng = np.random.default_rng(5)
+    n_genes = rng.integers(0, 1600, N_DEEP)
+    n_genes[::9] = rng.integers(4100, 5900, n_genes[::9].size)  # deeper than 4,096
+    rows = []
+    for i, n in enumerate(n_genes):
+        if i % 11 == 5:  # only genes 0..49, which are not in the vocabulary: length 0
+            cols = rng.choice(50, size=int(rng.integers(1, 20)), replace=False)
+        else:
+            cols = rng.choice(DEEP_GENES, size=int(n), replace=False)
+        rows.append(
+            sp.csr_matrix(
+                (rng.integers(1, 30, cols.size), (np.zeros_like(cols), cols)), shape=(1, DEEP_GENES)
+            )
+        )
+    x = sp.vstack(rows).tocsr()
+    obs = pd.DataFrame(
+        {"filter_pass": DEEP_KEEP, "batch": np.array([f"b{i % 4}" for i in range(N_DEEP)])}
+    )
+    store = write_counts([MatrixSource(x, obs)], tmp / "c.zarr", block_size=DEEP_BLOCK)
+    median_set = medians_of([store], method="exact", compute=dask.compute)
+    genes = store.var.index.to_numpy(dtype=str)
+    vocab = vocabulary_from_genes(genes[50:])
+    enc = write_encoding(plan_encoding(store, median_set, vocab), tmp / "e.zarr")
+    return enc, vocab
+
+
+def _files(path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(path).iterdir())}
+
+
+@pytest.mark.parametrize("fmt", ["hf", "parquet"])
+@pytest.mark.parametrize(
+    ("preset", "input_size"),
+    [("V1", None), ("V2", None), ("V2", 700), ("V1", 512), ("V1", 5000), ("V2", 8000)],
+)
+def test_flat_band_export_equals_the_dense_view_byte_for_byte(
+    tmp_path, deep_encoding, preset, input_size, fmt
+):
+    enc, vocab = deep_encoding
+    lengths = enc.lengths
+    assert (lengths > 4096).sum() >= 10
+    assert (lengths == 0).sum() >= 10
+    assert (lengths[DEEP_KEEP] == 0).any()
+    assert enc.tokens.numblocks[0] == 5
+    chosen = resolve_preset(preset, input_size)
+    out = write_model_dataset(enc, tmp_path / "flat", preset=chosen, format=fmt)
+    # the same export through the dense (cell, rank) view, the way it was done before
+    special = chosen.name == "V2"
+    cls, eos = (vocab.special[CLS_NAME], vocab.special[EOS_NAME]) if special else (None, None)
+    columns = {"cell_id": enc.cell_array("cell")} | {n: enc.cell_array(n) for n in enc.obs_columns}
+    dense = write_model_arrays(
+        enc.tokens,
+        enc.cell_array("length"),
+        tmp_path / "dense",
+        input_size=chosen.input_size,
+        cls=cls,
+        eos=eos,
+        keep=enc.cell_array("filter_pass").astype(bool),
+        columns=columns,
+        format=fmt,
+    )
+    flat_files, dense_files = _files(out), _files(dense)
+    assert list(flat_files) == list(dense_files)
+    for name in flat_files:  # state.json names the directory (the fingerprint): compare the rest
+        if name != "state.json":
+            assert flat_files[name] == dense_files[name], name
+    got = load_hf(out) if fmt == "hf" else pq.read_table(out).to_pydict()
+    want = reference_input_ids(
+        np.asarray(enc.tokens.compute()), lengths, chosen.input_size, cls, eos
+    )
+    assert got["input_ids"] == [ids for ids, k in zip(want, DEEP_KEEP, strict=True) if k]
+    assert got["cell_id"] == enc.cell_column("cell")[DEEP_KEEP].tolist()
+
+
+def test_flat_band_export_same_directory_same_bytes(tmp_path, deep_encoding):
+    """Into the same directory, the band export and the dense one write identical files,
+    state.json (the fingerprint) included."""
+    enc, vocab = deep_encoding
+    chosen = resolve_preset("V2", None)
+    out = write_model_dataset(enc, tmp_path / "ds", preset=chosen)
+    first = _files(out)
+    columns = {"cell_id": enc.cell_array("cell")} | {n: enc.cell_array(n) for n in enc.obs_columns}
+    write_model_arrays(
+        enc.tokens,
+        enc.cell_array("length"),
+        tmp_path / "ds",
+        input_size=chosen.input_size,
+        cls=vocab.special[CLS_NAME],
+        eos=vocab.special[EOS_NAME],
+        keep=enc.cell_array("filter_pass").astype(bool),
+        columns=columns,
+    )
+    assert _files(out) == first
+
+
+class _Reads(zarr.storage.WrapperStore):
+    """Records the keys read."""
+
+    def __init__(self, store, reads=None):
+        super().__init__(store)
+        self.reads = [] if reads is None else reads
+
+    def _with_store(self, store):
+        return type(self)(store, self.reads)
+
+    async def get(self, key, prototype, byte_range=None):
+        self.reads.append(key)
+        return await self._store.get(key, prototype, byte_range)
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        self.reads.extend(k for k, _ in key_ranges)
+        return await self._store.get_partial_values(prototype, key_ranges)
+
+
+@pytest.mark.parametrize("input_size", [600, 2048, 4096])
+def test_flat_band_export_reads_only_the_bands_below_the_input_size(
+    tmp_path, deep_encoding, input_size
+):
+    enc, _ = deep_encoding
+    reads = _Reads(zarr.storage.LocalStore(enc.url, read_only=True))
+    group = zarr.open_group(store=reads, mode="r")
+    traced = dataclasses.replace(enc, _opened=group)
+    chosen = resolve_preset("V1", input_size)
+    out = write_model_dataset(traced, tmp_path / "ds", preset=chosen, obs_columns=[])
+    bands = {int(k.split("/")[1]) for k in reads.reads if k.startswith("bands/") and "/c/" in k}
+    assert not any(k.startswith("bands/") and "/counts/" in k for k in reads.reads)
+    lengths = np.minimum(enc.lengths[DEEP_KEEP], input_size)
+    assert bands == set(range(-(-int(lengths.max()) // 512)))  # every band needed, no other
+    assert len(load_hf(out)["input_ids"]) == DEEP_KEEP.sum()
+
+
+def _banded(tokens, lengths, block_size, band_width):
+    """Tokens laid out as the encoding store keeps them (numpy arrays for the band arrays)."""
+    n_cells, width = tokens.shape
+    layout = BandLayout.plan(n_cells, block_size, band_width, max(width, 1))
+    arrays = [np.full(layout.flat_size, PAD, tokens.dtype) for _ in range(layout.n_bands)]
+    starts = layout.band_start()
+    for b in range(layout.n_blocks):
+        rows = slice(b * block_size, (b + 1) * block_size)
+        flat = tokens[rows][np.arange(width) < lengths[rows, None]]
+        for k, part in enumerate(split_bands(flat, lengths[rows], band_width)):
+            arrays[k][starts[b, k] : starts[b, k] + part.size] = part
+    return BandReader(tuple(arrays), starts, layout)
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_cells=st.integers(1, 40),
+    width=st.integers(0, 25),
+    block_size=st.integers(1, 12),
+    band_width=st.integers(1, 7),
+    input_size=st.integers(3, 30),
+    special=st.booleans(),
+)
+def test_model_input_bands_equals_the_dense_kernel(
+    seed, n_cells, width, block_size, band_width, input_size, special
+):
+    rng = np.random.default_rng(seed)
+    tokens, lengths = rankings(rng, n_cells, width)
+    keep = rng.random(n_cells) < 0.7
+    reader = _banded(tokens, lengths, block_size, band_width)
+    model = ModelInput(input_size, *((CLS, EOS) if special else (None, None)))
+    for b in range(reader.layout.n_blocks):
+        rows = slice(b * block_size, (b + 1) * block_size)
+        values, sizes, kept = model_input_bands(reader, b, lengths[rows], keep[rows], model=model)
+        assert np.array_equal(kept, np.flatnonzero(keep[rows]))
+        want_values, want_sizes = model_input_arrays(
+            tokens[rows][kept], lengths[rows][kept], model=model
+        )
+        assert values.dtype == np.int32
+        assert np.array_equal(values, want_values)
+        assert np.array_equal(sizes, want_sizes)
+
+
+def test_gather_pieces_in_order():
+    flat = np.arange(20)
+    assert gather(flat, np.array([5, 0, 9]), np.array([2, 0, 3])).tolist() == [5, 6, 9, 10, 11]
+    assert gather(flat, np.array([3, 5]), np.array([2, 4])).tolist() == [3, 4, 5, 6, 7, 8]
+    assert gather(flat, np.array([7]), np.array([0])).tolist() == []

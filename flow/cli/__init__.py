@@ -24,7 +24,12 @@ __all__ = ["main"]
 
 def _common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    grp = common.add_argument_group("cluster and output")
+    grp = common.add_argument_group(
+        "cluster and output",
+        "Work on fewer than $FLOW_CLUSTER_CELLS cells (default 50,000) runs on threads in this "
+        "process; larger work starts a local Dask cluster, as do --workers, "
+        "--threads-per-worker and --memory-limit for any size.",
+    )
     grp.add_argument(
         "--scheduler", metavar="ADDRESS", help="use this distributed scheduler (tcp://host:8786)"
     )
@@ -35,7 +40,6 @@ def _common_parser() -> argparse.ArgumentParser:
     grp.add_argument(
         "--memory-limit",
         metavar="M",
-        default="auto",
         help="local cluster: memory per worker (e.g. 2GiB; default auto)",
     )
     grp.add_argument(

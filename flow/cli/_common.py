@@ -6,12 +6,13 @@ import argparse
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from distributed import Client
-
-from ..cluster import Reporter, lazy_client
+from ..cluster import Reporter, lazy_client, working_on
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 __all__ = ["client_from_args", "reporter", "storage_options"]
 
@@ -55,18 +56,29 @@ def storage_options(args: argparse.Namespace) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def client_from_args(
-    args: argparse.Namespace, *, environ: dict[str, Any] | None = None
+    args: argparse.Namespace, *, environ: dict[str, Any] | None = None, cells: int | None = None
 ) -> Iterator[Callable[[], Client]]:
-    """The cluster the command's options ask for, for the duration of the command; it starts
-    when the command first computes (yields a function that returns its client)."""
-    with lazy_client(
-        scheduler=args.scheduler,
-        n_workers=args.workers,
-        threads_per_worker=args.threads_per_worker,
-        memory_limit=args.memory_limit,
-        quiet=args.quiet,
-        environ=environ,
-    ) as client:
+    """The cluster the command's options ask for, for the duration of the command (yields a
+    function that returns its client, starting it).
+
+    It starts when the command first computes work that needs it
+    (:func:`flow.cluster.current_client`): at once with ``--scheduler``, ``--workers``,
+    ``--threads-per-worker`` or ``--memory-limit``; without them, for work on
+    ``$FLOW_CLUSTER_CELLS`` (default 50,000) cells or more; smaller work runs on threads
+    here. ``cells``: the size of the command's work when it is one store's (None: each stage
+    declares its own).
+    """
+    with (
+        lazy_client(
+            scheduler=args.scheduler,
+            n_workers=args.workers,
+            threads_per_worker=args.threads_per_worker,
+            memory_limit=args.memory_limit or "auto",
+            quiet=args.quiet,
+            environ=environ,
+        ) as client,
+        working_on(cells) if cells is not None else contextlib.nullcontext(),
+    ):
         yield client
 
 

@@ -17,7 +17,8 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "demo",
         parents=[common],
         help="run the whole pipeline on synthetic data (about a minute on 2 cores)",
-        description="Generate a seeded synthetic data set and run every stage of flow on it, on a local Dask cluster.",
+        description="Generate a seeded synthetic data set and run every stage of flow on it (on a "
+        "local Dask cluster from $FLOW_CLUSTER_CELLS cells, default 50,000; threads below).",
     )
     p.add_argument(
         "-o",

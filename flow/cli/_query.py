@@ -150,7 +150,7 @@ def _dropped(args: argparse.Namespace) -> int:
     if args.cell is not None:
         answer: Any = query.dropped_genes(enc, args.cell, args.cutoff)
     else:
-        with client_from_args(args):
+        with client_from_args(args, cells=enc.layout.n_cells):
             answer = query.gene_drop(enc, args.gene, args.cutoff)
     _emit(report.write_answer(answer, fmt=args.format, path=args.output))
     if args.output:
@@ -161,7 +161,7 @@ def _dropped(args: argparse.Namespace) -> int:
 def _drop_rates(args: argparse.Namespace) -> int:
     enc = _open(args)
     rates = query.drop_rates(enc, args.cutoff)
-    with client_from_args(args):
+    with client_from_args(args, cells=enc.layout.n_cells):
         frame = query.write_drop_rates(rates, args.output) if args.output else rates.to_frame()
     print(report.format_drop_rates(frame, top=args.top))
     if args.output:
@@ -185,7 +185,7 @@ def _coverage(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     enc = _open(args)
-    with client_from_args(args):
+    with client_from_args(args, cells=enc.layout.n_cells):
         out = report.write_report(
             enc, args.output, args.cutoff, args.group_by, top=args.top, retention=args.retention
         )

@@ -126,7 +126,7 @@ def _retention(args: argparse.Namespace) -> int:
         group_by=args.group_by,
         tail=bool(args.tail_output or args.tail_plot),
     )
-    with client_from_args(args):
+    with client_from_args(args, cells=enc.layout.n_cells):
         result = retention.compute(
             compute=lambda *graphs: compute(*graphs, quiet=args.quiet, label="retention")
         )

@@ -18,11 +18,16 @@ band sizes of the cells before it, where a cell's band size is
 
 The dense ``(cell, rank)`` view readers see (:attr:`flow.encode.store.EncodingStore.tokens`) is
 built chunk by chunk from these slices: chunk ``(block, k)`` reads only band ``k`` of that block,
-and pads it in memory (block x band_width).
+and pads it in memory (block x band_width). Readers that want flat values (the export's model
+input, the drop-rate and dropped-gene queries) skip the dense view: :class:`BandReader` reads
+a block's (or one cell's) entries of a band as they are stored, :func:`band_take` says where
+each cell's ranks ``[lo, hi)`` lie in such a slice, and :func:`gather` collects them, cell after
+cell, with no per-cell loop and no padding.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +36,12 @@ import numpy.typing as npt
 
 __all__ = [
     "BandLayout",
+    "BandReader",
     "band_rows",
     "band_sizes",
+    "band_take",
+    "gather",
+    "index_dtype",
     "read_band_chunk",
     "split_bands",
     "write_band",
@@ -181,3 +190,106 @@ def write_band(array: Any, start: int, values: np.ndarray, fill: Any) -> None:
     padded = np.full(end, fill, dtype=array.dtype)
     padded[: values.size] = values
     array[start : start + end] = padded
+
+
+def band_take(
+    lengths: npt.ArrayLike, band: int, band_width: int, lo: npt.ArrayLike, hi: npt.ArrayLike
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Where each cell's ranks ``[lo, hi)`` lie in a block's flat slice of band ``band``.
+
+    ``lengths`` are the block's cells' lengths (in block order); ``lo`` and ``hi`` are ranks
+    (scalars or one per cell; clipped to the cell's entries in this band). Returns per cell
+    the offset of its first wanted entry in the slice and the number of wanted entries
+    (0 where the cell has none of those ranks in this band).
+    """
+    stored = band_sizes(lengths, band, band_width)
+    first = np.cumsum(stored) - stored
+    base = band_width * band
+    a = np.clip(np.asarray(lo, dtype=np.int64) - base, 0, stored)
+    b = np.clip(np.asarray(hi, dtype=np.int64) - base, 0, stored)
+    return first + a, np.maximum(b - a, 0)
+
+
+def gather(flat: npt.NDArray[Any], offsets: np.ndarray, sizes: np.ndarray) -> npt.NDArray[Any]:
+    """``flat[offsets[i] : offsets[i] + sizes[i]]`` for every ``i``, one after another.
+
+    One fancy index (no per-cell loop); a plain slice when the pieces are already contiguous.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    total = int(sizes.sum())
+    if not total:
+        return flat[:0]
+    starts = np.cumsum(sizes) - sizes
+    live = sizes > 0
+    shift = offsets[live] - starts[live]
+    if np.all(shift == shift[0]):  # contiguous pieces: one slice
+        return flat[int(shift[0]) : int(shift[0]) + total]
+    index = np.arange(total, dtype=index_dtype(flat.size))
+    index += np.repeat(shift, sizes[live]).astype(index.dtype, copy=False)
+    return flat[index]
+
+
+def index_dtype(size: int) -> type[np.signedinteger[Any]]:
+    """The smallest index type for positions below ``size`` (int32 for any block: half the
+    memory traffic of int64)."""
+    return np.int32 if size < 2**31 else np.int64
+
+
+@dataclass(frozen=True, eq=False)
+class BandReader:
+    """Reads one ranking array's bands (``bands/<k>/tokens`` or ``.../counts``) flat: a block's
+    entries of a band, or a part of them, as stored (no padding).
+
+    Holds the opened zarr arrays and the band starts: small and picklable, so a task can carry
+    it to a worker.
+    """
+
+    arrays: tuple[Any, ...]  # bands/<k>/<name>, k = 0 .. n_bands - 1
+    starts: npt.NDArray[np.int64]  # (n_blocks, n_bands)
+    layout: BandLayout
+
+    @classmethod
+    def of(
+        cls, group: Any, name: str, layout: BandLayout, *, bands: Iterable[int] | None = None
+    ) -> BandReader:
+        """The reader of ``bands/<k>/<name>`` of an opened encoding store group; with
+        ``bands``, only those bands are opened (reading another one is an error)."""
+        wanted = range(layout.n_bands) if bands is None else frozenset(bands)
+        arrays = tuple(
+            group[f"bands/{k}/{name}"] if k in wanted else None for k in range(layout.n_bands)
+        )
+        return cls(arrays, np.asarray(group["band_start"][...], dtype=np.int64), layout)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        """The array's dtype."""
+        opened = [a for a in self.arrays if a is not None]
+        return np.dtype(opened[0].dtype) if opened else np.dtype(np.int32)
+
+    def read(self, block: int, band: int, lo: int, hi: int) -> npt.NDArray[Any]:
+        """Entries ``[lo, hi)`` of block ``block``'s region of band ``band`` (reads only the
+        chunks that hold them)."""
+        array = self.arrays[band]
+        if array is None:
+            msg = f"band {band} was not opened by this reader"
+            raise ValueError(msg)
+        if hi <= lo:
+            return np.empty(0, dtype=array.dtype)
+        start = int(self.starts[block, band])
+        return np.asarray(array[start + lo : start + hi])
+
+    def take(
+        self, block: int, band: int, lengths: np.ndarray, lo: npt.ArrayLike, hi: npt.ArrayLike
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
+        """Each cell's ranks ``[lo, hi)`` in band ``band`` of block ``block``, cell after cell,
+        and how many each cell gave (``lengths``: the block's lengths). Reads the band only up
+        to the last entry wanted."""
+        offsets, sizes = band_take(lengths, band, self.layout.band_width, lo, hi)
+        if not sizes.any():
+            return np.empty(0, dtype=self.dtype), sizes
+        live = sizes > 0
+        first = int(offsets[live].min())
+        end = int((offsets + sizes)[live].max())
+        flat = self.read(block, band, first, end)
+        return gather(flat, offsets - first, sizes), sizes

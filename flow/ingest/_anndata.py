@@ -34,7 +34,7 @@ from ._columns import (
     select_columns,
 )
 from ._fs import guard_reads, input_errors
-from ._source import SourceInfo, check_block_size, check_range, empty_rows
+from ._source import SourceInfo, check_block_size, check_range, empty_rows, offsets_at
 from ._transpose import (
     ENTRIES_PER_READ,
     bucket_transpose,
@@ -47,7 +47,7 @@ from ._transpose import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
     from contextlib import AbstractContextManager
 
     import scipy.sparse as sp
@@ -163,6 +163,19 @@ class AnnDataSource:
     def supports_ranges(self) -> bool:
         """Whether :meth:`read_rows` reads a range of cells directly (CSR and dense: yes)."""
         return self._matrix.layout != "csc"
+
+    def row_offsets(self, rows: Sequence[int]) -> np.ndarray | None:
+        """The stored entries before each of ``rows`` (increasing cell numbers, ``n_cells``
+        allowed): the CSR matrix's ``indptr`` at those rows, read without reading any count.
+        None for a dense or CSC matrix (nothing records them)."""
+        if self._matrix.layout != "csr":
+            return None
+        with (
+            input_errors(self._location, "the counts", self._read_errors),
+            self._open_root(self._location) as root,
+        ):
+            indptr = np.asarray(root[self._matrix.key]["indptr"][:], dtype=np.int64)
+        return offsets_at(indptr, rows, self.info.n_cells)
 
     def iter_blocks(self, n_cells: int) -> Iterator[sp.csr_matrix]:
         """Yield consecutive CSR blocks of ``n_cells`` cells, reading only those cells' counts.

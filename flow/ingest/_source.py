@@ -4,7 +4,10 @@ A reader turns one input (file, directory or store) into a :class:`Source`: chea
 up front (shape, gene IDs, barcodes, cell metadata) and an iterator over consecutive blocks of
 cells as CSR matrices, so the writer never holds more than one block of counts. Where the
 format allows it, a source also reads any range of cells directly (:meth:`Source.read_rows`),
-so that row ranges of one input can be read by separate tasks.
+so that row ranges of one input can be read by separate tasks. A CSR source may also say,
+without reading any count, how many entries are stored before given cells (an optional
+``row_offsets(rows) -> numpy.ndarray | None``: its ``indptr`` at those rows), so that the
+writer knows where every cell's values land before reading them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ if TYPE_CHECKING:
 
     import pandas as pd
 
-__all__ = ["Source", "SourceInfo", "check_block_size", "check_range", "empty_rows"]
+__all__ = [
+    "Source",
+    "SourceInfo",
+    "check_block_size",
+    "check_range",
+    "empty_rows",
+    "offsets_at",
+]
 
 
 @dataclass(frozen=True)
@@ -112,3 +122,15 @@ def check_range(start: int, stop: int, n_cells: int) -> None:
 def empty_rows(info: SourceInfo, dtype: np.dtype[Any]) -> sp.csr_matrix:
     """A CSR matrix of no cells and the source's genes (what an empty row range reads)."""
     return sp.csr_matrix((0, info.n_genes), dtype=dtype)
+
+
+def offsets_at(indptr: np.ndarray, rows: Any, n_cells: int) -> np.ndarray | None:
+    """A CSR ``indptr`` at ``rows`` (for ``row_offsets``), or None when it cannot be trusted
+    (not ``n_cells + 1`` long, not starting at 0, going down): the caller then reads the
+    counts, whose checks name what is wrong with the file."""
+    want = np.asarray(rows, dtype=np.int64)
+    if indptr.shape != (n_cells + 1,) or (indptr.size and indptr[0] != 0):
+        return None
+    if bool((np.diff(indptr) < 0).any()):
+        return None
+    return indptr[want]

@@ -20,11 +20,11 @@ from ..errors import InputError
 from ._columns import as_str_array, check_ids, read_ids
 from ._fs import fingerprint, guard_reads, input_errors
 from ._hdf5 import h5_strings, open_h5
-from ._source import SourceInfo, check_block_size, check_range, empty_rows
+from ._source import SourceInfo, check_block_size, check_range, empty_rows, offsets_at
 from ._transpose import csr_row_pieces, filter_columns, rebatch
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable, Iterator, Sequence
 
     import h5py
     import scipy.sparse as sp
@@ -242,6 +242,16 @@ class TenxH5Source:
         """
         check_block_size(n_cells)
         return guard_reads(self._location, self._blocks(n_cells))
+
+    def row_offsets(self, rows: Sequence[int]) -> np.ndarray | None:
+        """The stored entries before each of ``rows`` (increasing cell numbers, ``n_cells``
+        allowed): the matrix's ``indptr`` at those rows, read without reading any count.
+        None when feature types are dropped (their entries are among the stored ones)."""
+        if self._col_map is not None:
+            return None
+        with input_errors(self._location, "the counts"), open_h5(self._location) as fh:
+            indptr = np.asarray(fh[self._group]["indptr"][:], dtype=np.int64)
+        return offsets_at(indptr, rows, self.info.n_cells)
 
     def read_rows(self, start: int, stop: int) -> sp.csr_matrix:
         """Cells ``start:stop`` as one CSR matrix, reading only their entries."""

@@ -74,10 +74,10 @@ def test_drop_rates_task_count(tmp_path, plan):
     enc = write_encoding(plan, tmp_path / "enc.zarr", compute=dask.compute)
     rates = drop_rates(enc, 100, split_every=4)
     n_tasks = len(dict(rates.dropped.__dask_graph__()))
-    rank_chunks = enc.tokens.numblocks[1]  # chunks at ranks >= 100: all of them here
-    # per block: read + slice each rank chunk (one band), the block's lengths, group codes,
-    # count, sum; plus dask's sum tree and two shared tasks (the band layout, the length array)
-    per_block = 2 * rank_chunks + 4
+    # per block: one task reading its flat token bands at ranks >= 100 (whatever their number)
+    # and counting, the block's lengths, group codes, sum; plus dask's sum tree and two shared
+    # tasks (the band reader, the length array)
+    per_block = 4
     assert n_tasks == per_block * N_BLOCKS + _tree_merges(N_BLOCKS, 4) + 2
 
 

@@ -630,6 +630,9 @@ class Runner:
             client.submit(_counts_of, f, key=f"flow-convert-cells-{token}-{i}")
             for i, f in enumerate(results)
         ]
+        # the pieces' results (their edge values) are released on the workers as soon as the
+        # tasks above that read them have run, not held until every piece is done
+        del results
         cells = {f.key: p.n_cells for f, p in zip(summaries, pieces, strict=True)}
         done_cells, n_cells = 0, sum(cells.values())
         for f in as_completed(summaries):
@@ -637,7 +640,6 @@ class Runner:
             done_cells += cells[f.key]
             self._report(done_cells, n_cells)
         digests = list(client.gather(writes))
-        del results  # the pieces' edge values: released on the workers
         self._report(n_cells, n_cells)
         return counts, list(client.gather(summaries)), digests
 

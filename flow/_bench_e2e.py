@@ -91,14 +91,17 @@ def synthetic_options(shape_sigma: float | None) -> dict[str, Any]:
     return {"library_sigma": shape_sigma}
 
 
-def v1_gene_ids(n_genes: int) -> np.ndarray:
-    """``n_genes`` Ensembl IDs: Geneformer V1's (in both its medians and its vocabulary,
-    sorted), then filler IDs outside it."""
+def v1_gene_ids(n_genes: int, *, seed: int | None = 0) -> np.ndarray:
+    """``n_genes`` Ensembl IDs: Geneformer V1's (in both its medians and its vocabulary), then
+    filler IDs outside it; shuffled with ``seed`` (as a real file lists its genes: in genome
+    order, not the vocabulary's, so tokenize's gene map has rows to reorder), or, with
+    ``seed=None``, the vocabulary's genes sorted first."""
     vocab = set(bundled_vocabulary("V1").gene_ids.tolist())
     ids = [g for g in bundled_medians("V1").gene_ids.tolist() if g in vocab]
     ids = sorted(ids)[:n_genes]
     ids += [f"ENSGFAKE{i:08d}" for i in range(n_genes - len(ids))]
-    return np.array(ids, dtype=object)
+    out = np.array(ids, dtype=object)
+    return out if seed is None else out[np.random.default_rng(seed).permutation(out.size)]
 
 
 def write_h5ad(
@@ -293,10 +296,15 @@ def _rank(
     t0 = time.perf_counter()
     block = plan.store.counts.blocks[b, 0].compute(scheduler="sync")
     t1 = time.perf_counter()
-    kept = plan.gene_map.apply(block)
+    kept = plan.gene_map.apply(block, sort=False)  # as flow.encode.rank._rank_block_flat
     t2 = time.perf_counter()
     tokens, counts, lengths = rank_block_flat(
-        kept, plan.n_counts[r0:r1], plan.medians, plan.gene_map.kept_tokens, row_offset=r0
+        kept,
+        plan.n_counts[r0:r1],
+        plan.medians,
+        plan.gene_map.kept_tokens,
+        row_offset=r0,
+        rows_unique=True,
     )
     t3 = time.perf_counter()
     for name, dt in (("read_s", t1 - t0), ("gene_map_s", t2 - t1), ("kernel_s", t3 - t2)):

@@ -216,20 +216,45 @@ def _write_shard(
     return _write_batches(batches, spec, name)
 
 
+@dataclass(frozen=True)
+class _StoreCells:
+    """The per-cell arrays of an encoding store an export shard reads for its own block: one
+    shared key of the graph, where dask arrays would add a task per block and column."""
+
+    length: Any  # zarr arrays, (cell,)
+    filter_pass: Any
+    columns: dict[str, Any]  # exported name -> array
+
+    @classmethod
+    def of(cls, group: Any, columns: dict[str, str]) -> _StoreCells:
+        """``columns``: exported name -> the store's array name."""
+        return cls(group["length"], group["filter_pass"], {k: group[v] for k, v in columns.items()})
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Lengths, the filter and the columns of cells ``start .. stop - 1``."""
+        columns = {}
+        for name, arr in self.columns.items():
+            values = np.asarray(arr[start:stop])
+            columns[name] = values.astype(object) if values.dtype.kind == "T" else values
+        keep = np.asarray(self.filter_pass[start:stop]).astype(bool)
+        return np.asarray(self.length[start:stop]), keep, columns
+
+
 def _write_band_shard(
     reader: BandReader,
-    lengths: np.ndarray,
-    keep: np.ndarray | None,
-    columns: dict[str, np.ndarray],
+    cells: _StoreCells,
     ready: str,
     *,
     block: int,
     spec: _ShardSpec,
     name: str,
     row_offset: int,
+    n_cells: int,
 ) -> int:
-    """Write one cell block's shard file read straight from the encoding store's flat token
-    bands (only the bands and entries the model input needs; nothing padded)."""
+    """Write one cell block's shard file read straight from the encoding store: its flat token
+    bands (only the bands and entries the model input needs; nothing padded) and its cells'
+    lengths, filter and columns."""
+    lengths, keep, columns = cells.read(row_offset, row_offset + n_cells)
     values, sizes, rows = model_input_bands(
         reader, block, lengths, keep, model=spec.model, row_offset=row_offset
     )
@@ -439,13 +464,14 @@ def _export_graph(
     fmt: ExportFormat,
     model: ModelInput,
     *,
-    bands: BandReader | None = None,
+    store: tuple[BandReader, _StoreCells] | None = None,
 ) -> Delayed:
     """The lazy export: prepare the directory, one shard task per cell block, then finalize.
 
-    With ``bands`` (the token bands of the encoding store ``cells.tokens`` is the dense view
-    of), each shard task reads its block's flat bands itself and the dense view is never
-    computed; it still names the export, so both ways give the same keys and files.
+    With ``store`` (the token bands and per-cell arrays of the encoding store ``cells`` are
+    lazy views of), each shard task reads its block's flat bands and cells itself: the views
+    are never computed, and a block is one task; they still name the export, so both ways give
+    the same keys and files.
     """
     schema = cells.schema()
     head = cells.head(model)
@@ -468,34 +494,43 @@ def _export_graph(
     ready = delayed(_prepare_dir, pure=True)(
         spec.location, dask_key_name=f"flow-export-prepare-{token}"
     )
-    length_parts = cells.lengths.to_delayed().ravel()
-    keep_parts = [None] * len(chunks) if cells.keep is None else _cell_parts(cells.keep, chunks)
-    col_parts = {name: _cell_parts(col, chunks) for name, col in cells.columns.items()}
     offsets = np.cumsum((0, *chunks))
-    if bands is None:
+    if store is None:
         first = head.to_delayed().ravel()
-        write: Any = delayed(_write_shard, pure=True)
-        extra: list[dict[str, int]] = [{} for _ in chunks]
+        length_parts = cells.lengths.to_delayed().ravel()
+        keep_parts = [None] * len(chunks) if cells.keep is None else _cell_parts(cells.keep, chunks)
+        col_parts = {name: _cell_parts(col, chunks) for name, col in cells.columns.items()}
+        shards = [
+            delayed(_write_shard, pure=True)(
+                first[i],
+                length_parts[i],
+                keep_parts[i],
+                {name: parts[i] for name, parts in col_parts.items()},
+                ready,
+                spec=spec,
+                name=names[i],
+                row_offset=int(offsets[i]),
+                dask_key_name=(f"flow-export-shard-{token}", i),
+            )
+            for i in range(len(chunks))
+        ]
     else:
-        reader = delayed(bands, name=f"flow-export-bands-{token}", traverse=False)
-        first = [reader] * len(chunks)
-        write = delayed(_write_band_shard, pure=True)
-        extra = [{"block": i} for i in range(len(chunks))]
-    shards = [
-        write(
-            first[i],
-            length_parts[i],
-            keep_parts[i],
-            {name: parts[i] for name, parts in col_parts.items()},
-            ready,
-            spec=spec,
-            name=names[i],
-            row_offset=int(offsets[i]),
-            dask_key_name=(f"flow-export-shard-{token}", i),
-            **extra[i],
-        )
-        for i in range(len(chunks))
-    ]
+        bands = delayed(store[0], name=f"flow-export-bands-{token}", traverse=False)
+        per_cell = delayed(store[1], name=f"flow-export-cells-{token}", traverse=False)
+        shards = [
+            delayed(_write_band_shard, pure=True)(
+                bands,
+                per_cell,
+                ready,
+                block=i,
+                spec=spec,
+                name=names[i],
+                row_offset=int(offsets[i]),
+                n_cells=int(chunks[i]),
+                dask_key_name=(f"flow-export-shard-{token}", i),
+            )
+            for i in range(len(chunks))
+        ]
     result: Delayed = delayed(_finalize, pure=True)(
         shards,
         spec=spec,
@@ -633,8 +668,8 @@ def write_model_dataset(
     (it reads only the store's band starts). Each cell block of the store is one shard task
     that reads its block's flat token bands directly (:class:`~flow.encode._bands.BandReader`:
     bands ``0 .. ceil(max_genes / 512) - 1``, each only up to the last entry a passing cell
-    needs; no dense padded view), and the block's length, ``filter_pass`` and carried columns
-    (lazy per-cell arrays); it builds the Arrow list arrays from offsets and flat values.
+    needs; no dense padded view) and the block's length, ``filter_pass`` and carried columns,
+    one task per block; it builds the Arrow list arrays from offsets and flat values.
 
     Parameters
     ----------
@@ -676,16 +711,17 @@ def write_model_dataset(
             f"its carried columns are {enc.obs_columns}."
         )
         raise InputError(msg)
-    columns = {CELL_ID: enc.cell_array("cell")}
-    columns.update({name: enc.cell_array(name) for name in chosen})  # lazy, per block
+    names = {CELL_ID: "cell", **{name: name for name in chosen}}  # exported -> stored
+    columns = {k: enc.cell_array(v) for k, v in names.items()}  # lazy: types and naming only
     fmt = _parse_format(format)
     keep = enc.cell_array("filter_pass").astype(bool)
     cells = _CellInputs.parse(enc.tokens, enc.cell_array("length"), keep, columns)
     layout = enc.layout
     head = range(min(layout.n_bands, -(-model.max_genes // layout.band_width)))
     reader = BandReader.of(enc._group(), "tokens", layout, bands=head)
+    store = (reader, _StoreCells.of(enc._group(), names))
     location = Location.of(output, storage_options)
-    graph = _export_graph(cells, location, fmt, model, bands=reader)
+    graph = _export_graph(cells, location, fmt, model, store=store)
     return str(graph.compute()) if compute else graph
 
 

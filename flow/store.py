@@ -35,6 +35,7 @@ import scipy.sparse as sp
 import zarr
 from dask.base import tokenize
 
+from ._count_blocks import BlockReader, read_block
 from ._count_tasks import (
     DIRECT_DTYPE,
     SCRATCH,
@@ -79,6 +80,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "BlockReader",
     "CountStore",
     "open_counts",
     "parse_filter_pass",
@@ -121,6 +123,18 @@ class CountStore(Located):
     def n_blocks(self) -> int:
         """Number of cell blocks."""
         return len(self.attrs["block_nnz_offsets"]) - 1
+
+    def block_reader(self) -> BlockReader:
+        """What reads one block eagerly, inside a task (see :class:`BlockReader`)."""
+        a = self.attrs
+        return BlockReader(
+            self.location,
+            tuple(int(o) for o in a["block_nnz_offsets"]),
+            self.block_size,
+            int(a["n_cells"]),
+            int(a["n_genes"]),
+            np.dtype(a["dtype"]),
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -319,7 +333,7 @@ def open_counts(
     dtype = np.dtype(attrs["dtype"])
     name = f"flow-read-counts-{tokenize(location.url, attrs['content_sha256'])}"
     counts = da.map_blocks(
-        _read_block,
+        read_block,
         location=location,
         offsets=np.asarray(offsets, dtype=np.int64),
         block_size=bs,
@@ -331,50 +345,6 @@ def open_counts(
         name=name,
     )
     return CountStore(location=location, counts=counts, attrs=attrs)
-
-
-def _read_block(
-    *,
-    location: Location,
-    offsets: Sequence[int],
-    block_size: int,
-    n_genes: int,
-    dtype_str: str,
-    block_info: dict[Any, Any] | None = None,
-) -> sp.csr_matrix:
-    """Read one block of cells as CSR (opened per task, so it is safe on any worker)."""
-    assert block_info is not None
-    (r0, r1), _ = block_info[None]["array-location"]
-    b = r0 // block_size
-    p0, p1 = offsets[b], offsets[b + 1]
-    x: Any = location.open_group(mode="r")["X"]
-    indptr = np.asarray(x["indptr"][r0 : r1 + 1], dtype=np.int64) - p0
-    data = np.asarray(x["data"][p0:p1], dtype=np.dtype(dtype_str))
-    indices = np.asarray(x["indices"][p0:p1], dtype=np.int32)
-    _check_block(data, indices, indptr, location.url, b)
-    return sp.csr_matrix((data, indices, indptr), shape=(r1 - r0, n_genes))
-
-
-def _check_block(
-    data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, url: str, b: int
-) -> None:
-    """Detect missing or corrupt chunks: Zarr reads a missing chunk as zeros, silently.
-
-    A count store holds no zero counts and strictly increasing gene indices within a cell, so
-    a zero value or a non-increasing index inside a row means the block's data is damaged.
-    """
-    rising = indices[1:] > indices[:-1]  # no wider temporaries: blocks hold millions of values
-    starts = indptr[1:-1]
-    rising[starts[(starts > 0) & (starts < indices.size)] - 1] = True  # a new row may fall back
-    if not data.all() or not rising.all():
-        msg = (
-            f"{url}: block {b} of the counts is damaged (missing or corrupt chunks in X/data or "
-            "X/indices). Convert the input again."
-        )
-        raise InputError(msg)
-
-
-# --------------------------------------------------------------------------- writing
 
 
 def write_counts(

@@ -604,23 +604,43 @@ class GeneMap:
         cols = self.column[self.column >= 0]
         return bool(np.all(cols[1:] > cols[:-1]))
 
-    def apply(self, counts: Any) -> sp.csr_array:
+    def _remap(self, block: sp.csr_array) -> sp.csr_array:
+        """Each entry's kept column; entries of unmatched genes dropped (rows keep their order).
+        ``np.compress`` and an int32 cumsum: 2-3x faster than boolean indexing (measured)."""
+        cols = self.column.astype(np.int32)[block.indices]  # kept columns: fewer than 2**31
+        keep = cols >= 0
+        shape = (block.shape[0], self.n_kept)
+        if keep.all():
+            return sp.csr_array((block.data, cols, block.indptr), shape=shape)
+        kept_before = np.zeros(keep.size + 1, dtype=np.int32 if keep.size < 2**31 else np.int64)
+        np.cumsum(keep, out=kept_before[1:])
+        indptr = kept_before[block.indptr]
+        return sp.csr_array(
+            (np.compress(keep, block.data), np.compress(keep, cols), indptr), shape=shape
+        )
+
+    def apply(self, counts: Any, *, sort: bool = True) -> sp.csr_array:
         """Collapse a cells x store-genes block to cells x kept genes, summing duplicates.
 
         Parameters
         ----------
         counts
             ``(n_cells, n_store_genes)`` scipy sparse (CSR preferred) or dense counts.
+        sort
+            Sort each row's columns. ``False`` leaves a row's kept genes in the store's order
+            when that saves the sort (no duplicates to sum, canonical input): no row holds a
+            column twice either way, which is what
+            :func:`flow.encode._kernels.rank_block_flat` needs with ``rows_unique``.
 
         Returns
         -------
         scipy.sparse.csr_array
-            ``(n_cells, n_kept)``, canonical (sorted indices, duplicates summed), same dtype;
-            equal to ``counts @ collapse``. Explicit zeros may remain (the rank kernel ignores
-            them). Eager: a column selection (or, with duplicates, an index remap) plus, unless
-            :attr:`keeps_order`, one packed-key sort per slice of rows
-            (:func:`flow._kernels.canonical_csr`), several times faster than scipy's
-            own index sorting.
+            ``(n_cells, n_kept)``, canonical (sorted indices, duplicates summed) unless
+            ``sort=False``, same dtype; equal to ``counts @ collapse``. Explicit zeros may
+            remain (the rank kernel ignores them). Eager: a column selection when
+            :attr:`keeps_order`, else an index remap plus, when sorting, one packed-key sort
+            per slice of rows (:func:`flow._kernels.canonical_csr`), several times faster than
+            scipy's own index sorting.
         """
         block = counts if isinstance(counts, sp.csr_array) else sp.csr_array(counts)
         if block.shape[1] != self.n_store_genes:
@@ -629,17 +649,15 @@ class GeneMap:
                 f"{self.n_store_genes}. Build the gene map from the same store."
             )
             raise InputError(msg)
-        if not self.has_duplicates:  # a column selection (scipy, compiled)
+        canonical = block.has_canonical_format
+        if self.keeps_order:  # a column selection (scipy, compiled), rows stay sorted
             out = sp.csr_array(block[:, self._source_columns])
-        else:  # remap indices; canonical_csr below sums the duplicates
-            cols = self.column[block.indices]
-            keep = cols >= 0
-            indptr = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])[block.indptr]
-            out = sp.csr_array(
-                (block.data[keep], cols[keep], indptr), shape=(block.shape[0], self.n_kept)
-            )
-        if self.keeps_order and block.has_canonical_format:
-            return out
+            if canonical:
+                return out
+        else:  # each entry's kept column: rows in store order, duplicates not yet summed
+            out = self._remap(block)
+            if not sort and canonical and not self.has_duplicates:
+                return out
         return canonical_csr(out)
 
 

@@ -138,7 +138,7 @@ def _wait_for_log(proc: subprocess.Popen[bytes], log: Path, text: str, timeout: 
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def _cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """``dask scheduler`` + two ``dask worker`` processes (1 thread, 1 GiB each) on localhost."""
     tmp = tmp_path_factory.mktemp("cluster")
     port = free_port()
@@ -174,6 +174,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         for proc in reversed(procs):
             _stop(proc)
+
+
+@pytest.fixture
+def cluster(_cluster: Cluster) -> Cluster:
+    """The module's cluster with both workers running: a test that kills a worker leaves its
+    nanny restarting it, and the next test must not find one worker only."""
+    with Client(_cluster.address) as client:
+        client.wait_for_workers(2, timeout=120)
+    return _cluster
 
 
 def worker_processes(cluster: Cluster) -> list[int]:

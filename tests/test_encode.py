@@ -508,8 +508,9 @@ def test_graph_is_lazy_and_deterministic(synthetic_store, tmp_path):
 
 @pytest.mark.parametrize("block_size", [10, 40])
 def test_graph_size_grows_with_blocks_only(tmp_path, block_size):
-    """A constant number of tasks per cell block (read, n_counts, rank, take, write): none per
-    gene or per cell; the shared inputs (gene map, medians, block offsets) enter once."""
+    """A constant number of tasks per cell block (read, n_counts, rank, take; tokenize: one):
+    none per gene or per cell; the shared inputs (gene map, medians, block offsets) enter
+    once."""
     store = write_synthetic(
         tmp_path / "c.zarr", 200, 30, seed=1, mean_genes=8, block_size=block_size
     )
@@ -517,8 +518,12 @@ def test_graph_size_grows_with_blocks_only(tmp_path, block_size):
     plan, ranked = _ranked(store, vocab, median_set)
     n = store.n_blocks
     graph = encoding_graph(plan, os.fspath(tmp_path / "e.zarr"), range(n))
-    for collection in (ranked.tokens, ranked.counts, ranked.lengths, graph):
+    for collection in (ranked.tokens, ranked.counts, ranked.lengths):
         assert len(collection.__dask_graph__()) <= 6 * n + 3
+    # tokenize itself: one task per block (read, rank, write), the reader, the context, the end
+    keys = [k[0] if isinstance(k, tuple) else k for k in dict(graph.__dask_graph__())]
+    assert len(keys) == n + 3, sorted(map(str, keys))
+    assert sum(str(k).startswith("flow-tokenize-write-") for k in keys) == n
 
 
 # ----------------------------------------------------------------------------------------------

@@ -646,6 +646,20 @@ def test_stage_compute_false_is_lazy(tmp_path, stage_encoding):
     assert len(load_hf(path)["input_ids"]) == int(STAGE_KEEP.sum())
 
 
+def test_stage_is_one_task_per_block(tmp_path, stage_encoding):
+    """Each block's shard task reads its bands, lengths, filter and columns itself: the graph
+    holds one task per block, plus preparing, finishing and two shared readers (a task per
+    block and column would make a 100M-cell export's scheduler the bottleneck)."""
+    enc, _ = stage_encoding
+    lazy = write_model_dataset(enc, tmp_path / "ds", preset=resolve_preset("V1"), compute=False)
+    keys = [str(k[0] if isinstance(k, tuple) else k) for k in dict(lazy.__dask_graph__())]
+    n_blocks = enc.tokens.numblocks[0]
+    assert n_blocks == 4  # several blocks
+    assert enc.obs_columns  # and carried columns
+    assert sum(k.startswith("flow-export-shard-") for k in keys) == n_blocks
+    assert len(keys) == n_blocks + 4, sorted(keys)
+
+
 def test_stage_refuses_v2_without_special_tokens(tmp_path):
     enc, vocab = _encoding(tmp_path, special=("<pad>",))
     assert CLS_NAME not in vocab.special

@@ -4,6 +4,7 @@ rank kernel), its Dask wiring ``flow.encode.rank``, and the shared ``flow._kerne
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import dask.array as da
@@ -150,6 +151,41 @@ def test_independent_of_column_order_and_storage(case: dict[str, Any], seed: int
     if reps.sum() > 1 and reps.max() > 1:
         assert not messy.has_canonical_format  # split counts are duplicates
     got = rank_block(messy, args[0], med, tok, args[1], PAD)
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=300)
+@given(
+    tied_blocks(),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([2, 5, 64]),
+    st.sampled_from([0.0, 0.05, 1.0]),
+)
+def test_unsorted_unique_rows_rank_as_sorted_ones(
+    case: dict[str, Any], seed: int, value_bits: int, max_resorted: float
+) -> None:
+    """``rows_unique``: each row's entries shuffled (no column twice) are ranked as they are,
+    with no sort first; ties (many in these blocks) still come out in token order, also when
+    truncated value fields send rows to the exact re-sort; and when the first slice's ties
+    make the block sort its rows first (``max_resorted``: 1.0 never, 0.0 at the first tie)."""
+    order = np.argsort(case["tokens"])  # columns in token order: rows are left as they are
+    counts = case["counts"][:, order]
+    args = (case["n_counts"], case["medians"][order], case["tokens"][order])
+    expected = K.rank_block_flat(sp.csr_array(counts), *args)
+    x = sp.csr_array(counts)
+    rng = np.random.default_rng(seed)
+    shuffled = np.concatenate(
+        [rng.permutation(np.arange(a, b)) for a, b in itertools.pairwise(x.indptr)]
+        or [np.zeros(0, np.int64)]
+    ).astype(np.int64)
+    loose = sp.csr_array((x.data[shuffled], x.indices[shuffled], x.indptr), shape=x.shape)
+    old = K._MAX_VALUE_BITS, K._MAX_RESORTED
+    K._MAX_VALUE_BITS, K._MAX_RESORTED = value_bits, max_resorted
+    try:
+        got = K.rank_block_flat(loose, *args, rows_unique=True)
+    finally:
+        K._MAX_VALUE_BITS, K._MAX_RESORTED = old
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(a, b)
 

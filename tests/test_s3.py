@@ -131,8 +131,8 @@ def test_python_api_on_s3_equals_local(s3: S3, local: tuple[Path, dict[str, str]
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_cli_on_s3_equals_local(s3: S3, local: tuple[Path, dict[str, str]]) -> None:
-    """All four stages through the command line, credentials from the environment; the
-    secret appears in no output."""
+    """All four stages through the command line, credentials from the environment (tokenize
+    and export on a local cluster's worker process); the secret appears in no output."""
     h5ad, want = local
     url = {name: s3.url("cli", name) for name in STAGES}
     opts = ["--storage-option", f"endpoint_url={s3.endpoint}"]
@@ -141,7 +141,7 @@ def test_cli_on_s3_equals_local(s3: S3, local: tuple[Path, dict[str, str]]) -> N
     commands = [
         ["convert", h5ad, "-o", url["counts.zarr"], "--block-size", "400"],
         ["info", url["counts.zarr"]],
-        ["medians", url["counts.zarr"], "-o", url["medians.zarr"], *cluster],
+        ["medians", url["counts.zarr"], "-o", url["medians.zarr"]],
         ["tokenize", url["counts.zarr"], "-o", url["encoding.zarr"], "--medians", *medians],
         ["export", url["encoding.zarr"], "-o", url["dataset"], *cluster],
     ]
@@ -157,7 +157,7 @@ def test_cli_on_s3_equals_local(s3: S3, local: tuple[Path, dict[str, str]]) -> N
         assert proc.returncode == 0, f"flow {args[0]}:\n{proc.stdout}\n{proc.stderr}"
         outputs.append(proc.stdout + proc.stderr)
     assert f"count store {url['counts.zarr']}" in outputs[1]
-    assert "dashboard: http://" in outputs[2]  # without -q: the local cluster's dashboard
+    assert "dashboard: http://" in outputs[3]  # without -q: the local cluster's dashboard
     for text in outputs:
         assert SECRET not in text
     for name in STAGES:

@@ -452,6 +452,12 @@ def test_gene_map_apply_equals_reference(genes: list[tuple[int, str, bool]], see
     for i in range(5):
         assert bool(np.all(np.diff(ind[ptr[i] : ptr[i + 1]]) > 0))
     assert np.array_equal(gm.apply(block).toarray(), expected)  # dense input too
+    # sort=False: the same matrix, each row's columns in any order but none twice
+    loose = gm.apply(sp.csr_array(block), sort=False)
+    assert np.array_equal(loose.toarray(), expected)
+    for i in range(5):
+        row = loose.indices[loose.indptr[i] : loose.indptr[i + 1]]
+        assert np.unique(row).size == row.size
     assert gm.n_matched == sum(1 <= g <= 10 for g, _, _ in genes)
     assert gm.n_duplicates_summed == gm.n_matched - len(ref)
 

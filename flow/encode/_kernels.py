@@ -40,6 +40,15 @@ share a field and come out in token order. Every such mistake shows as a value t
 within a row, so rows with an increase (rare; none or a few per 4,096 cells on Geneformer's
 medians) are re-sorted exactly with ``np.lexsort``.
 
+Rows need not be sorted first when no row holds a column twice (``rows_unique``: tokenize's
+gene map leaves each row in the store's gene order, which saves a sort as costly as the
+ranking). The offset then orders ties in store order, so every row is checked: a row with
+equal values out of token order or an increase is re-sorted exactly, as above. That is rare
+on Geneformer's medians (nearly all distinct: ~10 rows per 4,096 cells) and common on
+medians of small integer counts (1.0, 2.0, ...: most rows tie), so the first slice decides:
+if it would re-sort more than :data:`_MAX_RESORTED` of its rows, the block's rows are sorted
+first.
+
 Measured on this 2-core machine (4,096 cells x 20,000 genes, Geneformer V1 medians, CPU time,
 canonical CSR input): 800 genes/cell about 105k cells/s, 2,000 genes/cell about 40k cells/s;
 ``np.lexsort`` of (token, -value, cell) over the block gives 5k and 1.5k, a stable ``argsort``
@@ -75,6 +84,9 @@ __all__ = ["padded", "rank_block", "rank_block_flat", "ranked_values", "value_ma
 _SLICE_NNZ: Final = 1 << 16  # stored counts sorted at once: small slices stay in cache (measured)
 _SLICE_MAX_ROWS: Final = 1 << 12
 _MAX_VALUE_BITS = 64  # tests lower this to force truncated value fields and the exact re-sort
+#: Unsorted rows are ranked as they are while the first slice re-sorts at most this share of
+#: its rows (Geneformer's medians: ~1 in 400); more, and the block's rows are sorted first.
+_MAX_RESORTED = 0.05
 
 FloatArray = npt.NDArray[np.float64]
 TokenArray = npt.NDArray[np.integer[Any]]
@@ -109,9 +121,10 @@ def _parse_inputs(
 
 
 def _in_token_order(
-    x: sp.csr_array, med: FloatArray, tok: TokenArray
+    x: sp.csr_array, med: FloatArray, tok: TokenArray, rows_unique: bool
 ) -> tuple[sp.csr_array, FloatArray, TokenArray]:
-    """Columns sorted by token, CSR canonical (sorted indices, duplicates summed)."""
+    """Columns sorted by token, CSR canonical (sorted indices, duplicates summed); with
+    ``rows_unique`` and tokens already ascending, rows are left in their order."""
     n_cols = x.shape[1]
     if tok.size > 1 and not bool(np.all(tok[1:] > tok[:-1])):  # put columns in token order
         order = np.argsort(tok, kind="stable")
@@ -123,7 +136,7 @@ def _in_token_order(
         rank_of_col = np.empty(n_cols, dtype=np.int64)
         rank_of_col[order] = np.arange(n_cols)
         x = canonical_csr(sp.csr_array((x.data, rank_of_col[x.indices], x.indptr), shape=x.shape))
-    elif not x.has_canonical_format:  # unsorted or duplicate column indices: sort and sum
+    elif not rows_unique and not x.has_canonical_format:  # unsorted or duplicates: sort, sum
         x = canonical_csr(x)
     return x, med, tok
 
@@ -172,11 +185,13 @@ def _prepare(
     medians: npt.ArrayLike,
     tokens: npt.ArrayLike,
     row_offset: int,
+    rows_unique: bool = False,
 ) -> tuple[sp.csr_array, FloatArray, FloatArray, TokenArray]:
-    """Validate and canonicalise: CSR in token order, sorted, no duplicates, no zeros."""
+    """Validate and canonicalise: CSR in token order, sorted (unless ``rows_unique``), no
+    duplicates, no zeros."""
     x, n_c, med, tok = _parse_inputs(block, n_counts, medians, tokens)
     check_counts(x.data, x.indptr, row_offset)
-    x, med, tok = _in_token_order(x, med, tok)
+    x, med, tok = _in_token_order(x, med, tok, rows_unique)
     x = _without_zeros(x)
     _check_totals_and_medians(x, n_c, med, tok, row_offset)
     return x, n_c, med, tok
@@ -278,50 +293,67 @@ def ranked_values(
 # ranking
 
 
-def _resort_rising_rows(
+def _resort_misordered_rows(
     values: FloatArray,
+    entry_tokens: TokenArray,
     offsets: npt.NDArray[np.int64],
     lengths: npt.NDArray[np.int64],
     perm: npt.NDArray[np.int64],
-    ranked: FloatArray,
+    give_up: int,
 ) -> int:
-    """Re-sort exactly (in place) the rows whose truncated keys put a value before a larger one.
+    """Re-sort exactly (in place) the rows whose keys left them out of order: a value before a
+    larger one, or equal values not in token order; none if there are more than ``give_up``
+    (the caller then ranks the rows another way).
 
-    Truncated value fields can tie for different values; such a run is in offset order, so it
-    is exact iff its values do not increase. Returns the number of rows re-sorted.
+    Truncated value fields can tie for different values, and a tie comes out in offset order,
+    which is token order only in sorted rows; a row is exact iff its values do not increase
+    and equal values have ascending tokens. Returns the number of rows re-sorted.
     """
-    rising = ranked[1:] > ranked[:-1]
-    rising &= offsets[1:] != 0  # a new row may start higher
-    if not rising.any():
+    ranked, ranked_tokens = np.take(values, perm), np.take(entry_tokens, perm)
+    bad = ranked[1:] > ranked[:-1]
+    bad |= (ranked[1:] == ranked[:-1]) & (ranked_tokens[1:] < ranked_tokens[:-1])
+    bad &= offsets[1:] != 0  # a new row may start anywhere
+    if not bad.any():
         return 0
     entry_rows = np.repeat(np.arange(lengths.size), lengths)
-    bad_rows = np.unique(entry_rows[1:][rising])
+    bad_rows = np.unique(entry_rows[1:][bad])
+    if bad_rows.size > give_up:
+        return int(bad_rows.size)
     pos = np.flatnonzero(np.isin(entry_rows, bad_rows))  # whole rows, in order
     sub = perm[pos]
-    order = np.lexsort((sub, -values[sub], entry_rows[pos]))
+    order = np.lexsort((entry_tokens[sub], -values[sub], entry_rows[pos]))
     perm[pos] = sub[order]
-    ranked[pos] = values[perm[pos]]
     return int(bad_rows.size)
 
 
 def _sort_slice(
     values: FloatArray,
+    entry_tokens: TokenArray,
     offsets: npt.NDArray[np.int64],
     row_starts: npt.NDArray[np.int64],
     lengths: npt.NDArray[np.int64],
+    *,
+    rows_sorted: bool = True,
+    give_up: int = 2**62,
 ) -> tuple[npt.NDArray[np.int64], int]:
-    """Exact order of a slice of whole rows: row asc, value desc, offset (= token) asc.
+    """Exact order of a slice of whole rows: row asc, value desc, token asc.
 
     Parameters
     ----------
     values
         Positive finite float64 values of the slice's entries, grouped by row.
+    entry_tokens
+        Token of each entry.
     offsets
         Position of each entry within its row (``0 .. length - 1``).
     row_starts
         Index of the first entry of each entry's row (``arange - offsets``).
     lengths
         Entries per row (all rows of the slice, at least one entry in total).
+    rows_sorted
+        Whether each row's entries are in token order (then offset order is token order and
+        exact keys need no check; otherwise every row is checked, and those with ties out of
+        token order re-sorted).
 
     Returns
     -------
@@ -329,7 +361,8 @@ def _sort_slice(
         Indices into the slice in ranked order. Rows keep their places: position ``p`` of the
         result belongs to the same row as entry ``p`` and has rank ``offsets[p]``.
     n_resorted
-        Rows whose truncated keys were ambiguous and were re-sorted exactly (diagnostics).
+        Rows whose keys were ambiguous and were re-sorted exactly; if more than ``give_up``,
+        none was and ``perm`` is not exact.
     """
     ob = bits_for(int(lengths.max()))
     rb = bits_for(lengths.size)
@@ -349,10 +382,9 @@ def _sort_slice(
     key &= np.uint64((1 << ob) - 1)
     perm = key.view(np.int64)
     perm += row_starts  # rows keep their places, so the row start of position p is known
-    if not shift:  # exact keys: no check needed (the values are gathered only to check)
+    if not shift and rows_sorted:  # exact keys in token order: nothing to check
         return perm, 0
-    ranked = np.take(values, perm)
-    return perm, _resort_rising_rows(values, offsets, lengths, perm, ranked)
+    return perm, _resort_misordered_rows(values, entry_tokens, offsets, lengths, perm, give_up)
 
 
 def _rank_rows(
@@ -363,8 +395,11 @@ def _rank_rows(
     tok: TokenArray,
     rows: tuple[int, int],
     out: tuple[npt.NDArray[Any], npt.NDArray[Any]],
-) -> None:
-    """Rank rows ``[r0, r1)`` of canonical ``x`` into ``out = (tokens, counts)`` (in place).
+    rows_sorted: bool,
+    give_up: int = 2**62,
+) -> int:
+    """Rank rows ``[r0, r1)`` of ``x`` (no column twice in a row; each row's columns ascending
+    if ``rows_sorted``) into ``out = (tokens, counts)`` (in place).
 
     ``out`` is flat, in the layout of ``x``'s entries: row ``r``'s ranking fills
     ``indptr[r]:indptr[r + 1]``, highest value first. ``indptr`` is ``x.indptr`` as int64; the
@@ -373,17 +408,21 @@ def _rank_rows(
     r0, r1 = rows
     a, b = int(indptr[r0]), int(indptr[r1])
     if b == a:
-        return
+        return 0
     lens = np.diff(indptr[r0 : r1 + 1])
     row_starts = np.repeat(indptr[r0:r1] - a, lens)
     offsets = np.arange(b - a, dtype=np.int64)
     offsets -= row_starts
     cols = x.indices[a:b]
     vals = _values(x.data[a:b], np.repeat(n_c[r0:r1], lens), np.take(med, cols))
-    perm, _ = _sort_slice(vals, offsets, row_starts, lens)
+    entry_tokens = np.take(tok, cols)
+    perm, n_resorted = _sort_slice(
+        vals, entry_tokens, offsets, row_starts, lens, rows_sorted=rows_sorted, give_up=give_up
+    )
     # plain gathers: np.take(..., out=) buffers its output in its default (raise) mode
-    out[0][a:b] = tok[cols[perm]]
+    out[0][a:b] = entry_tokens[perm]
     out[1][a:b] = x.data[a:b][perm]
+    return n_resorted
 
 
 def rank_block_flat(
@@ -393,10 +432,15 @@ def rank_block_flat(
     tokens: npt.ArrayLike,
     *,
     row_offset: int = 0,
+    rows_unique: bool = False,
 ) -> tuple[TokenArray, npt.NDArray[Any], npt.NDArray[np.int32]]:
     """Rank-value encode a block of cells into flat rankings (no padding anywhere).
 
-    Same inputs, order and checks as :func:`rank_block` (without ``width`` and ``pad``).
+    Same inputs, order and checks as :func:`rank_block` (without ``width`` and ``pad``), and
+    ``rows_unique``: the caller's promise that no row of ``block_csr`` holds a column twice
+    (e.g. :meth:`flow.vocab.GeneMap.apply` with ``sort=False``). Then rows in any column order
+    are ranked as they are, without first sorting them: ties of equal values are put in token
+    order by an exact check instead. Same result; a broken promise gives wrong rankings.
 
     Returns
     -------
@@ -414,12 +458,22 @@ def rank_block_flat(
     """
     tok_in = np.asarray(tokens)
     out_dtype = tok_in.dtype if tok_in.size else np.dtype(np.uint16)
-    x, n_c, med, tok = _prepare(block_csr, n_counts, medians, tokens, row_offset)
+    x, n_c, med, tok = _prepare(block_csr, n_counts, medians, tokens, row_offset, rows_unique)
     indptr = x.indptr.astype(np.int64, copy=False)
     ranked_tokens = np.empty(x.nnz, dtype=out_dtype)
     ranked_counts = np.empty(x.nnz, dtype=x.data.dtype)
-    for rows in row_slices(indptr, nnz=_SLICE_NNZ, max_rows=_SLICE_MAX_ROWS):
-        _rank_rows(x, indptr, n_c, med, tok, rows, (ranked_tokens, ranked_counts))
+    out = (ranked_tokens, ranked_counts)
+    slices = list(row_slices(indptr, nnz=_SLICE_NNZ, max_rows=_SLICE_MAX_ROWS))
+    done = 0
+    if slices and not x.has_sorted_indices:  # rank unsorted rows while ties are rare
+        limit = int(_MAX_RESORTED * (slices[0][1] - slices[0][0]))
+        if _rank_rows(x, indptr, n_c, med, tok, slices[0], out, False, limit) > limit:
+            x = canonical_csr(x)  # many ties (e.g. medians of small integer counts): sort first
+        else:
+            done = 1
+    rows_sorted = bool(x.has_sorted_indices)
+    for rows in slices[done:]:
+        _rank_rows(x, indptr, n_c, med, tok, rows, out, rows_sorted)
     return ranked_tokens, ranked_counts, np.diff(indptr).astype(np.int32)
 
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from ..vocab import GeneMap
 
-__all__ = ["RankContext", "RankedCells", "rank_cells", "ranked_blocks"]
+__all__ = ["RankContext", "RankedCells", "flat_context", "rank_cells", "rank_flat", "ranked_blocks"]
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,17 @@ def _rank_block_flat(
     block_info: dict[Any, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     row0 = block_info[0]["array-location"][0][0] if block_info else 0
-    kept = ctx.gene_map.apply(block)
+    return rank_flat(block, n_counts, ctx, row0)
+
+
+def rank_flat(
+    block: sp.csr_matrix, n_counts: np.ndarray, ctx: RankContext, row0: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One block of store genes ranked flat: ``(tokens, counts, lengths)`` of
+    :func:`flow.encode._kernels.rank_block_flat` (eager; what each block task runs)."""
+    kept = ctx.gene_map.apply(block, sort=False)  # the kernel's ranking sorts the rows anyway
     tokens, counts, lengths = _kernels.rank_block_flat(
-        kept, np.ravel(n_counts), ctx.medians, ctx.tokens, row_offset=row0
+        kept, np.ravel(n_counts), ctx.medians, ctx.tokens, row_offset=row0, rows_unique=True
     )
     return tokens, counts.astype(ctx.count_dtype, copy=False), lengths
 
@@ -181,9 +189,7 @@ def rank_cells(
         (a ValueError) if ``medians`` does not have one entry per kept gene.
     """
     require_single_chunk(counts, 1, name="counts", dim="genes")
-    if medians.shape != (gene_map.n_kept,):
-        msg = f"Need one median per kept gene ({gene_map.n_kept}); got shape {medians.shape}."
-        raise VocabularyError(msg)
+    _check_medians(gene_map, medians)
     width, _ = _kernels._check_width_and_pad(gene_map.kept_tokens, width, pad)
     tok = tokenize(
         counts.name, n_counts, gene_map.vocab_fingerprint, gene_map.column, medians, width, pad
@@ -211,10 +217,18 @@ def ranked_blocks(
     follows the block's stored counts, never the longest cell.
     """
     require_single_chunk(counts, 1, name="counts", dim="genes")
+    tok = tokenize(counts.name, n_counts, gene_map.vocab_fingerprint, gene_map.column, medians)
+    ctx = flat_context(gene_map, medians, count_dtype if count_dtype is not None else counts.dtype)
+    return _block_results(counts, n_counts, ctx, tok, flat=True)
+
+
+def flat_context(gene_map: GeneMap, medians: np.ndarray, count_dtype: Any) -> RankContext:
+    """What :func:`rank_flat` needs for every block (medians checked: one per kept gene)."""
+    _check_medians(gene_map, medians)
+    return RankContext(gene_map, medians, gene_map.kept_tokens, 1, 0, np.dtype(count_dtype))
+
+
+def _check_medians(gene_map: GeneMap, medians: np.ndarray) -> None:
     if medians.shape != (gene_map.n_kept,):
         msg = f"Need one median per kept gene ({gene_map.n_kept}); got shape {medians.shape}."
         raise VocabularyError(msg)
-    tok = tokenize(counts.name, n_counts, gene_map.vocab_fingerprint, gene_map.column, medians)
-    count_dtype = np.dtype(count_dtype if count_dtype is not None else counts.dtype)
-    ctx = RankContext(gene_map, medians, gene_map.kept_tokens, 1, 0, count_dtype)
-    return _block_results(counts, n_counts, ctx, tok, flat=True)

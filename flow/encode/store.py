@@ -68,10 +68,10 @@ from ..medians import MedianSet
 from ..vocab import GeneMap, Vocabulary, build_gene_map
 from ._bands import BandLayout, read_band_chunk, split_bands, write_band
 from ._kernels import ranked_values
-from .rank import ranked_blocks
+from .rank import RankContext, flat_context, rank_flat
 
 if TYPE_CHECKING:
-    from ..store import CountStore
+    from ..store import BlockReader, CountStore
 
 __all__ = [
     "EncodingStore",
@@ -373,6 +373,20 @@ def _token_cells(
     return np.bincount(tokens[kept], minlength=n_tokens)[:n_tokens].astype(np.int32)
 
 
+def _tokenize_block(
+    read: BlockReader,
+    ctx: RankContext,
+    n_counts: np.ndarray,
+    keep: np.ndarray,
+    location: Location,
+    b: int,
+    n_tokens: int,
+) -> int:
+    """Read, rank and write block ``b``: the whole of a block's work, one task."""
+    r0 = b * read.block_size
+    return _write_block(rank_flat(read(b), n_counts, ctx, r0), keep, location, b, r0, n_tokens)
+
+
 def _write_block(
     part: tuple[np.ndarray, np.ndarray, np.ndarray],
     keep: np.ndarray,
@@ -479,25 +493,22 @@ def encoding_graph(
     *,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Delayed:
-    """The lazy graph that ranks and writes the given cell blocks into an existing store."""
+    """The lazy graph that ranks and writes the given cell blocks into an existing store: a
+    task per block (read, rank, write) and two shared keys (block reader, rank context)."""
     location = Location.of(where, storage_options)
-    ranked = ranked_blocks(
-        plan.store.counts,
-        plan.n_counts,
-        plan.gene_map,
-        plan.medians,
-        count_dtype=plan.count_dtype,
-    )
-    parts = ranked.to_delayed().ravel()
+    ctx = flat_context(plan.gene_map, plan.medians, plan.count_dtype)
     edges = np.cumsum((0, *plan.store.counts.chunks[0]))
     tok = tokenize(plan.fingerprint, location.url)
+    read = delayed(plan.store.block_reader(), name=f"flow-read-counts-{tok}", traverse=False)
+    shared = delayed(ctx, name=f"flow-rank-context-{tok}", traverse=False)
     writes = [
-        delayed(_write_block, pure=True)(
-            parts[b],
+        delayed(_tokenize_block, pure=True)(
+            read,
+            shared,
+            plan.n_counts[edges[b] : edges[b + 1]],
             plan.keep[edges[b] : edges[b + 1]],
             location,
             b,
-            int(edges[b]),
             plan.vocab.n_tokens,
             dask_key_name=(f"flow-tokenize-write-{tok}", b),
         )

@@ -4,8 +4,10 @@ split or the number of workers."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import anndata as ad
@@ -218,18 +220,14 @@ def test_workers_write_the_bytes_threads_write(
     and writes ran as many tasks."""
     paths, x = inputs
     local = pipeline.convert(paths, tmp_path / "local.zarr", block_size=16)
-    with Client(local_cluster_address) as client:
-        client.run(_patch_sizes, store_module._SHARD, store_module._CHUNK, count_tasks.PIECE_CELLS)
-        try:
-            direct = write_counts(
-                [open_source(p) for p in paths],
-                tmp_path / "direct.zarr",
-                block_size=16,
-                client=client,
-            )
-            remote = pipeline.convert(paths, tmp_path / "remote.zarr", block_size=16, client=client)
-        finally:  # the session cluster's workers serve other tests
-            client.run(_patch_sizes, 1 << 22, 1 << 18, 8192)
+    with Client(local_cluster_address) as client, _test_sizes_on(client):
+        direct = write_counts(
+            [open_source(p) for p in paths],
+            tmp_path / "direct.zarr",
+            block_size=16,
+            client=client,
+        )
+        remote = pipeline.convert(paths, tmp_path / "remote.zarr", block_size=16, client=client)
         prefixes = client.run_on_scheduler(_finished_prefixes)
     assert stored_files(local.url) == stored_files(direct.url) == stored_files(remote.url)
     assert local.fingerprint == direct.fingerprint == remote.fingerprint
@@ -243,6 +241,17 @@ def _patch_sizes(shard: int, chunk: int, piece_cells: int) -> None:
     store_module._SHARD = shard
     store_module._CHUNK = chunk
     count_tasks.PIECE_CELLS = piece_cells
+
+
+@contextlib.contextmanager
+def _test_sizes_on(client: Client) -> Iterator[None]:
+    """This process's (patched) sizes on every worker meanwhile, flow's defaults after: the
+    session cluster's workers serve other tests."""
+    client.run(_patch_sizes, store_module._SHARD, store_module._CHUNK, count_tasks.PIECE_CELLS)
+    try:
+        yield
+    finally:
+        client.run(_patch_sizes, 1 << 22, 1 << 18, 8192)
 
 
 def _finished_prefixes(dask_scheduler) -> dict[str, int]:
@@ -402,17 +411,10 @@ def test_one_pass_on_workers_writes_the_bytes_threads_write(
     results; the store is the threaded scheduler's, byte for byte."""
     paths, x = csr_inputs
     local = write_counts([open_source(p) for p in paths], tmp_path / "local.zarr", block_size=16)
-    with Client(local_cluster_address) as client:
-        client.run(_patch_sizes, store_module._SHARD, store_module._CHUNK, count_tasks.PIECE_CELLS)
-        try:
-            remote = write_counts(
-                [open_source(p) for p in paths],
-                tmp_path / "remote.zarr",
-                block_size=16,
-                client=client,
-            )
-        finally:
-            client.run(_patch_sizes, 1 << 22, 1 << 18, 8192)
+    with Client(local_cluster_address) as client, _test_sizes_on(client):
+        remote = write_counts(
+            [open_source(p) for p in paths], tmp_path / "remote.zarr", block_size=16, client=client
+        )
         prefixes = client.run_on_scheduler(_finished_prefixes)
     assert stored_files(local.url) == stored_files(remote.url)
     assert local.fingerprint == remote.fingerprint

@@ -29,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flow import FlowWarning, IncompleteStoreError, InputError, open_counts, write_counts
+from flow._bench_e2e import write_h5ad
 from flow.datasets import synthetic_counts
 from flow.errors import StoreNotFoundError
 from flow.ingest import FORMATS, ReadOptions, detect_format, open_source, register_reader
@@ -1019,52 +1020,6 @@ def test_loom_without_barcodes_and_layers(tmp_path):
 # --------------------------------------------------------------------------- memory
 
 
-def _write_big_csr_h5ad(path: Path, n_cells: int, n_genes: int) -> None:
-    """A CSR h5ad of ``n_cells`` written out of core: synthetic blocks appended with h5py."""
-    base = synthetic_counts(2048, n_genes, seed=3, mean_genes=1000)
-    blocks = list(base.iter_blocks(2048))
-    with h5py.File(path, "w") as f:
-        f.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
-        x = f.create_group("X")
-        x.attrs.update(
-            {
-                "encoding-type": "csr_matrix",
-                "encoding-version": "0.1.0",
-                "shape": [n_cells, n_genes],
-            }
-        )
-        data = x.create_dataset(
-            "data", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,)
-        )
-        indices = x.create_dataset(
-            "indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 18,)
-        )
-        indptr = x.create_dataset("indptr", shape=(n_cells + 1,), dtype=np.int64)
-        row, nnz = 0, 0
-        indptr[0] = 0
-        while row < n_cells:
-            block = blocks[(row // 2048) % len(blocks)][: n_cells - row]
-            data.resize((nnz + block.nnz,))
-            indices.resize((nnz + block.nnz,))
-            data[nnz:], indices[nnz:] = block.data, block.indices
-            indptr[row + 1 : row + block.shape[0] + 1] = block.indptr[1:] + nnz
-            nnz += block.nnz
-            row += block.shape[0]
-        for name, values in (
-            ("obs", [f"c{i}" for i in range(n_cells)]),
-            ("var", list(base.info.gene_ids)),
-        ):
-            g = f.create_group(name)
-            g.attrs.update(
-                {"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index"}
-            )
-            g.attrs.create("column-order", [], dtype=h5py.string_dtype())
-            g.create_dataset(
-                "_index", data=np.array(values, dtype=object), dtype=h5py.string_dtype()
-            )
-            g["_index"].attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
-
-
 def _peak(fn) -> int:
     tracemalloc.start()
     try:
@@ -1085,7 +1040,7 @@ def test_peak_memory_does_not_grow_with_cells(tmp_path):
     peaks, block_bytes = {}, 0
     for n_cells in (20_000, 60_000):
         path = tmp_path / f"big{n_cells}.h5ad"
-        _write_big_csr_h5ad(path, n_cells, 4000)
+        write_h5ad(os.fspath(path), n_cells, 4000, seed=3, mean_genes=1000, block=2048)
         src = open_source(path)
         with h5py.File(path, "r") as f:
             block_bytes = int(f["X/indptr"][2048]) * (4 + 4)  # data + indices of one block
